@@ -1,0 +1,92 @@
+"""One frozen config object per training stage.
+
+Defaults live here and only here. Unknown keys are rejected so a typo in a CLI flag, a flow
+parameter or a Tune search space fails loudly instead of being ignored. At the Ray boundary the
+whole `TrainConfig` travels as a plain dict and is validated again inside the worker.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(_Frozen):
+    """Where the ingested Parquet dataset lives and how images are fed to the model."""
+
+    dataset: str = Field(description="Directory or pyarrow.fs URI written by `train-food ingest`.")
+    image_size: int = Field(default=224, ge=16, description="Square crop fed to the model.")
+    batch_size: int = Field(default=32, ge=1, description="Per-worker batch size.")
+    loader_workers: int = Field(default=2, ge=0, description="DataLoader processes per Ray worker.")
+    limit_per_split: int | None = Field(
+        default=None, ge=1, description="Smoke-test switch: use only the first N rows of each split."
+    )
+
+
+class ModelConfig(_Frozen):
+    """Backbone, embedding width and head."""
+
+    arch: Literal["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0"] = "resnet18"
+    feat_dim: int = Field(default=512, ge=2, description="Width of the embedding that center loss acts on.")
+    pretrained: bool = Field(default=False, description="Use torchvision ImageNet weights when available.")
+    weights_path: str | None = Field(default=None, description="Local backbone weights file (no download).")
+
+
+class LossConfig(_Frozen):
+    """The objective: softmax baseline, softmax + center loss, or L-GM."""
+
+    kind: Literal["softmax", "center", "lgm"] = "center"
+    lam: float = Field(default=0.003, ge=0.0, description="Weight of the center (or likelihood) term.")
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0, description="Center learning rate (paper's alpha).")
+    margin: float = Field(default=0.1, ge=0.0, description="L-GM classification margin m.")
+
+
+class OptimConfig(_Frozen):
+    """Optimizer and learning-rate schedule (cosine with linear warmup)."""
+
+    name: Literal["sgd", "adamw", "adagrad"] = "sgd"
+    lr: float = Field(default=0.05, gt=0.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0)
+    epochs: int = Field(default=10, ge=1)
+    warmup_epochs: int = Field(default=1, ge=0)
+
+
+class ScalingConfig(_Frozen):
+    """How many Ray Train workers, on what hardware. `num_workers=0` runs in-process (local mode)."""
+
+    num_workers: int = Field(default=1, ge=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    gpus_per_worker: float = Field(default=1.0, ge=0.0)
+    start_timeout_s: float = Field(
+        default=60.0, gt=0.0, description="Fail when the worker group cannot be scheduled in time."
+    )
+
+
+class RunConfig(_Frozen):
+    """Identity and bookkeeping of one training run."""
+
+    name: str | None = Field(default=None, description="Reuse a name to resume; None makes a new one.")
+    storage_path: str = Field(default="workspace/ray_results", description="Checkpoints and results.")
+    seed: int = 0
+    keep_checkpoints: int = Field(default=2, ge=1, description="Best K checkpoints kept, by val_acc1.")
+    max_failures: int = Field(default=1, ge=0, description="Worker-group restarts from the last checkpoint.")
+    ray_address: str | None = Field(default=None, description="Ray cluster to join; None starts a local one.")
+
+
+class TrainConfig(_Frozen):
+    """Everything one training run needs, validated once on the driver and again on each worker."""
+
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    run: RunConfig = RunConfig()
+
