@@ -1,0 +1,314 @@
+"""Ingestion: validate an ImageFolder tree once and store it as Parquet shards plus a manifest.
+
+Training reads images many times; decoding and checking every file once, up front, means a
+corrupt JPEG is found here (and listed) instead of crashing epoch 7 on a cluster. The steps:
+
+1. scan   - list SRC, detect the layout (flat or pre-split) and the classes (`ingest_scan`)
+2. skip?  - if DIR holds a dataset with the same source fingerprint and options, stop
+3. decode - fully decode every file in a process pool; bad files go to quarantine (`ingest_decode`)
+4. plan   - drop exact duplicates, carve missing splits, shuffle each split (`ingest_plan`)
+5. write  - Parquet shards + manifest.json in a temp dir, then publish atomically (`ingest_store`)
+
+Pure Python: no prefect import here (a Prefect task wraps `ingest` elsewhere).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import multiprocessing
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from hashlib import sha256
+from pathlib import Path
+from typing import Any
+
+from pyarrow.fs import FileSystem
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from tqdm import tqdm
+
+from ray_jobs.errors import UserInputError
+from tasks import ingest_store as store
+from tasks.ingest_decode import Inspected, inspect_image
+from tasks.ingest_plan import SplitPlan, drop_duplicates, plan_splits, small_classes
+from tasks.ingest_scan import SPLITS, SourceTree, check_source_dir, fingerprint, list_files, scan_source
+
+log = logging.getLogger(__name__)
+
+__all__ = ["IngestConfig", "IngestResult", "ingest", "parse_config", "read_manifest", "source_fingerprint"]
+
+
+class IngestConfig(BaseModel):
+    """Everything `ingest` needs. Defaults live here only (the CLI passes just what the user set)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    src: Path = Field(description="ImageFolder tree: SRC/<class>/<img> or SRC/<split>/<class>/<img>.")
+    out: str = Field(description="Output folder or pyarrow.fs URI (s3://bucket/prefix).")
+    val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, description="Share of each class carved into val.")
+    test_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, description="Share of each class carved into test.")
+    seed: int = Field(default=0, description="Seeds the split and the row shuffle.")
+    max_side: int | None = Field(default=None, ge=1, description="Re-encode images whose longest side is larger.")
+    shard_rows: int = Field(default=2048, ge=1, description="At most this many rows per Parquet file.")
+    shard_bytes: int = Field(default=64 * 2**20, ge=1, description="About this many image bytes per Parquet file.")
+    workers: int | None = Field(default=None, ge=1, description="Decode processes; None = os.cpu_count().")
+    force: bool = Field(default=False, description="Rebuild even when DIR is up to date.")
+
+    @field_validator("out", mode="before")
+    @classmethod
+    def _path_to_str(cls, value: object) -> object:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @model_validator(mode="after")
+    def _fractions_leave_train(self) -> IngestConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(f"val_fraction + test_fraction must be below 1 "
+                             f"(got {self.val_fraction} + {self.test_fraction})")
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """The options that change the output (fingerprinted and stored in the manifest)."""
+        return self.model_dump(include={"val_fraction", "test_fraction", "seed", "max_side",
+                                        "shard_rows", "shard_bytes"})
+
+
+def parse_config(options: Mapping[str, Any]) -> IngestConfig:
+    """Build an `IngestConfig` from user options; a bad value becomes a one-line `UserInputError`
+    naming the option as typed on the command line (--val-fraction, not val_fraction)."""
+    try:
+        return IngestConfig(**options)
+    except ValidationError as err:
+        problems = []
+        for item in err.errors():
+            name = "--" + "-".join(map(str, item["loc"])).replace("_", "-") if item["loc"] else "options"
+            problems.append(f"{name}: {item['msg']} (got {item.get('input')!r})")
+        raise UserInputError("; ".join(problems)) from None
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """Where the dataset is, its manifest, and whether this run skipped all work."""
+
+    out: str
+    manifest: dict[str, Any]
+    skipped: bool
+
+    def summary(self) -> str:
+        """A few human-readable lines: the file accounting, split sizes and warnings."""
+        m = self.manifest
+        lines = [f"ingest: {m['files_seen']} files seen = {m['rows_written']} rows written"
+                 f" + {m['quarantined']} quarantined + {m['duplicates_dropped']} duplicates dropped"]
+        if self.skipped:
+            lines.insert(0, f"ingest: {self.out} is up to date (fingerprint {m['fingerprint'][:12]}), "
+                            "nothing to do; use --force to rebuild")
+        sizes = ", ".join(f"{split} {sum(m['counts'][split].values())}" for split in SPLITS)
+        carved = "".join(f"; {split} carved from {src}" for split, src in m["splits_carved"].items())
+        lines.append(f"  {len(m['classes'])} classes; rows: {sizes}{carved}")
+        for item in m["small_classes"]:
+            lines.append(f"  warning: class {item['class_name']!r} ({item['images']} images) "
+                         f"is missing from {', '.join(item['missing_from'])}")
+        lines.append(f"  dataset: {self.out}")
+        return "\n".join(lines)
+
+
+def source_fingerprint(src: str | os.PathLike[str], options: Mapping[str, object]) -> str:
+    """Cheap hash of SRC (relative paths, sizes, mtimes - no reading) and the output options.
+
+    Equal fingerprints mean re-ingesting would produce the same dataset; usable as a cache key.
+    """
+    return fingerprint(list_files(check_source_dir(src)), options, store.SCHEMA_VERSION)
+
+
+def read_manifest(dataset_uri: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of a dataset written by `ingest`; `UserInputError` if DIR is not one."""
+    uri = os.fspath(dataset_uri)
+    fs, path = store.open_output(uri)
+    return store.load_manifest(fs, path, uri)
+
+
+def ingest(cfg: IngestConfig) -> IngestResult:
+    """Validate SRC and write it as a Parquet dataset at cfg.out (or skip if already up to date)."""
+    tree, listing = scan_source(cfg.src)
+    source_hash = fingerprint(listing, cfg.options(), store.SCHEMA_VERSION)
+    fs, dest = store.open_output(cfg.out)
+    existing = store.existing_dataset(fs, dest, cfg.out)
+    if existing is not None and existing.get("fingerprint") == source_hash and not cfg.force:
+        log.info("ingest: %s is up to date, skipping", cfg.out)
+        return IngestResult(cfg.out, existing, skipped=True)
+    if existing is not None:
+        log.info("ingest: %s holds an older build (other source or options, or --force): rebuilding", cfg.out)
+    with tempfile.TemporaryDirectory(prefix="train-food-ingest-") as spool:
+        images, quarantine = _decode_all(tree, cfg, spool)
+        kept, duplicates = drop_duplicates(images)
+        _require_two_classes(kept, tree)
+        plan = plan_splits(kept, set(tree.split_dirs), cfg.val_fraction, cfg.test_fraction, cfg.seed)
+        manifest = _manifest(tree, cfg, source_hash, plan, quarantine, duplicates)
+        manifest = _write_dataset(fs, dest, plan, tree, cfg, manifest)
+    _log_warnings(manifest)
+    return IngestResult(cfg.out, manifest, skipped=False)
+
+
+@dataclass(frozen=True)
+class _Image:
+    """A file that decoded fine: where it came from and what will be stored."""
+
+    rel_path: str
+    class_name: str
+    source_split: str | None
+    sha256: str
+    width: int
+    height: int
+    reencoded_path: str | None
+
+
+def _decode_all(tree: SourceTree, cfg: IngestConfig, spool: str) -> tuple[list[_Image], list[dict[str, str]]]:
+    """Decode every candidate file; return the good images and the quarantine list."""
+    quarantine = [{"path": f.rel_path, "reason": f.problem} for f in tree.files if f.problem]
+    candidates = [f for f in tree.files if not f.problem]
+    jobs = [(i, str(tree.root / f.rel_path)) for i, f in enumerate(candidates)]
+    decode = partial(inspect_image, max_side=cfg.max_side, spool_dir=spool)
+    images = []
+    results = _map_with_progress(decode, jobs, cfg.workers)
+    for file, found in zip(candidates, results, strict=True):
+        if found.error:
+            quarantine.append({"path": file.rel_path, "reason": found.error})
+        else:
+            images.append(_Image(file.rel_path, file.class_name, file.source_split, found.sha256,
+                                 found.width, found.height, found.reencoded_path))
+    return images, sorted(quarantine, key=lambda q: q["path"])
+
+
+def _map_with_progress(fn: Callable[[tuple[int, str]], Inspected], jobs: list[tuple[int, str]],
+                       workers: int | None) -> list[Inspected]:
+    """Run fn over jobs (in order) in `workers` processes, with a progress bar on stderr."""
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    results = []
+    with tqdm(total=len(jobs), desc="ingest: decoding", unit="img", file=sys.stderr) as bar:
+        for result in _parallel_map(fn, jobs, workers):
+            results.append(result)
+            bar.update()
+    return results
+
+
+def _parallel_map(fn: Callable[[tuple[int, str]], Inspected], jobs: list[tuple[int, str]],
+                  workers: int) -> Iterator[Inspected]:
+    if workers == 1:  # no pool: cheaper for tiny inputs and easy to debug
+        yield from map(fn, jobs)
+        return
+    # "spawn": a fresh interpreter that imports only tasks.ingest_decode (no forked prefect/torch state).
+    context = multiprocessing.get_context("spawn")
+    chunk = max(1, min(64, len(jobs) // (workers * 8)))
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    try:
+        yield from pool.map(fn, jobs, chunksize=chunk)
+    finally:  # on Ctrl-C or an error, drop the queued work instead of finishing it
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _require_two_classes(images: Iterable[_Image], tree: SourceTree) -> None:
+    found = sorted({image.class_name for image in images})
+    if len(found) < 2:
+        raise UserInputError(f"source folder {tree.root}: only {len(found)} class(es) have readable images "
+                             f"({', '.join(found) or 'none'}); a classifier needs at least two")
+
+
+def _manifest(tree: SourceTree, cfg: IngestConfig, source_hash: str, plan: SplitPlan,
+              quarantine: list[dict[str, str]], duplicates: list[dict[str, str]]) -> dict[str, Any]:
+    """Everything a reader (or a person) needs to trust and use the dataset."""
+    counts = {split: {c: 0 for c in tree.classes} for split in SPLITS}
+    for split, rows in plan.rows.items():
+        for image in rows:
+            counts[split][image.class_name] += 1
+    rows_written = sum(len(rows) for rows in plan.rows.values())
+    _check_accounting(len(tree.files), rows_written, len(quarantine), len(duplicates))
+    return {
+        "format": store.FORMAT,
+        "schema_version": store.SCHEMA_VERSION,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": str(tree.root),
+        "layout": tree.layout,
+        "source_split_folders": tree.split_dirs,
+        "classes": list(tree.classes),
+        "counts": counts,
+        "options": cfg.options(),
+        "fingerprint": source_hash,
+        "splits_carved": plan.carved,
+        "small_classes": small_classes(plan.rows, tree.classes),
+        "quarantine": quarantine,
+        "duplicates": duplicates,
+        "files_seen": len(tree.files),
+        "rows_written": rows_written,
+        "quarantined": len(quarantine),
+        "duplicates_dropped": len(duplicates),
+    }
+
+
+def _check_accounting(seen: int, written: int, quarantined: int, duplicates: int) -> None:
+    """Every file is a row, a quarantine entry or a dropped duplicate: none may vanish."""
+    if seen != written + quarantined + duplicates:
+        raise RuntimeError(f"ingest bug: {seen} files seen != {written} rows + {quarantined} "
+                           f"quarantined + {duplicates} duplicates")
+
+
+def _write_dataset(fs: FileSystem, dest: str, plan: SplitPlan, tree: SourceTree, cfg: IngestConfig,
+                   manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write all shards and the manifest into a temp sibling of dest, then publish it.
+
+    On any failure (Ctrl-C included) the temp dir is removed and dest is left as it was.
+    Returns the manifest as written (with the shard list).
+    """
+    tmp = store.make_temp_dir(fs, dest)
+    try:
+        shards = {split: _write_split(fs, tmp, split, plan.rows[split], tree, cfg) for split in SPLITS}
+        manifest = {**manifest, "shards": shards}
+        store.write_manifest(fs, tmp, manifest)
+        store.publish(fs, tmp, dest)
+    except BaseException:
+        store.remove_quietly(fs, tmp)
+        raise
+    return manifest
+
+
+def _write_split(fs: FileSystem, root: str, split: str, images: list[_Image], tree: SourceTree,
+                 cfg: IngestConfig) -> list[str]:
+    labels = {name: i for i, name in enumerate(tree.classes)}
+    writer = store.ShardWriter(fs, root, split, cfg.shard_rows, cfg.shard_bytes)
+    for image in images:
+        writer.add(_row(image, split, labels[image.class_name], tree.root))
+    return writer.close()
+
+
+def _row(image: _Image, split: str, label: int, root: Path) -> dict[str, Any]:
+    return {
+        "image": _stored_bytes(image, root),
+        "label": label,
+        "class_name": image.class_name,
+        "split": split,
+        "sha256": image.sha256,
+        "width": image.width,
+        "height": image.height,
+        "source_path": image.rel_path,
+    }
+
+
+def _stored_bytes(image: _Image, root: Path) -> bytes:
+    """The re-encoded JPEG if there is one, else the source bytes (checked against the hash)."""
+    if image.reencoded_path:
+        return Path(image.reencoded_path).read_bytes()
+    data = (root / image.rel_path).read_bytes()
+    if sha256(data).hexdigest() != image.sha256:
+        raise UserInputError(f"{root / image.rel_path} changed while it was being ingested; run again")
+    return data
+
+
+def _log_warnings(manifest: dict[str, Any]) -> None:
+    for item in manifest["small_classes"]:
+        log.warning("ingest: class %r has only %d usable images and is missing from %s",
+                    item["class_name"], item["images"], ", ".join(item["missing_from"]))
+    if manifest["quarantined"]:
+        log.warning("ingest: %d file(s) quarantined (see manifest.json 'quarantine')", manifest["quarantined"])

@@ -1,0 +1,190 @@
+"""The output side of ingestion: Parquet shards, the manifest, and the atomic publish.
+
+All I/O goes through `pyarrow.fs`, so the output can be a local folder or any URI pyarrow
+understands (`s3://bucket/prefix`, `gs://...`, `hdfs://...`). A dataset is first written to a
+`DIR.tmp-<uuid>` sibling and only then moved to DIR, so readers never see half a dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyarrow import fs as pafs
+
+from ray_jobs.errors import UserInputError
+
+FORMAT = "train-food-dataset"  # the schema marker that identifies a directory as ours
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+SCHEMA = pa.schema([
+    pa.field("image", pa.binary()),  # encoded image bytes (JPEG, PNG, ... as stored)
+    pa.field("label", pa.int32()),  # index into manifest["classes"]
+    pa.field("class_name", pa.string()),
+    pa.field("split", pa.string()),
+    pa.field("sha256", pa.string()),  # of the source file's bytes
+    pa.field("width", pa.int32()),  # of the stored image
+    pa.field("height", pa.int32()),
+    pa.field("source_path", pa.string()),  # POSIX, relative to SRC
+])
+
+
+def open_output(uri: str) -> tuple[pafs.FileSystem, str]:
+    """File system and path for an output URI; plain paths are made absolute first."""
+    if "://" not in uri:
+        uri = os.path.abspath(os.path.expanduser(uri))
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (ValueError, OSError) as err:
+        raise UserInputError(f"cannot open output {uri}: {err}") from None
+
+
+def load_manifest(fs: pafs.FileSystem, path: str, uri: str) -> dict[str, Any]:
+    """Read `path/manifest.json`, or raise `UserInputError` when `path` is not a train-food dataset."""
+    try:
+        with fs.open_input_stream(f"{path}/{MANIFEST_NAME}") as stream:
+            manifest = json.loads(stream.read())
+    except FileNotFoundError:
+        raise UserInputError(f"{uri} is not a train-food dataset (no {MANIFEST_NAME})") from None
+    except (OSError, ValueError) as err:
+        raise UserInputError(f"{uri}: cannot read {MANIFEST_NAME}: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserInputError(f"{uri} is not a train-food dataset ({MANIFEST_NAME} lacks format={FORMAT!r})")
+    return manifest
+
+
+def existing_dataset(fs: pafs.FileSystem, path: str, uri: str) -> dict[str, Any] | None:
+    """Manifest of the dataset already at the output, None if the output is absent or empty.
+
+    Raises `UserInputError` for anything else there, so ingestion never overwrites foreign data.
+    """
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return None
+    if info.type != pafs.FileType.Directory:
+        raise UserInputError(f"output {uri} exists and is not a folder")
+    if not fs.get_file_info(pafs.FileSelector(path)):
+        return None
+    try:
+        return load_manifest(fs, path, uri)
+    except UserInputError as err:
+        raise UserInputError(f"output {uri} exists, is not empty and is not a train-food dataset "
+                             f"({err}); choose another --out or remove it") from None
+
+
+def write_shard(fs: pafs.FileSystem, path: str, rows: list[dict[str, Any]]) -> None:
+    """Write one Parquet file.
+
+    Built column by column (about 20x faster than `Table.from_pylist` for image rows). Image bytes
+    are already compressed, so they get neither compression nor a dictionary.
+    """
+    columns = {field.name: pa.array([row[field.name] for row in rows], type=field.type) for field in SCHEMA}
+    table = pa.Table.from_pydict(columns, schema=SCHEMA)
+    codecs = {name: ("none" if name == "image" else "snappy") for name in SCHEMA.names}
+    pq.write_table(table, path, filesystem=fs, compression=codecs, use_dictionary=["class_name", "split"])
+
+
+class ShardWriter:
+    """Buffers the rows of one split and writes `part-NNNNN.parquet` files of bounded size."""
+
+    def __init__(self, fs: pafs.FileSystem, root: str, split: str, max_rows: int, max_bytes: int):
+        self.fs, self.root, self.split = fs, root, split
+        self.max_rows, self.max_bytes = max_rows, max_bytes
+        self.rows: list[dict[str, Any]] = []
+        self.buffered_bytes = 0
+        self.written: list[str] = []  # shard paths relative to the dataset root
+        fs.create_dir(f"{root}/{split}", recursive=True)
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Add a row, first flushing the current shard if this row would overflow it."""
+        if self.rows and self.buffered_bytes + len(row["image"]) > self.max_bytes:
+            self._flush()
+        self.rows.append(row)
+        self.buffered_bytes += len(row["image"])
+        if len(self.rows) >= self.max_rows:
+            self._flush()
+
+    def close(self) -> list[str]:
+        """Write what is left (an empty shard for an empty split, so every split has a schema)."""
+        if self.rows or not self.written:
+            self._flush()
+        return self.written
+
+    def _flush(self) -> None:
+        relative = f"{self.split}/part-{len(self.written):05d}.parquet"
+        write_shard(self.fs, f"{self.root}/{relative}", self.rows)
+        self.written.append(relative)
+        self.rows, self.buffered_bytes = [], 0
+
+
+def write_manifest(fs: pafs.FileSystem, root: str, manifest: dict[str, Any]) -> None:
+    with fs.open_output_stream(f"{root}/{MANIFEST_NAME}") as stream:
+        stream.write(json.dumps(manifest, indent=2, sort_keys=False).encode())
+
+
+def make_temp_dir(fs: pafs.FileSystem, dest: str) -> str:
+    """Create the `DIR.tmp-<uuid>` sibling the dataset is built in (same file system as DIR)."""
+    tmp = f"{dest.rstrip('/')}.tmp-{uuid.uuid4().hex}"
+    fs.create_dir(tmp, recursive=True)
+    return tmp
+
+
+def remove_quietly(fs: pafs.FileSystem, path: str) -> None:
+    """Best-effort delete of a temp folder (used while another error is propagating)."""
+    try:
+        fs.delete_dir(path)
+    except (OSError, FileNotFoundError):
+        pass
+
+
+def publish(fs: pafs.FileSystem, tmp: str, dest: str) -> None:
+    """Move the finished dataset from tmp to dest, replacing an older dataset there."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        _swap_local(tmp, dest)
+    else:
+        _copy_manifest_last(fs, tmp, dest)
+
+
+def _swap_local(tmp: str, dest: str) -> None:
+    """Directory renames are atomic on a local file system; an old dataset is moved aside first
+    and restored if the final rename fails."""
+    if os.path.isdir(dest) and not os.listdir(dest):
+        os.rmdir(dest)
+    if not os.path.exists(dest):
+        os.rename(tmp, dest)
+        return
+    backup = f"{dest}.old-{uuid.uuid4().hex}"
+    os.rename(dest, backup)
+    try:
+        os.rename(tmp, dest)
+    except BaseException:
+        os.rename(backup, dest)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _copy_manifest_last(fs: pafs.FileSystem, tmp: str, dest: str) -> None:
+    """Object stores cannot rename folders: move file by file, the manifest last.
+
+    The old manifest is deleted first and the new one arrives last, so a reader (which always
+    starts from the manifest, see `read_manifest`) never accepts a partial dataset.
+    """
+    if fs.get_file_info(dest).type == pafs.FileType.Directory:
+        old_manifest = f"{dest}/{MANIFEST_NAME}"
+        if fs.get_file_info(old_manifest).type == pafs.FileType.File:
+            fs.delete_file(old_manifest)
+        fs.delete_dir_contents(dest)
+    files = [info.path for info in fs.get_file_info(pafs.FileSelector(tmp, recursive=True))
+             if info.type == pafs.FileType.File]
+    manifest = f"{tmp}/{MANIFEST_NAME}"
+    for path in sorted(files, key=lambda p: p == manifest):
+        target = f"{dest}/{path[len(tmp) + 1:]}"
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        fs.move(path, target)
+    remove_quietly(fs, tmp)
