@@ -1,0 +1,129 @@
+"""FoodNet: a torchvision backbone, a linear embedding (the features center loss acts on) and a head.
+
+`forward(x) -> (features, logits)`. The embedding is a plain `Linear` (no BatchNorm1d), like the
+fc5 feature of Wen et al. and pytorch-center-loss: a BatchNorm1d there would fail on a last batch of
+one sample in training mode and would rescale the features the center term measures.
+
+Weights never download here: `pretrained=True` uses the ImageNet file only if it is already in the
+torch hub cache, `weights_path` loads a local file. Anything else is a `UserInputError`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from ray_jobs.config import ModelConfig
+from ray_jobs.errors import UserInputError
+
+Head = Literal["linear", "lgm"]
+
+
+class LGMHead(nn.Module):
+    """L-GM head with identity covariance: logits `-1/2 ||x - mu_k||^2`, learnable means `mu`.
+
+    Computed in fp32 from the exact differences (no `|x|^2 - 2x.mu + |mu|^2` expansion) so autocast
+    cannot lose the small distances to cancellation; B*C*D is tiny next to the backbone.
+    """
+
+    def __init__(self, num_classes: int, feat_dim: int) -> None:
+        super().__init__()
+        # Small means so the first logits are nearly uniform instead of dominated by random |mu|^2.
+        self.means = nn.Parameter(torch.empty(num_classes, feat_dim))
+        nn.init.xavier_uniform_(self.means)
+
+    def forward(self, features: Tensor) -> Tensor:
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            diff = features.float().unsqueeze(1) - self.means.float().unsqueeze(0)  # B x C x D
+            return -0.5 * diff.pow(2).sum(dim=2)
+
+
+class FoodNet(nn.Module):
+    """Backbone (classifier removed) -> Linear embedding `features` -> head `logits`."""
+
+    def __init__(
+        self, backbone: nn.Module, backbone_out: int, feat_dim: int, num_classes: int, head: Head
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.embedding = nn.Linear(backbone_out, feat_dim)
+        self.head: nn.Module
+        self.head = nn.Linear(feat_dim, num_classes) if head == "linear" else LGMHead(num_classes, feat_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.embedding(self.backbone(x))
+        return features, self.head(features)
+
+
+def head_for_loss(kind: str) -> Head:
+    """Softmax and center loss use a linear classifier; L-GM needs the Gaussian-mixture head."""
+    if kind in ("softmax", "center"):
+        return "linear"
+    if kind == "lgm":
+        return "lgm"
+    raise UserInputError(f"unknown loss kind {kind!r}; expected softmax, center or lgm")
+
+
+def _strip_classifier(net: nn.Module) -> int:
+    """Replace the ImageNet classifier with Identity in place; return the pooled feature width."""
+    if isinstance(getattr(net, "fc", None), nn.Linear):  # resnet
+        out = net.fc.in_features
+        net.fc = nn.Identity()
+        return out
+    # mobilenet_v3_large / efficientnet_b0: the whole classifier goes, width = its first Linear's input.
+    first = next(m for m in net.classifier.modules() if isinstance(m, nn.Linear))
+    net.classifier = nn.Identity()
+    return first.in_features
+
+
+def _cached_imagenet_weights(arch: str) -> torchvision.models.WeightsEnum:
+    """torchvision's DEFAULT weights, only if the file is already in the hub cache (never download)."""
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+    if not cached.is_file():
+        raise UserInputError(
+            f"pretrained=True but the ImageNet weights for {arch} are not in the torch hub cache ({cached}). "
+            f"Fetch them where there is network access (python -c \"import torchvision; "
+            f"torchvision.models.get_model('{arch}', weights='DEFAULT')\") and copy the file there "
+            f"(or point TORCH_HOME at a cache that has it), or set weights_path to a local state dict."
+        )
+    return weights
+
+
+def _load_backbone_file(backbone: nn.Module, path: str, arch: str) -> None:
+    """Load a local state dict: a torchvision checkpoint (classifier keys dropped) or a FoodNet one."""
+    if not Path(path).is_file():
+        raise UserInputError(f"weights_path {path} does not exist or is not a file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, pickle with code, not a torch file ...
+        raise UserInputError(f"weights_path {path} is not a loadable torch state dict: {exc}") from exc
+    if not isinstance(state, dict):
+        raise UserInputError(f"weights_path {path} holds a {type(state).__name__}, expected a state dict")
+    if any(k.startswith("backbone.") for k in state):  # a saved FoodNet: keep its backbone part
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UserInputError(f"weights_path {path} does not fit the {arch} backbone: {exc}") from exc
+
+
+def build_model(model_cfg: ModelConfig, num_classes: int, head: Head) -> FoodNet:
+    """FoodNet for `model_cfg`; `weights_path` wins over `pretrained` when both are set."""
+    if num_classes < 2:
+        raise UserInputError(f"num_classes must be at least 2, got {num_classes}")
+    weights = None
+    if model_cfg.pretrained and model_cfg.weights_path is None:
+        weights = _cached_imagenet_weights(model_cfg.arch)
+    backbone = torchvision.models.get_model(model_cfg.arch, weights=weights)
+    backbone_out = _strip_classifier(backbone)
+    if model_cfg.weights_path is not None:
+        _load_backbone_file(backbone, model_cfg.weights_path, model_cfg.arch)
+    return FoodNet(backbone, backbone_out, model_cfg.feat_dim, num_classes, head)
