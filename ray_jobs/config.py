@@ -90,3 +90,23 @@ class TrainConfig(_Frozen):
     scaling: ScalingConfig = ScalingConfig()
     run: RunConfig = RunConfig()
 
+
+
+class SweepConfig(_Frozen):
+    """A Ray Tune sweep over the two center-loss knobs, lambda (`lam`) and alpha."""
+
+    train: TrainConfig = Field(description="Base training config; each trial overrides loss.lam and loss.alpha.")
+    name: str | None = Field(default=None, description="Reuse a sweep name to resume it; None makes a new one.")
+    num_samples: int = Field(default=6, ge=1, description="Random trials (or repeats of the grid).")
+    lam_range: tuple[float, float] = Field(default=(1e-4, 1e-1), description="lambda, sampled log-uniformly.")
+    alpha_range: tuple[float, float] = Field(default=(0.05, 1.0), description="alpha, sampled uniformly.")
+    grid_lams: tuple[float, ...] | None = Field(default=None, description="Grid mode: these lambda values ...")
+    grid_alphas: tuple[float, ...] | None = Field(default=None, description="... crossed with these alphas.")
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(default=1, ge=1, description="ASHA: epochs every trial gets before a stop.")
+    reduction_factor: float = Field(default=2.0, gt=1.0, description="ASHA: keep 1/this of trials per rung.")
+    max_concurrent_trials: int | None = Field(
+        default=None, ge=1, description="None: as many as the cluster's CPUs (or GPUs) hold."
+    )
+    resume: bool = Field(default=False, description="Resume the sweep `name` (also automatic when it exists).")
+    report_dir: str = Field(default="workspace/sweeps", description="Local dir for the trial table and plot.")

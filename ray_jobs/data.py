@@ -1,0 +1,133 @@
+"""Parquet shards of `train-food ingest` as torch datasets, with train and eval transform presets.
+
+A map-style dataset keeps each split's *encoded* images in memory (JPEG bytes are ~10x smaller
+than decoded pixels) and decodes one image per `__getitem__`, so decoding and augmentation run in
+DataLoader workers and `prepare_data_loader` can shard it with a DistributedSampler. The table is
+loaded lazily in each process and never pickled, so spawned loader workers start cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import torch
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from ray_jobs.errors import UserInputError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SPLITS = ("train", "val", "test")
+
+
+def train_transform(*, image_size: int) -> v2.Compose:
+    """Random resized crop + flip on uint8 tensors, then float and ImageNet normalisation."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(image_size, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def eval_transform(*, image_size: int) -> v2.Compose:
+    """Resize to 256/224 of the crop, then center crop: the torchvision reference's eval preset."""
+    return v2.Compose(
+        [
+            v2.Resize(round(image_size * 256 / 224), antialias=True),
+            v2.CenterCrop(image_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, ValueError):
+        return pafs.LocalFileSystem(), uri
+
+
+def load_manifest(dataset_uri: str) -> dict:
+    """Read `manifest.json`, with a clear error when the path is not an ingested dataset."""
+    fs, root = _filesystem(dataset_uri)
+    path = f"{root.rstrip('/')}/manifest.json"
+    try:
+        with fs.open_input_stream(path) as stream:
+            return json.loads(stream.read())
+    except (FileNotFoundError, OSError) as err:
+        raise UserInputError(
+            f"dataset {dataset_uri!r} has no manifest.json: run `train-food ingest` first ({err})"
+        ) from None
+
+
+def read_split(dataset_uri: str, split: str, limit: int | None = None) -> pa.Table:
+    """The `image` and `label` columns of one split, optionally only its first `limit` rows."""
+    fs, root = _filesystem(dataset_uri)
+    split_dir = f"{root.rstrip('/')}/{split}"
+    if fs.get_file_info(split_dir).type != pafs.FileType.Directory:
+        raise UserInputError(f"dataset {dataset_uri!r} has no {split!r} split at {split_dir}")
+    table = pads.dataset(split_dir, format="parquet", filesystem=fs).to_table(columns=["image", "label"])
+    return table.slice(0, limit) if limit is not None else table
+
+
+class ParquetImageDataset(Dataset):
+    """One split of an ingested dataset: (image tensor, label) pairs decoded on access."""
+
+    def __init__(self, dataset_uri: str, split: str, transform: v2.Compose, limit: int | None = None):
+        self.dataset_uri = dataset_uri
+        self.split = split
+        self.transform = transform
+        self.limit = limit
+        table = read_split(dataset_uri, split, limit)
+        self.labels = torch.tensor(table.column("label").to_numpy(), dtype=torch.long)
+        self._images: pa.ChunkedArray | None = table.column("image").combine_chunks()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getstate__(self) -> dict:
+        # Loader workers reload the bytes themselves instead of receiving a pickled copy.
+        return {**self.__dict__, "_images": None}
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if self._images is None:
+            self._images = read_split(self.dataset_uri, self.split, self.limit).column("image").combine_chunks()
+        encoded = bytearray(self._images[index].as_py())  # writable copy: torch refuses read-only buffers
+        pixels = decode_image(torch.frombuffer(encoded, dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return self.transform(pixels), int(self.labels[index])
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the model needs to know about an ingested dataset."""
+
+    classes: list[str]
+    fingerprint: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def dataset_info(dataset_uri: str, required_splits: tuple[str, ...] = ("train", "val")) -> DatasetInfo:
+    """Classes (index = label) and fingerprint, after checking the manifest matches the shards."""
+    manifest = load_manifest(dataset_uri)
+    classes = manifest.get("classes")
+    if not isinstance(classes, list) or len(classes) < 2:
+        raise UserInputError(f"dataset {dataset_uri!r}: manifest lists {classes!r} as classes; need at least 2")
+    counts = manifest.get("counts", {})
+    for split in required_splits:
+        if not counts.get(split):
+            raise UserInputError(f"dataset {dataset_uri!r}: manifest has no rows in split {split!r}")
+        read_split(dataset_uri, split, limit=1)  # the shards exist and carry image and label columns
+    return DatasetInfo(classes=list(classes), fingerprint=str(manifest.get("fingerprint", "")))

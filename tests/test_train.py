@@ -1,0 +1,157 @@
+"""Training end to end: local mode, real Ray workers, fault tolerance and fail-fast input checks."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+import torch
+
+from ray_jobs.checkpoint import load_checkpoint
+from ray_jobs.config import DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig
+from ray_jobs.errors import UserInputError
+from ray_jobs.losses import CenterLoss
+from ray_jobs.train import FaultInjection, fit
+
+
+def tiny_config(dataset: str, storage: Path, *, workers: int, epochs: int = 2, **overrides) -> TrainConfig:
+    """Smallest config that still trains a real ResNet-18 on real photos."""
+    return TrainConfig(
+        data=DataConfig(dataset=dataset, image_size=32, batch_size=16, loader_workers=0, limit_per_split=overrides.pop("limit", 64)),
+        model=ModelConfig(arch="resnet18", feat_dim=32),
+        loss=overrides.pop("loss", LossConfig(kind="center", lam=0.01, alpha=0.5)),
+        optim=OptimConfig(name="sgd", lr=0.05, epochs=epochs, warmup_epochs=0),
+        scaling=ScalingConfig(num_workers=workers, cpus_per_worker=overrides.pop("cpus_per_worker", 1.0), start_timeout_s=30),
+        run=RunConfig(storage_path=str(storage), seed=0, **overrides),
+    )
+
+
+def test_local_mode_trains_and_writes_self_describing_checkpoint(tiny_dataset, tmp_path):
+    result = fit(tiny_config(tiny_dataset, tmp_path, workers=0, epochs=3, limit=32))
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    first, last = result.history[0], result.history[-1]
+    assert last["train_loss"] < first["train_loss"], "three epochs on 32 images should lower the loss"
+    for key in ("train_ce_loss", "train_center_loss", "val_acc1", "val_acc5", "val_compactness"):
+        assert math.isfinite(last[key]), key
+    state = load_checkpoint(result.best_checkpoint)
+    assert set(state) >= {"model", "objective", "optimizer", "scheduler", "epoch", "config", "classes"}
+    assert state["classes"] == result.classes and len(result.classes) == 10
+    centers = state["objective"]["centers"]
+    assert centers.shape == (10, 32) and centers.abs().sum() > 0, "centers must move from their zero init"
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(UserInputError, match="no manifest.json"):
+        fit(tiny_config(str(tmp_path / "nowhere"), tmp_path, workers=0))
+
+
+def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_last_good_checkpoint(tiny_dataset, tmp_path, monkeypatch):
+    import ray_jobs.train as train_module
+
+    real_build = train_module.build_objective
+    steps_per_epoch = 2  # limit 32 / batch 16
+
+    def poisoned_build(*args, **kwargs):
+        objective = real_build(*args, **kwargs)
+        calls = {"n": 0}
+        real_call = objective.__call__
+
+        class Poisoned(type(objective)):
+            def __call__(self, features, logits, labels):
+                out = real_call(features, logits, labels)
+                calls["n"] += 1
+                if calls["n"] == steps_per_epoch + 2:  # epoch 2, step 1
+                    out.total = out.total * float("nan")
+                return out
+
+        objective.__class__ = Poisoned
+        return objective
+
+    monkeypatch.setattr(train_module, "build_objective", poisoned_build)
+    with pytest.raises(UserInputError, match=r"epoch 2, step 1") as err:
+        fit(tiny_config(tiny_dataset, tmp_path, workers=0, epochs=3, limit=32, name="nan-run"))
+    kept = sorted((tmp_path / "nan-run").glob("checkpoint_epoch_*"))
+    assert [p.name for p in kept] == ["checkpoint_epoch_0001"]
+    assert "checkpoint_epoch_0001" in str(err.value)
+    state = load_checkpoint(kept[0])
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_more_workers_than_the_cluster_holds_fails_within_seconds(ray_cluster, tiny_dataset, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(UserInputError, match="3 workers need 3 CPU but the Ray cluster has 2"):
+        fit(tiny_config(tiny_dataset, tmp_path, workers=3))
+    assert time.monotonic() - start < 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ray_training_two_epochs(ray_cluster, tiny_dataset, tmp_path, workers):
+    result = fit(tiny_config(tiny_dataset, tmp_path, workers=workers, cpus_per_worker=1.0))
+    assert [row["epoch"] for row in result.history] == [1, 2]
+    assert result.metrics["epoch"] == 2
+    state = load_checkpoint(result.best_checkpoint)
+    assert state["epoch"] in (1, 2) and state["config"]["scaling"]["num_workers"] == workers
+    assert Path(result.best_checkpoint).is_relative_to(tmp_path / result.name)
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_epoch_resumes_from_checkpoint(ray_cluster, tiny_dataset, tmp_path):
+    marker = tmp_path / "killed"
+    result = fit(
+        tiny_config(tiny_dataset, tmp_path, workers=1, epochs=3, max_failures=1),
+        fault=FaultInjection(epoch=2, step=1, marker=str(marker)),
+    )
+    assert marker.exists(), "the fault was never injected"
+    assert result.metrics["epoch"] == 3
+    assert [row["epoch"] for row in result.history] == [2, 3], "the restarted worker resumes after epoch 1"
+
+
+def _center_sync_loop(config: dict) -> dict:
+    """Runs on 2 Ray workers: each updates centers with its own slice of a known global batch."""
+    import ray.train
+    import torch.distributed as dist
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    centers = CenterLoss(config["classes"], config["dim"], alpha=config["alpha"])
+    for step in range(config["steps"]):
+        features, labels = _global_batch(step, config)
+        bounds = [0, config["split"], len(labels)]  # uneven shares on purpose
+        centers.update_centers(features[bounds[rank] : bounds[rank + 1]], labels[bounds[rank] : bounds[rank + 1]])
+    gathered = [torch.empty_like(centers.centers) for _ in range(world)]
+    dist.all_gather(gathered, centers.centers)
+    return {"centers": centers.centers.clone(), "max_rank_gap": max(float((g - gathered[0]).abs().max()) for g in gathered)}
+
+
+def _global_batch(step: int, config: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(step)
+    features = torch.randn(config["batch"], config["dim"], generator=generator)
+    labels = torch.randint(0, config["classes"] - 1, (config["batch"],), generator=generator)  # last class never seen
+    return features, labels
+
+
+@pytest.mark.slow
+def test_centers_identical_on_ray_workers_and_equal_to_one_process(ray_cluster, tmp_path):
+    import ray.train
+    import ray.train.torch
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
+    config = {"classes": 5, "dim": 8, "alpha": 0.5, "steps": 6, "batch": 12, "split": 5}
+    trainer = ray.train.torch.TorchTrainer(
+        _center_sync_loop,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=ray.train.RunConfig(name="center-sync", storage_path=str(tmp_path)),
+    )
+    outcome = trainer.fit().return_value
+    reference = CenterLoss(config["classes"], config["dim"], alpha=config["alpha"])
+    for step in range(config["steps"]):
+        reference.update_centers(*_global_batch(step, config))
+    assert outcome["max_rank_gap"] == 0.0
+    torch.testing.assert_close(outcome["centers"], reference.centers, rtol=0, atol=1e-6)
+    assert reference.centers[-1].abs().sum() == 0 and reference.centers[0].abs().sum() > 0
