@@ -1,0 +1,272 @@
+"""Turning a checkpoint or a registered model into class probabilities for image files.
+
+Lives in `ray_jobs` (not `tasks`) on purpose: a registered model is a pickled `LogitsModel`
+wrapping a `FoodNet`, so whatever loads it (this CLI, a Ray Serve replica, a batch job on Ray
+workers) must import this module; here it needs only torch/torchvision, never Prefect. MLflow is
+imported lazily and only for `models:/` or `runs:/` sources. Rebuilding a model from a checkpoint
+lives here too, because evaluation and registration need exactly the same rebuild.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.io import ImageReadMode, decode_image
+
+from ray_jobs.checkpoint import load_checkpoint
+from ray_jobs.config import TrainConfig
+from ray_jobs.data import eval_transform
+from ray_jobs.errors import UserInputError
+from ray_jobs.model import FoodNet, build_model, head_for_loss
+
+DEFAULT_MODEL_URI = "models:/food-classifier@champion"
+_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+_MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:", "s3://", "gs://", "wasbs://", "dbfs:/", "file:")
+
+
+class LogitsModel(nn.Module):
+    """FoodNet as served: images (float32 NCHW, normalised) -> logits only.
+
+    MLflow's pyfunc flavour expects one tensor out; `FoodNet` returns `(features, logits)`.
+    """
+
+    def __init__(self, net: FoodNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)[1]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference plus what preprocessing and decoding need."""
+
+    module: nn.Module  # images -> logits
+    classes: list[str]
+    image_size: int
+    source: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CheckpointModel:
+    """A FoodNet rebuilt from a training checkpoint, with the checkpoint's config and classes."""
+
+    net: FoodNet
+    config: TrainConfig
+    classes: list[str]
+    state: dict[str, Any]
+
+
+def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> CheckpointModel:
+    """Rebuild the trained FoodNet (eval mode) from a checkpoint directory or file.
+
+    The backbone is built without `pretrained`/`weights_path`: the checkpoint holds every weight, and
+    those options would otherwise need the original weight files on this machine.
+    """
+    state = load_checkpoint(path, map_location="cpu")
+    try:
+        config = TrainConfig.model_validate(state["config"])
+        classes = list(state["classes"])
+        weights = state["model"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserInputError(f"{path} is not a train-food training checkpoint ({err})") from None
+    model_cfg = config.model.model_copy(update={"pretrained": False, "weights_path": None})
+    net = build_model(model_cfg, len(classes), head_for_loss(config.loss.kind))
+    net.load_state_dict(weights)
+    return CheckpointModel(net=net.to(device).eval(), config=config, classes=classes, state=state)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(source: str | None = None, tracking_uri: str | None = None) -> LoadedModel:
+    """Load a checkpoint (directory or file) or an MLflow model URI (default: the champion).
+
+    A registered model carries `classes` and `image_size` in its MLflow metadata.
+    """
+    source = source or DEFAULT_MODEL_URI
+    device = default_device()
+    if Path(source, "MLmodel").is_file():  # a downloaded / saved MLflow model directory
+        return _load_mlflow_model(str(Path(source).resolve()), tracking_uri, device)
+    if Path(source).exists():
+        loaded = model_from_checkpoint(source, device)
+        return LoadedModel(
+            module=LogitsModel(loaded.net).eval(),
+            classes=loaded.classes,
+            image_size=loaded.config.data.image_size,
+            source=str(source),
+        )
+    if not source.startswith(_MLFLOW_SCHEMES):
+        raise UserInputError(f"--model {source!r} is neither an existing checkpoint path nor an MLflow model URI")
+    return _load_mlflow_model(source, tracking_uri, device)
+
+
+@contextmanager
+def using_tracking_uri(uri: str | None) -> Iterator[None]:
+    """Point MLflow's global tracking and registry URIs at `uri` (None: leave them), then undo it.
+
+    Needed because parts of MLflow ignore explicit URIs: `log_model` uses the fluent API, and
+    downloading `models:/name@alias` resolves the version's `models:/m-...` source globally.
+
+    `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI (and the registry one) into
+    os.environ, so "restoring" the previous *resolved* URI would pin MLflow's cwd-relative default
+    for the rest of the process. Instead: unset MLflow's globals and put the variables back as found.
+    """
+    import mlflow
+
+    if uri is None:
+        yield
+        return
+    saved = {key: os.environ.get(key) for key in _URI_VARIABLES}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _load_mlflow_model(uri: str, tracking_uri: str | None, device: torch.device) -> LoadedModel:
+    import mlflow.artifacts
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    with tempfile.TemporaryDirectory(prefix="train-food-model-") as scratch:  # the weights end up in memory
+        try:
+            with using_tracking_uri(tracking_uri), _env_default("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
+                local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch)
+        except MlflowException as err:
+            where = tracking_uri or mlflow.get_tracking_uri()
+            raise UserInputError(f"cannot load model {uri} from tracking server {where}: {err.message}") from None
+        metadata = Model.load(local).metadata or {}
+        if "classes" not in metadata or "image_size" not in metadata:
+            raise UserInputError(
+                f"model {uri} has no classes/image_size metadata: it was not logged by train-food register"
+            )
+        try:
+            # Registered models are pickled (see tasks/register.py) and MLflow 3.17 refuses to unpickle
+            # unless this is true. Our own registry is trusted like `load_checkpoint` trusts our
+            # checkpoint files; set the variable to false to refuse.
+            with _env_default("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true"):
+                module = mlflow.pytorch.load_model(local, map_location=device)
+        except MlflowException as err:
+            raise UserInputError(f"cannot load model {uri}: {err.message}") from None
+    return LoadedModel(
+        module=module.eval(),
+        classes=list(metadata["classes"]),
+        image_size=int(metadata["image_size"]),
+        source=uri,
+        metadata=dict(metadata),
+    )
+
+
+@contextmanager
+def _env_default(key: str, value: str) -> Iterator[None]:
+    """Set an environment variable for one block, unless the user already set it."""
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
+def read_image(path: str | Path) -> Tensor:
+    """Decode a file as uint8 RGB CHW; `UserInputError` (one line, naming the file) if it is not an image.
+
+    torchvision's decoder first (the one training used on the ingested bytes), Pillow for other formats.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise UserInputError(f"{path}: cannot read file: {err.strerror or err}") from None
+    if not data:
+        raise UserInputError(f"{path}: empty file")
+    try:
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        pass
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return pil_to_tensor(image.convert("RGB"))
+    except UnidentifiedImageError:
+        raise UserInputError(f"{path}: not a readable image (unknown format or corrupt header)") from None
+    except Exception as err:  # noqa: BLE001 - any decoder failure means "not a readable image"
+        raise UserInputError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top-k classes of one image, most probable first."""
+
+    path: str
+    top: list[tuple[str, float]]
+
+
+@dataclass(frozen=True)
+class PredictionFailure:
+    path: str
+    error: str
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def predict_files(
+    model: LoadedModel, paths: Sequence[str], top_k: int = 5, batch_size: int = 32
+) -> tuple[list[Prediction], list[PredictionFailure]]:
+    """Top-k (class, probability) per readable image; unreadable files are reported, not raised."""
+    if top_k < 1:
+        raise UserInputError(f"--top-k must be at least 1, got {top_k}")
+    transform = eval_transform(image_size=model.image_size)
+    device = next(model.module.parameters()).device
+    good: list[tuple[str, Tensor]] = []
+    failures: list[PredictionFailure] = []
+    for path in paths:
+        try:
+            good.append((path, transform(read_image(path))))
+        except UserInputError as err:
+            failures.append(PredictionFailure(path, str(err)))
+    predictions: list[Prediction] = []
+    k = min(top_k, len(model.classes))
+    for batch in _batches(good, batch_size):
+        images = torch.stack([image for _, image in batch]).to(device)
+        probs = model.module(images).float().softmax(dim=1).cpu()
+        values, indices = probs.topk(k, dim=1)
+        for (path, _), vals, idxs in zip(batch, values.tolist(), indices.tolist(), strict=True):
+            predictions.append(Prediction(path, [(model.classes[i], v) for i, v in zip(idxs, vals, strict=True)]))
+    return predictions, failures
+
+
+def format_prediction(prediction: Prediction) -> str:
+    """`path` then one indented `rank. class  probability` line per class."""
+    lines = [prediction.path]
+    lines += [f"  {rank}. {name:<24} {prob:.4f}" for rank, (name, prob) in enumerate(prediction.top, start=1)]
+    return "\n".join(lines)

@@ -1,0 +1,293 @@
+"""Evaluate a training checkpoint on one split: metrics, per-class table, confusion matrix, projection.
+
+Plain functions (no Prefect import): the flow wraps `evaluate_checkpoint` as a task and turns the
+PNGs into artifacts. Everything lands in one reports directory:
+
+    report.json               metrics, per-class table, file names (+ sha256), lineage
+    confusion_matrix.csv      counts, class names as header and index (rows = true class)
+    confusion_matrix.png      the same, labelled and annotated
+    projection.png            2-D PCA of the split's features, coloured by class
+
+Files are staged in a hidden temp folder and renamed into place with report.json last (and any
+older report.json removed first), so a report.json on disk always matches the files next to it.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from ray_jobs.data import ParquetImageDataset, dataset_info, eval_transform
+from ray_jobs.engine import predict
+from ray_jobs.errors import UserInputError
+from ray_jobs.metrics import compactness, topk_correct
+from ray_jobs.predict import default_device, model_from_checkpoint
+from tasks.evaluate_plots import plot_confusion_matrix, plot_projection
+
+REPORT_FILE = "report.json"
+FILES = {
+    "confusion_matrix_csv": "confusion_matrix.csv",
+    "confusion_matrix_png": "confusion_matrix.png",
+    "projection_png": "projection.png",
+}
+
+__all__ = ["ClassMetrics", "EvaluateConfig", "EvaluationReport", "evaluate_checkpoint", "load_report",
+           "parse_config", "summarize"]
+
+
+class _Frozen(BaseModel):
+    # NaN metrics (e.g. compactness with one class present) round-trip as JSON NaN constants.
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
+
+
+class EvaluateConfig(_Frozen):
+    """What to evaluate, on which data, and where the report goes. Defaults live here only."""
+
+    checkpoint: str = Field(description="Checkpoint directory (as Ray stores it) or checkpoint.pt file.")
+    dataset: str = Field(description="Dataset written by `train-food ingest` (folder or pyarrow.fs URI).")
+    reports: str = Field(description="Local folder for report.json and the figures (created if missing).")
+    split: Literal["train", "val", "test"] = "test"
+    batch_size: int = Field(default=64, ge=1, description="Images per inference batch.")
+    loader_workers: int = Field(default=0, ge=0, description="DataLoader processes decoding images.")
+    limit: int | None = Field(default=None, ge=1, description="Smoke-test switch: only the first N images.")
+    device: str | None = Field(default=None, description="torch device; None = cuda if available, else cpu.")
+
+
+class ClassMetrics(_Frozen):
+    """One row of the per-class table (sklearn's definitions, 0 where a denominator is 0)."""
+
+    name: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class EvaluationReport(_Frozen):
+    """The content of report.json. `reports_dir` is where it was read from (or written to)."""
+
+    checkpoint: str
+    checkpoint_epoch: int | None
+    train_run: str | None
+    dataset: str
+    dataset_fingerprint: str
+    split: str
+    image_size: int
+    classes: list[str]
+    counts: dict[str, int]
+    metrics: dict[str, float]
+    per_class: list[ClassMetrics]
+    confusion_matrix: list[list[int]]
+    projection: dict[str, Any]
+    checkpoint_metrics: dict[str, float]
+    train_config: dict[str, Any]
+    files: dict[str, str]
+    sha256: dict[str, str]
+    created_at: str
+    reports_dir: str
+
+    @property
+    def path(self) -> Path:
+        """Where report.json is."""
+        return Path(self.reports_dir) / REPORT_FILE
+
+    def file(self, role: str) -> Path:
+        """Absolute path of one of `files` (e.g. "confusion_matrix_png")."""
+        return Path(self.reports_dir) / self.files[role]
+
+    def images(self) -> dict[str, Path]:
+        """The PNG figures by role, for artifacts."""
+        return {role: self.file(role) for role, name in self.files.items() if name.endswith(".png")}
+
+
+def parse_config(options: Mapping[str, Any]) -> EvaluateConfig:
+    """`EvaluateConfig` from user options; a bad value is a one-line `UserInputError` naming the flag."""
+    try:
+        return EvaluateConfig(**options)
+    except ValidationError as err:
+        problems = [f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors()]
+        raise UserInputError("; ".join(problems)) from None
+
+
+def load_report(path: str | Path) -> EvaluationReport:
+    """Read report.json (or the folder holding it); `reports_dir` follows the file if it was moved."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / REPORT_FILE
+    try:
+        report = EvaluationReport.model_validate_json(path.read_bytes())
+    except OSError as err:
+        raise UserInputError(f"cannot read evaluation report {path}: {err.strerror or err}") from None
+    except ValidationError as err:
+        raise UserInputError(f"{path} is not a train-food evaluation report: {err.errors()[0]['msg']}") from None
+    return report.model_copy(update={"reports_dir": str(path.resolve().parent)})
+
+
+# ---------------------------------------------------------------- metrics (pure)
+
+
+def summarize(
+    features: Tensor, logits: Tensor, labels: Tensor, classes: list[str], prefix: str = "test"
+) -> tuple[dict[str, float], list[ClassMetrics], np.ndarray]:
+    """Scalar metrics, the per-class table and the confusion matrix (rows true, columns predicted)."""
+    n, c = len(labels), len(classes)
+    predicted = logits.topk(1, dim=1).indices.squeeze(1)  # same tie-breaking as topk_correct's top-1
+    matrix = torch.bincount(labels * c + predicted, minlength=c * c).view(c, c).numpy()
+    hits = np.diag(matrix).astype(np.float64)
+    support, predicted_count = matrix.sum(axis=1), matrix.sum(axis=0)
+    precision = np.divide(hits, predicted_count, out=np.zeros(c), where=predicted_count > 0)
+    recall = np.divide(hits, support, out=np.zeros(c), where=support > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(c), where=(precision + recall) > 0)
+    per_class = [
+        ClassMetrics(name=name, precision=float(p), recall=float(r), f1=float(f), support=int(s))
+        for name, p, r, f, s in zip(classes, precision, recall, f1, support, strict=True)
+    ]
+    correct = topk_correct(logits, labels, ks=(1, 5))
+    spread = compactness(features, labels, c)
+    total = max(n, 1)
+    metrics = {
+        f"{prefix}_acc1": correct[1] / total,
+        f"{prefix}_acc5": correct[5] / total,
+        f"{prefix}_ce_loss": torch.nn.functional.cross_entropy(logits, labels).item() if n else float("nan"),
+        f"{prefix}_macro_precision": float(precision.mean()),
+        f"{prefix}_macro_recall": float(recall.mean()),
+        f"{prefix}_macro_f1": float(f1.mean()),
+        f"{prefix}_intra": spread["intra"],
+        f"{prefix}_inter": spread["inter"],
+        f"{prefix}_compactness": spread["ratio"],
+    }
+    return metrics, per_class, matrix
+
+
+def pca_2d(features: Tensor) -> tuple[np.ndarray, list[float]]:
+    """Exact PCA to 2-D by SVD (deterministic signs: largest loading positive) and explained variance."""
+    x = features.to(torch.float64)
+    x = x - x.mean(dim=0, keepdim=True)
+    _, singular, vh = torch.linalg.svd(x, full_matrices=False)
+    components = vh[:2]
+    signs = torch.sign(components.gather(1, components.abs().argmax(dim=1, keepdim=True)))
+    components = components * torch.where(signs == 0, 1.0, signs)
+    variance = singular.pow(2)
+    ratio = (variance[:2] / variance.sum().clamp(min=1e-12)).tolist()
+    points = (x @ components.T).numpy()
+    if points.shape[1] < 2:  # a single sample: pad the missing axis
+        points = np.pad(points, ((0, 0), (0, 2 - points.shape[1])))
+    return points, ratio
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _check_classes(checkpoint: str, checkpoint_classes: list[str], dataset: str, dataset_classes: list[str]) -> None:
+    if checkpoint_classes == dataset_classes:
+        return
+    only_ckpt = sorted(set(checkpoint_classes) - set(dataset_classes))
+    only_data = sorted(set(dataset_classes) - set(checkpoint_classes))
+    detail = (f"only in the checkpoint: {only_ckpt}; only in the dataset: {only_data}"
+              if only_ckpt or only_data else "same names in a different order (labels would be scrambled)")
+    raise UserInputError(
+        f"class mismatch: checkpoint {checkpoint} was trained on {len(checkpoint_classes)} classes "
+        f"{checkpoint_classes}, dataset {dataset} has {len(dataset_classes)} classes {dataset_classes}; {detail}"
+    )
+
+
+def _train_run(checkpoint: Path, configured: str | None) -> str | None:
+    """The training run's name: from the config, else the folder above `checkpoint_epoch_NNNN`."""
+    if configured:
+        return configured
+    directory = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    return directory.parent.name or None
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_csv(matrix: np.ndarray, classes: list[str], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["true\\predicted", *classes])
+        for name, row in zip(classes, matrix.tolist(), strict=True):
+            writer.writerow([name, *row])
+
+
+def evaluate_checkpoint(cfg: EvaluateConfig) -> EvaluationReport:
+    """Evaluate `cfg.checkpoint` on `cfg.split` of `cfg.dataset` and write the report folder."""
+    device = torch.device(cfg.device) if cfg.device else default_device()
+    checkpoint = Path(cfg.checkpoint).resolve()
+    dataset = cfg.dataset if "://" in cfg.dataset else str(Path(cfg.dataset).resolve())
+    loaded = model_from_checkpoint(checkpoint, device)
+    info = dataset_info(dataset, required_splits=(cfg.split,))
+    _check_classes(str(checkpoint), loaded.classes, dataset, info.classes)
+
+    image_size = loaded.config.data.image_size
+    split = ParquetImageDataset(dataset, cfg.split, eval_transform(image_size=image_size), cfg.limit)
+    loader = DataLoader(split, batch_size=cfg.batch_size, num_workers=cfg.loader_workers)
+    features, logits, labels = predict(loaded.net, loader, device)
+    metrics, per_class, matrix = summarize(features, logits, labels, loaded.classes, prefix=cfg.split)
+    points, explained = pca_2d(features)
+
+    reports = Path(cfg.reports).resolve()
+    reports.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=reports))
+    try:
+        title = f"{cfg.split} split, {len(labels)} images, top-1 {metrics[f'{cfg.split}_acc1']:.3f}"
+        _write_csv(matrix, loaded.classes, staging / FILES["confusion_matrix_csv"])
+        plot_confusion_matrix(
+            matrix, loaded.classes, staging / FILES["confusion_matrix_png"], f"Confusion matrix: {title}"
+        )
+        plot_projection(
+            points, labels.numpy(), loaded.classes, staging / FILES["projection_png"],
+            f"PCA of {loaded.config.model.feat_dim}-d features: {cfg.split} split",
+            (f"PC1 ({explained[0]:.0%} of variance)", f"PC2 ({explained[-1]:.0%} of variance)"),
+        )
+        state = loaded.state
+        report = EvaluationReport(
+            checkpoint=str(checkpoint),
+            checkpoint_epoch=state.get("epoch"),
+            train_run=_train_run(checkpoint, loaded.config.run.name),
+            dataset=dataset,
+            dataset_fingerprint=info.fingerprint,
+            split=cfg.split,
+            image_size=image_size,
+            classes=loaded.classes,
+            counts={
+                "images": len(labels),
+                "classes": len(loaded.classes),
+                "classes_present": int((matrix.sum(axis=1) > 0).sum()),
+                "top1_correct": int(np.trace(matrix)),
+            },
+            metrics=metrics,
+            per_class=per_class,
+            confusion_matrix=matrix.tolist(),
+            projection={"method": "pca", "explained_variance_ratio": explained},
+            checkpoint_metrics={
+                k: float(v) for k, v in (state.get("metrics") or {}).items() if isinstance(v, (int, float))
+            },
+            train_config=state["config"],
+            files=dict(FILES),
+            sha256={role: _sha256(staging / name) for role, name in FILES.items()},
+            created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            reports_dir=str(reports),
+        )
+        (reports / REPORT_FILE).unlink(missing_ok=True)  # never leave an old report next to new files
+        for name in FILES.values():
+            os.replace(staging / name, reports / name)
+        (staging / REPORT_FILE).write_text(report.model_dump_json(indent=2))
+        os.replace(staging / REPORT_FILE, reports / REPORT_FILE)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
