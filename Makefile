@@ -15,9 +15,7 @@ $(INSTALLED): pyproject.toml
 install: $(INSTALLED)
 
 demo: $(INSTALLED)
-	$(BIN)/train-food ingest data/food-sample --out $(WORKSPACE)/datasets/food-sample --max-side 128
-	$(BIN)/train-food train --dataset $(WORKSPACE)/datasets/food-sample --storage-path $(WORKSPACE)/ray_results \
-		--epochs 3 --image-size 64 --batch-size 32 --workers 1
+	BIN=$(BIN) WORKSPACE=$(WORKSPACE) bash infra/demo.sh
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest
@@ -28,6 +26,7 @@ test-fast: $(INSTALLED)
 bench: $(INSTALLED)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/tune_efficiency.py
 
 clean:
 	rm -rf $(WORKSPACE) .pytest_cache

@@ -57,6 +57,120 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    """`train-food tune --dataset DIR ...`: Ray Tune sweep over lambda and alpha, logged to MLflow."""
+    from flows.config_args import add_config_arguments
+
+    parser = sub.add_parser(
+        "tune",
+        help="sweep lambda and alpha with Ray Tune (ASHA early stopping), one TorchTrainer per trial",
+        description="Training flags set the base config of every trial; --name names the sweep "
+        "(reusing a name resumes it). Unset sweep options take the SweepConfig defaults.",
+    )
+    add_config_arguments(parser)
+    sweep = parser.add_argument_group("sweep")
+    suppress = argparse.SUPPRESS
+    sweep.add_argument("--num-samples", type=int, default=suppress, metavar="N", help="random trials (default 6)")
+    sweep.add_argument("--lam-range", type=float, nargs=2, default=suppress, metavar=("LO", "HI"),
+                       help="lambda, log-uniform (default 1e-4 1e-1)")
+    sweep.add_argument("--alpha-range", type=float, nargs=2, default=suppress, metavar=("LO", "HI"),
+                       help="alpha, uniform (default 0.05 1.0)")
+    sweep.add_argument("--grid-lams", type=float, nargs="+", default=suppress, metavar="LAM",
+                       help="grid mode: these lambdas x --grid-alphas")
+    sweep.add_argument("--grid-alphas", type=float, nargs="+", default=suppress, metavar="ALPHA")
+    sweep.add_argument("--scheduler", choices=("asha", "none"), default=suppress,
+                       help="asha stops weak trials early (default); none runs all to the end")
+    sweep.add_argument("--grace-period", type=int, default=suppress, metavar="EPOCHS")
+    sweep.add_argument("--reduction-factor", type=float, default=suppress, metavar="F")
+    sweep.add_argument("--max-concurrent-trials", type=int, default=suppress, metavar="N",
+                       help="default: as many as the cluster holds")
+    sweep.add_argument("--resume", action="store_true", default=suppress, help="resume the sweep --name")
+    sweep.add_argument("--report-dir", default=suppress, metavar="DIR", help="trial table and plot")
+    tracking = parser.add_argument_group("mlflow")
+    tracking.add_argument("--tracking-uri", default=None, metavar="URI",
+                          help="MLflow server or store (default: MLFLOW_TRACKING_URI, else the workspace SQLite)")
+    tracking.add_argument("--workspace", default="workspace", metavar="DIR", help="workspace of the default store")
+    tracking.add_argument("--experiment", default="train-food", metavar="NAME", help="MLflow experiment")
+    parser.set_defaults(handler=_tune)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from flows.config_args import config_from_args
+    from ray_jobs.config import SweepConfig
+    from tasks.tune import Tracking, tune_and_log
+
+    train = config_from_args(args)
+    sweep_fields = set(SweepConfig.model_fields) - {"train", "name"}
+    options = {key: value for key, value in vars(args).items() if key in sweep_fields}
+    try:
+        cfg = SweepConfig(train=train.model_copy(update={"run": train.run.model_copy(update={"name": None})}),
+                          name=train.run.name, **options)
+    except ValidationError as err:
+        raise UserInputError("; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
+    result, logged = tune_and_log(cfg, Tracking(args.tracking_uri, args.workspace, args.experiment))
+    with_columns = ["trial_id", "lam", "alpha", "status", "epochs", "best_val_acc1", "val_compactness"]
+    print(result.table[with_columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(
+        f"sweep {result.name}: best val_acc1 {result.best_val_acc1:.3f} at lam {result.best_config['lam']:.4g}, "
+        f"alpha {result.best_config['alpha']:.3f}\nbest checkpoint: {result.best_checkpoint}\n"
+        f"table: {result.outputs['csv']}  plot: {result.outputs['plot']}  MLflow run: {logged.parent_run_id}"
+    )
+    return 0
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    """`train-food run ...`: the whole `train-food` Prefect flow, in this process."""
+    from flows.config_args import add_flat_arguments
+    from flows.pipeline_config import PipelineConfig
+
+    parser = sub.add_parser(
+        "run",
+        help="run the train-food flow (ingest -> tune or train -> evaluate -> register) in this process",
+        description="Same flow as `prefect deployment run train-food/train-food`; flags are its parameters.",
+    )
+    add_flat_arguments(parser, PipelineConfig)
+    parser.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from flows.pipeline_config import PipelineConfig
+    from flows.train_food import train_food
+
+    options = {key: value for key, value in vars(args).items() if key in PipelineConfig.model_fields}
+    try:
+        PipelineConfig(**options)
+    except ValidationError as err:
+        raise UserInputError("; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}"
+                                       for e in err.errors())) from None
+    train_food(**options)
+    return 0
+
+
+def _add_deploy(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "deploy",
+        help="serve the deployment train-food/train-food (needs PREFECT_API_URL of a running server)",
+        description="Runs until interrupted; start runs with `prefect deployment run train-food/train-food`.",
+    )
+    parser.set_defaults(handler=_deploy)
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise UserInputError("PREFECT_API_URL is not set: start `prefect server start --host 127.0.0.1` and "
+                             "export PREFECT_API_URL=http://127.0.0.1:4200/api (`make demo` does both)")
+    from flows.train_food import serve
+
+    serve()
+    return 0
+
+
 def _add_ingest(sub: argparse._SubParsersAction) -> None:
     """`train-food ingest SRC --out DIR`: validate an ImageFolder tree into Parquet shards."""
     p = sub.add_parser(
@@ -209,7 +323,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 # Subcommand registrars: each adds one subparser and sets `handler`.
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_train, _add_ingest, _add_evaluate, _add_register, _add_predict
+    _add_run, _add_deploy, _add_ingest, _add_train, _add_tune, _add_evaluate, _add_register, _add_predict
 ]
 
 

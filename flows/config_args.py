@@ -54,6 +54,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[BaseM
             )
 
 
+def add_flat_arguments(parser: argparse.ArgumentParser, config_cls: type[BaseModel]) -> None:
+    """One `--field-name` flag per field of a flat config; unset flags are left out of the namespace."""
+    for name, field in config_cls.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description or ''} (default: {field.default})".strip()
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            continue
+        kind, choices = _scalar_type(field.annotation)
+        parser.add_argument(flag, type=kind, choices=choices, default=argparse.SUPPRESS, metavar=name.upper(),
+                            help=help_text)
+
+
 def config_from_args(args: argparse.Namespace, config_cls: type[BaseModel] = TrainConfig) -> Any:
     """The validated config from the flags given; a bad value is a `UserInputError` naming the flag."""
     nested: dict[str, dict[str, Any]] = {}

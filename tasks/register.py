@@ -121,7 +121,7 @@ def resolve_tracking_uri(
     return default_tracking_uri(workspace)
 
 
-def _experiment_id(client: Any, name: str, artifact_location: str | None) -> str:
+def ensure_experiment(client: Any, name: str, artifact_location: str | None) -> str:
     """The experiment's id, creating it (with an explicit artifact location for the embedded store)."""
     from mlflow.exceptions import MlflowException
 
@@ -152,13 +152,13 @@ def code_version() -> str:
         return f"train-food {importlib.metadata.version('train-food')}"
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """`{"data": {"image_size": 32}}` -> `{"data.image_size": "32"}` for MLflow params."""
     flat: dict[str, str] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat |= _flatten(value, f"{name}.")
+            flat |= flatten_params(value, f"{name}.")
         else:
             flat[name] = str(value)
     return flat
@@ -292,10 +292,10 @@ def register_model(
     with using_tracking_uri(uri):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         artifact_location = default_artifact_location(cfg.workspace) if embedded else None
-        experiment_id = _experiment_id(client, cfg.experiment, artifact_location)
+        experiment_id = ensure_experiment(client, cfg.experiment, artifact_location)
         with mlflow.start_run(experiment_id=experiment_id, run_name=cfg.run_name or f"register-{report.train_run}",
                               tags=lineage) as run:
-            mlflow.log_params(_flatten(report.train_config))
+            mlflow.log_params(flatten_params(report.train_config))
             mlflow.log_metrics({k: v for k, v in {**report.checkpoint_metrics, **report.metrics}.items()
                                 if math.isfinite(v)})
             mlflow.log_artifact(str(report.path), artifact_path="evaluation")

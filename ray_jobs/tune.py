@@ -19,14 +19,16 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from ray_jobs.config import SweepConfig, TrainConfig
 from ray_jobs.data import dataset_info
 from ray_jobs.errors import UserInputError
-from ray_jobs.sweep_report import write_sweep_outputs
+from ray_jobs.tune_report import write_sweep_outputs
 from ray_jobs.train import START_TIMEOUT_ENV, build_trainer, check_resources, ensure_ray, new_run_name, storage_root
 
 METRIC = "val_acc1"
+TRIAL_DRIVER_CPU = 0.01  # the trial function only drives its TorchTrainer; workers hold the real CPUs
 TABLE_COLUMNS = ["trial_id", "lam", "alpha", "status", "epochs", "best_val_acc1", "val_compactness", "checkpoint"]
 
 
@@ -53,7 +55,7 @@ def concurrency(cfg: SweepConfig) -> int:
         return cfg.max_concurrent_trials
     scaling = cfg.train.scaling
     total = ray.cluster_resources()
-    fits = total.get("CPU", 0.0) / (scaling.num_workers * scaling.cpus_per_worker)
+    fits = total.get("CPU", 0.0) / (scaling.num_workers * scaling.cpus_per_worker + TRIAL_DRIVER_CPU)
     if scaling.use_gpu:
         fits = min(fits, total.get("GPU", 0.0) / (scaling.num_workers * scaling.gpus_per_worker))
     return max(int(math.floor(fits + 1e-9)), 1)
@@ -84,14 +86,16 @@ class SweepResult:
     outputs: dict[str, Path]
 
 
-def _trial_row(result: ray.tune.Result) -> dict[str, Any]:
+def _trial_row(result: ray.tune.Result, max_epochs: int) -> dict[str, Any]:
     history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+    epochs = int(history["epoch"].max()) if "epoch" in history and len(history) else 0
+    status = "error" if result.error else ("finished" if epochs >= max_epochs else "stopped early")
     row: dict[str, Any] = {
         "trial_id": Path(result.path).name if result.path else "",
         "lam": result.config["lam"],
         "alpha": result.config["alpha"],
-        "status": "error" if result.error else "finished",
-        "epochs": int(history["epoch"].max()) if "epoch" in history else 0,
+        "status": status,
+        "epochs": epochs,
         "best_val_acc1": float("nan"),
         "val_compactness": float("nan"),
         "checkpoint": None,
@@ -112,7 +116,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     storage = storage_root(cfg.train.run.storage_path)
     name = cfg.name or new_run_name("sweep")
     path = f"{storage}/{name}"
-    trainable = tune.with_resources(_trial, {"CPU": 0.01})
+    trainable = tune.with_resources(_trial, {"CPU": TRIAL_DRIVER_CPU})
     if tune.Tuner.can_restore(path):
         print(f"resuming sweep {name} from {path}", flush=True)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
@@ -131,12 +135,13 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
                 mode="max",
                 num_samples=cfg.num_samples,
                 scheduler=_scheduler(cfg),
+                search_alg=BasicVariantGenerator(random_state=cfg.train.run.seed),
                 max_concurrent_trials=concurrency(cfg),
             ),
             run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
         )
     grid = tuner.fit()
-    table = pd.DataFrame([_trial_row(result) for result in grid], columns=TABLE_COLUMNS).sort_values(
+    table = pd.DataFrame([_trial_row(result, cfg.train.optim.epochs) for result in grid], columns=TABLE_COLUMNS).sort_values(
         "best_val_acc1", ascending=False, na_position="last"
     )
     if table["best_val_acc1"].isna().all():

@@ -1,0 +1,99 @@
+"""The flow's parameters as one validated object, and the stage configs derived from it.
+
+Prefect deployments take flat `-p key=value` parameters, so the flow signature is flat; this
+module turns those values into the per-stage configs (ingest, train or sweep, evaluate, register)
+so every default still lives with its stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ray_jobs.config import (
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    ScalingConfig,
+    SweepConfig,
+    TrainConfig,
+)
+from tasks.evaluate import EvaluateConfig
+from tasks.ingest import IngestConfig
+from tasks.register import RegisterConfig
+from tasks.tune import Tracking
+
+BUNDLED_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "food-sample"
+
+
+class PipelineConfig(BaseModel):
+    """Everything a `train-food` flow run needs; defaults make a bare run work on the bundled sample."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: str = Field(default=str(BUNDLED_SAMPLE), description="ImageFolder of photos to ingest.")
+    workspace: str = Field(default="workspace", description="Datasets, runs, reports and the MLflow store.")
+    max_side: int | None = Field(default=128, ge=1, description="Ingest: re-encode larger images.")
+    image_size: int = Field(default=64, ge=16)
+    batch_size: int = Field(default=32, ge=1)
+    epochs: int = Field(default=3, ge=1)
+    arch: Literal["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0"] = "resnet18"
+    feat_dim: int = Field(default=128, ge=2)
+    loss: Literal["softmax", "center", "lgm"] = "center"
+    lam: float = Field(default=0.003, ge=0.0, description="Used when the sweep is off.")
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0, description="Used when the sweep is off.")
+    lr: float = Field(default=0.05, gt=0.0)
+    sweep: bool = Field(default=False, description="Tune lambda and alpha instead of one training run.")
+    sweep_samples: int = Field(default=4, ge=1)
+    workers: int = Field(default=1, ge=0, description="Ray Train workers per run or trial; 0 = in-process.")
+    cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    use_gpu: bool = False
+    ray_address: str | None = Field(default=None, description="Ray cluster; None: RAY_ADDRESS, else local.")
+    mlflow_uri: str | None = Field(default=None, description="MLflow server; None: workspace SQLite.")
+    model_name: str = "food-classifier"
+    limit_per_split: int | None = Field(default=None, ge=1, description="Smoke tests: rows per split.")
+    loader_workers: int = Field(default=2, ge=0)
+    seed: int = 0
+
+    @property
+    def root(self) -> Path:
+        return Path(self.workspace).expanduser().resolve()
+
+    def ingest(self) -> IngestConfig:
+        name = Path(self.source.rstrip("/")).name or "dataset"
+        return IngestConfig(src=self.source, out=str(self.root / "datasets" / name), max_side=self.max_side,
+                            seed=self.seed)
+
+    def train(self, dataset: str, run_name: str) -> TrainConfig:
+        return TrainConfig(
+            data=DataConfig(dataset=dataset, image_size=self.image_size, batch_size=self.batch_size,
+                            loader_workers=self.loader_workers, limit_per_split=self.limit_per_split),
+            model=ModelConfig(arch=self.arch, feat_dim=self.feat_dim),
+            loss=LossConfig(kind=self.loss, lam=self.lam, alpha=self.alpha),
+            optim=OptimConfig(lr=self.lr, epochs=self.epochs, warmup_epochs=min(1, self.epochs - 1)),
+            scaling=ScalingConfig(num_workers=self.workers, use_gpu=self.use_gpu,
+                                  cpus_per_worker=self.cpus_per_worker),
+            run=RunConfig(name=run_name, storage_path=str(self.root / "ray_results"), seed=self.seed,
+                          ray_address=self.ray_address),
+        )
+
+    def sweep_config(self, dataset: str, sweep_name: str) -> SweepConfig:
+        train = self.train(dataset, run_name="unused")
+        train = train.model_copy(update={"run": train.run.model_copy(update={"name": None})})
+        return SweepConfig(train=train, name=sweep_name, num_samples=self.sweep_samples,
+                           report_dir=str(self.root / "sweeps"))
+
+    def evaluate(self, checkpoint: str, dataset: str, run_name: str) -> EvaluateConfig:
+        return EvaluateConfig(checkpoint=checkpoint, dataset=dataset, reports=str(self.root / "reports" / run_name),
+                              loader_workers=0)
+
+    def register(self, run_name: str, sweep: str | None) -> RegisterConfig:
+        return RegisterConfig(model_name=self.model_name, tracking_uri=self.mlflow_uri, workspace=str(self.root),
+                              run_name=f"register-{run_name}", sweep=sweep)
+
+    def tracking(self) -> Tracking:
+        return Tracking(tracking_uri=self.mlflow_uri, workspace=str(self.root))

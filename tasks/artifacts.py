@@ -1,0 +1,86 @@
+"""What a flow run shows in the Prefect UI: a markdown summary, the sweep's trial table, plot links."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pandas as pd
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+
+@dataclass(frozen=True)
+class PipelineSummary:
+    """One flow run's outcome, in the words of the summary artifact."""
+
+    dataset: str
+    counts: dict[str, int]
+    ingest_cached: bool
+    run_name: str
+    checkpoint: str
+    best_lam: float
+    best_alpha: float
+    test_acc1: float
+    test_acc5: float
+    test_compactness: float
+    model_uri: str
+    champion: bool
+    registration: str
+    report: str
+    plots: dict[str, str] = field(default_factory=dict)
+    sweep_trials: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def markdown(self) -> str:
+        counts = ", ".join(f"{split} {n}" for split, n in self.counts.items())
+        source = "sweep" if self.sweep_trials else "training run"
+        lines = [
+            "# train-food",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| data | {counts} images ({'ingest cache hit' if self.ingest_cached else 'ingested'}) |",
+            f"| {source} | `{self.run_name}`" + (f" ({self.sweep_trials} trials)" if self.sweep_trials else "") + " |",
+            f"| lambda, alpha | {self.best_lam:.4g}, {self.best_alpha:.3f} |",
+            f"| test top-1 / top-5 | {self.test_acc1:.4f} / {self.test_acc5:.4f} |",
+            f"| test compactness (intra/inter) | {self.test_compactness:.4f} |",
+            f"| registered | `{self.model_uri}`: {'**champion**' if self.champion else 'not promoted'} |",
+            "",
+            self.registration,
+            "",
+            f"Report: `{self.report}`",
+        ]
+        lines += [f"- [{role}]({path_uri(path)})" for role, path in self.plots.items()]
+        return "\n".join(lines)
+
+    def text(self) -> str:
+        counts = ", ".join(f"{split} {n}" for split, n in self.counts.items())
+        return (
+            f"data: {counts} ({'cache hit' if self.ingest_cached else 'ingested'})\n"
+            f"{'sweep' if self.sweep_trials else 'run'} {self.run_name}: lambda {self.best_lam:.4g}, "
+            f"alpha {self.best_alpha:.3f}\n"
+            f"test top-1 {self.test_acc1:.4f}, top-5 {self.test_acc5:.4f}, compactness {self.test_compactness:.4f}\n"
+            f"registered {self.model_uri}: {self.registration}\nreport: {self.report}"
+        )
+
+
+def path_uri(path: str) -> str:
+    return path if "://" in path else f"file://{path}"
+
+
+def publish(summary: PipelineSummary, trials: pd.DataFrame | None) -> None:
+    """Attach the summary, the trial table (sweeps only) and links to the plots to the flow run."""
+    create_markdown_artifact(key="train-food-summary", markdown=summary.markdown(),
+                             description="Data, best lambda/alpha, test metrics, registry outcome")
+    if trials is not None:
+        records = [
+            {key: (None if isinstance(value, float) and not math.isfinite(value) else value)
+             for key, value in row.items()}
+            for row in trials.to_dict("records")
+        ]
+        create_table_artifact(key="sweep-trials", table=records, description="Every trial of the sweep")
+    for role, path in summary.plots.items():
+        create_link_artifact(key=role.replace("_", "-").lower(), link=path_uri(path), link_text=role)

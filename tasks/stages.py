@@ -1,0 +1,65 @@
+"""The pipeline's stages as Prefect tasks: thin wrappers over the plain functions that do the work.
+
+Retries only where a retry can help: training and sweeps resume from their checkpoints under the
+same run name, and MLflow writes may hit a busy server. Bad input (`UserInputError`) never retries.
+Ingestion is cached on the source's content fingerprint and the options, so an unchanged dataset
+is not re-ingested; the flow forces a refresh when the cached output folder has gone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from ray_jobs.config import SweepConfig, TrainConfig
+from ray_jobs.errors import UserInputError
+from ray_jobs.train import TrainResult, fit
+from ray_jobs.tune import SweepResult
+from tasks.evaluate import EvaluateConfig, EvaluationReport, evaluate_checkpoint
+from tasks.ingest import IngestConfig, IngestResult, ingest
+from tasks.register import RegisterConfig, RegistrationResult, register_model
+from tasks.tune import LoggedSweep, Tracking, tune_and_log
+
+
+def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect retry condition: retry any failure except a `UserInputError`."""
+    try:
+        state.result()
+    except UserInputError:
+        return False
+    except Exception:  # noqa: BLE001 - any other failure may be transient
+        return True
+    return True
+
+
+@task(name="ingest", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+def ingest_stage(cfg: IngestConfig, source_fingerprint: str) -> IngestResult:
+    """Validate and shard the photos; `source_fingerprint` is in the signature only as the cache key."""
+    result = ingest(cfg)
+    print(result.summary())
+    return result
+
+
+@task(name="train", retries=1, retry_condition_fn=retry_unless_bad_input)
+def train_stage(cfg: TrainConfig) -> TrainResult:
+    """One Ray Train run; a retry resumes it from its latest checkpoint (same run name)."""
+    return fit(cfg)
+
+
+@task(name="tune", retries=1, retry_condition_fn=retry_unless_bad_input)
+def tune_stage(cfg: SweepConfig, tracking: Tracking) -> tuple[SweepResult, LoggedSweep]:
+    """The lambda/alpha sweep; a retry resumes it, keeping finished trials (same sweep name)."""
+    return tune_and_log(cfg, tracking)
+
+
+@task(name="evaluate", retries=1, retry_condition_fn=retry_unless_bad_input)
+def evaluate_stage(cfg: EvaluateConfig) -> EvaluationReport:
+    return evaluate_checkpoint(cfg)
+
+
+@task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_bad_input)
+def register_stage(cfg: RegisterConfig, report: EvaluationReport) -> RegistrationResult:
+    """Register the evaluated model; a retry after a failed MLflow write registers a new version."""
+    return register_model(cfg, report)

@@ -1,0 +1,104 @@
+"""Ray Tune sweeps on the session's 2-CPU cluster: best-trial choice, ASHA early stops, resume, MLflow."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ray_jobs.config import LossConfig, SweepConfig
+from ray_jobs.tune import concurrency
+from tasks.tune import PARENT_TAG, SWEEP_TAG, Tracking, tune_and_log
+from test_train import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def sweep_config(dataset: str, tmp_path: Path, *, epochs: int, **sweep) -> SweepConfig:
+    train = tiny_config(dataset, tmp_path / "runs", workers=1, epochs=epochs, limit=32, cpus_per_worker=0.5,
+                        loss=LossConfig(kind="center"))
+    return SweepConfig(train=train, report_dir=str(tmp_path / "sweeps"), **sweep)
+
+
+def trial_epochs(experiment: Path) -> dict[str, int]:
+    """Epoch lines each trial wrote to its result.json (a redone trial would write more)."""
+    counts = {}
+    for result in experiment.glob("*/result.json"):
+        counts[result.parent.name] = sum(1 for line in result.read_text().splitlines() if line.strip())
+    return counts
+
+
+def test_sweep_of_three_trials_picks_the_best_and_logs_nested_mlflow_runs(ray_cluster, tiny_dataset, tmp_path):
+    cfg = sweep_config(tiny_dataset, tmp_path, epochs=1, num_samples=3, scheduler="none", name="three")
+    assert concurrency(cfg) == 3, "0.5 CPU workers + 0.01 CPU drivers: three trials fit on 2 CPUs"
+    tracking = Tracking(workspace=str(tmp_path / "ws"))
+    result, logged = tune_and_log(cfg, tracking)
+
+    table = result.table
+    assert len(table) == 3 and set(table["status"]) == {"finished"}
+    assert result.best_val_acc1 == table["best_val_acc1"].max()
+    best_row = table.loc[table["best_val_acc1"].idxmax()]
+    assert result.best_config == {"lam": best_row["lam"], "alpha": best_row["alpha"]}
+    assert Path(result.best_checkpoint, "checkpoint.pt").is_file()
+    assert all(1e-4 <= lam <= 1e-1 for lam in table["lam"]) and all(0.05 <= a <= 1.0 for a in table["alpha"])
+    on_disk = pd.read_parquet(result.outputs["parquet"])
+    assert len(pd.read_csv(result.outputs["csv"])) == 3 and list(on_disk["trial_id"]) == list(table["trial_id"])
+    assert result.outputs["plot"].stat().st_size > 10_000
+
+    import mlflow
+    from tasks.register import resolve_tracking_uri
+
+    client = mlflow.MlflowClient(resolve_tracking_uri(None, tracking.workspace))
+    runs = client.search_runs([client.get_experiment_by_name("train-food").experiment_id],
+                              filter_string=f"tags.`{SWEEP_TAG}` = 'three'")
+    children = [run for run in runs if run.data.tags.get(PARENT_TAG) == logged.parent_run_id]
+    assert len(runs) == 4 and len(children) == 3
+    history = client.get_metric_history(children[0].info.run_id, "val_acc1")
+    assert [point.step for point in history] == [1]
+    assert {run.data.params["lam"] for run in children} == {str(lam) for lam in table["lam"]}
+
+
+def test_asha_stops_a_weak_trial_early_and_later_trials_still_run(ray_cluster, tiny_dataset, tmp_path):
+    cfg = sweep_config(tiny_dataset, tmp_path, epochs=3, num_samples=4, scheduler="asha", grace_period=1,
+                       reduction_factor=2, max_concurrent_trials=1, name="asha")
+    result, _ = tune_and_log(cfg, Tracking(workspace=str(tmp_path / "ws")))
+    table = result.table
+    assert len(table) == 4 and "error" not in set(table["status"])
+    stopped = table[table["status"] == "stopped early"]
+    assert len(stopped) >= 1 and (stopped["epochs"] < 3).all()
+    assert (table["epochs"] >= 1).all(), "every trial, also those after a stop, ran"
+    assert table["epochs"].sum() < 4 * 3
+
+
+def test_sweep_killed_after_first_trial_resumes_without_redoing_it(ray_cluster, tiny_dataset, tmp_path):
+    cfg = sweep_config(tiny_dataset, tmp_path, epochs=2, num_samples=3, scheduler="none",
+                       max_concurrent_trials=1, name="killed")
+    storage = Path(cfg.train.run.storage_path)
+    experiment = storage / "killed"
+    args = [sys.executable, "-m", "flows.cli", "tune", "--dataset", tiny_dataset, "--name", "killed",
+            "--storage-path", str(storage), "--image-size", "32", "--batch-size", "16", "--loader-workers", "0",
+            "--limit-per-split", "32", "--feat-dim", "32", "--warmup-epochs", "0", "--epochs", "2",
+            "--cpus-per-worker", "0.5", "--start-timeout-s", "30", "--num-samples", "3", "--scheduler", "none",
+            "--max-concurrent-trials", "1", "--report-dir", cfg.report_dir, "--workspace", str(tmp_path / "ws"),
+            "--ray-address", ray_cluster.get_runtime_context().gcs_address]
+    driver = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and sorted(trial_epochs(experiment).values())[-2:] != [1, 2]:
+        assert driver.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    before = trial_epochs(experiment)
+    assert sorted(before.values()) == [1, 2], f"killed after the first trial, during the second: {before}"
+    (finished_first,) = [trial for trial, epochs in before.items() if epochs == 2]
+
+    result, _ = tune_and_log(cfg.model_copy(update={"resume": True}), Tracking(workspace=str(tmp_path / "ws")))
+    assert len(result.table) == 3 and set(result.table["status"]) == {"finished"}
+    assert list(result.table["epochs"]) == [2, 2, 2]
+    assert trial_epochs(experiment)[finished_first] == 2, "the trial finished before the kill was not run again"
