@@ -43,6 +43,9 @@ class FaultInjection:
     epoch: int
     step: int
     marker: str
+    # Ray's controller polls workers every 2 s; a crash sooner after a report can lose that report.
+    # Waiting first makes the hook test resuming, not that race.
+    delay_s: float = 5.0
 
 
 # ---------------------------------------------------------------- optimizer and schedule
@@ -196,6 +199,7 @@ def _with_fault(loader: DataLoader, fault: FaultInjection, epoch: int):
     for step, batch in enumerate(loader):
         if epoch + 1 == fault.epoch and step == fault.step and not os.path.exists(fault.marker):
             Path(fault.marker).write_text(f"killed at epoch {fault.epoch} step {fault.step}\n")
+            time.sleep(fault.delay_s)
             os._exit(1)
         yield batch
 

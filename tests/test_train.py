@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-import cloudpickle
+from ray import cloudpickle  # Ray pickles with its own vendored cloudpickle
 import pytest
 import torch
 
@@ -125,7 +125,7 @@ def _center_sync_loop(config: dict) -> dict:
         centers.update_centers(features[bounds[rank] : bounds[rank + 1]], labels[bounds[rank] : bounds[rank + 1]])
     gathered = [torch.empty_like(centers.centers) for _ in range(world)]
     dist.all_gather(gathered, centers.centers)
-    return {"centers": centers.centers.clone(), "max_rank_gap": max(float((g - gathered[0]).abs().max()) for g in gathered)}
+    return {"centers": centers.centers.tolist(), "max_rank_gap": max(float((g - gathered[0]).abs().max()) for g in gathered)}
 
 
 def _global_batch(step: int, config: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,5 +153,5 @@ def test_centers_identical_on_ray_workers_and_equal_to_one_process(ray_cluster, 
     for step in range(config["steps"]):
         reference.update_centers(*_global_batch(step, config))
     assert outcome["max_rank_gap"] == 0.0
-    torch.testing.assert_close(outcome["centers"], reference.centers, rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(outcome["centers"]), reference.centers, rtol=0, atol=1e-6)
     assert reference.centers[-1].abs().sum() == 0 and reference.centers[0].abs().sum() > 0
