@@ -138,7 +138,12 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
                 search_alg=BasicVariantGenerator(random_state=cfg.train.run.seed),
                 max_concurrent_trials=concurrency(cfg),
             ),
-            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=1),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage,
+                verbose=1,
+                failure_config=tune.FailureConfig(max_failures=cfg.train.run.max_failures),
+            ),
         )
     grid = tuner.fit()
     table = pd.DataFrame([_trial_row(result, cfg.train.optim.epochs) for result in grid], columns=TABLE_COLUMNS).sort_values(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
 from ray_jobs.config import SweepConfig, TrainConfig
 from ray_jobs.errors import UserInputError
@@ -42,24 +42,24 @@ def ingest_stage(cfg: IngestConfig, source_fingerprint: str) -> IngestResult:
     return result
 
 
-@task(name="train", retries=1, retry_condition_fn=retry_unless_bad_input)
+@task(name="train", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_bad_input)
 def train_stage(cfg: TrainConfig) -> TrainResult:
     """One Ray Train run; a retry resumes it from its latest checkpoint (same run name)."""
     return fit(cfg)
 
 
-@task(name="tune", retries=1, retry_condition_fn=retry_unless_bad_input)
+@task(name="tune", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_bad_input)
 def tune_stage(cfg: SweepConfig, tracking: Tracking) -> tuple[SweepResult, LoggedSweep]:
     """The lambda/alpha sweep; a retry resumes it, keeping finished trials (same sweep name)."""
     return tune_and_log(cfg, tracking)
 
 
-@task(name="evaluate", retries=1, retry_condition_fn=retry_unless_bad_input)
+@task(name="evaluate", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_bad_input)
 def evaluate_stage(cfg: EvaluateConfig) -> EvaluationReport:
     return evaluate_checkpoint(cfg)
 
 
-@task(name="register", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_bad_input)
+@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_bad_input)
 def register_stage(cfg: RegisterConfig, report: EvaluationReport) -> RegistrationResult:
     """Register the evaluated model; a retry after a failed MLflow write registers a new version."""
     return register_model(cfg, report)

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 TINY = dict(image_size=32, batch_size=16, feat_dim=16, max_side=64, limit_per_split=32, loader_workers=0, epochs=1)
 
 
@@ -34,6 +32,7 @@ def registry(workspace: Path):
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+@pytest.mark.slow
 def test_flow_sweeps_evaluates_registers_then_hits_the_ingest_cache(prefect_harness, ray_cluster, tmp_path):
     from prefect import get_client
 
@@ -67,6 +66,7 @@ def test_flow_sweeps_evaluates_registers_then_hits_the_ingest_cache(prefect_harn
     assert {"train-food-summary", "sweep-trials", "confusion-matrix-png"} <= asyncio.run(artifact_keys())
 
 
+@pytest.mark.slow
 def test_flow_fails_with_the_stage_message_on_a_missing_source(prefect_harness, tmp_path):
     from flows.train_food import train_food
     from ray_jobs.errors import UserInputError
@@ -74,6 +74,16 @@ def test_flow_fails_with_the_stage_message_on_a_missing_source(prefect_harness, 
     with pytest.raises(UserInputError, match="nowhere"):
         train_food(source=str(tmp_path / "nowhere"), workspace=str(tmp_path), workers=0, **TINY)
     assert not (tmp_path / "mlflow").exists(), "nothing registered after a failed ingest"
+
+
+def test_run_rejects_bad_parameters_naming_them(capsys):
+    from flows.cli import main
+
+    assert main(["run", "--epochs", "0"]) == 2
+    assert "--epochs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--loss", "arcface"])
+    assert exited.value.code == 2 and "--loss" in capsys.readouterr().err
 
 
 def _free_port() -> int:
@@ -91,6 +101,7 @@ def _wait(condition, seconds: float, what: str, logs: Path) -> None:
     pytest.fail(f"{what} not ready after {seconds}s; logs in {logs}")
 
 
+@pytest.mark.slow
 def test_deployment_runs_on_a_real_prefect_server(tmp_path):
     bin_dir = Path(sys.executable).parent
     port = _free_port()

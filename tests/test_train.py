@@ -25,7 +25,7 @@ def tiny_config(dataset: str, storage: Path, *, workers: int, epochs: int = 2, *
         model=ModelConfig(arch="resnet18", feat_dim=32),
         loss=overrides.pop("loss", LossConfig(kind="center", lam=0.01, alpha=0.5)),
         optim=OptimConfig(name="sgd", lr=0.05, epochs=epochs, warmup_epochs=0),
-        scaling=ScalingConfig(num_workers=workers, cpus_per_worker=overrides.pop("cpus_per_worker", 1.0), start_timeout_s=30),
+        scaling=ScalingConfig(num_workers=workers, cpus_per_worker=overrides.pop("cpus_per_worker", 1.0), start_timeout_s=120),
         run=RunConfig(storage_path=str(storage), seed=0, **overrides),
     )
 

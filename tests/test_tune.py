@@ -26,12 +26,12 @@ def sweep_config(dataset: str, tmp_path: Path, *, epochs: int, **sweep) -> Sweep
     return SweepConfig(train=train, report_dir=str(tmp_path / "sweeps"), **sweep)
 
 
-def trial_epochs(experiment: Path) -> dict[str, int]:
-    """Epoch lines each trial wrote to its result.json (a redone trial would write more)."""
-    counts = {}
-    for result in experiment.glob("*/result.json"):
-        counts[result.parent.name] = sum(1 for line in result.read_text().splitlines() if line.strip())
-    return counts
+def checkpointed_epochs(storage: Path, sweep: str) -> dict[str, int]:
+    """Last epoch each trial's Train run has checkpointed (the workers write these synchronously)."""
+    return {
+        run.name: max((int(c.name.rsplit("_", 1)[1]) for c in run.glob("checkpoint_epoch_*")), default=0)
+        for run in storage.glob(f"{sweep}-*")
+    }
 
 
 def test_sweep_of_three_trials_picks_the_best_and_logs_nested_mlflow_runs(ray_cluster, tiny_dataset, tmp_path):
@@ -80,25 +80,27 @@ def test_sweep_killed_after_first_trial_resumes_without_redoing_it(ray_cluster, 
     cfg = sweep_config(tiny_dataset, tmp_path, epochs=2, num_samples=3, scheduler="none",
                        max_concurrent_trials=1, name="killed")
     storage = Path(cfg.train.run.storage_path)
-    experiment = storage / "killed"
     args = [sys.executable, "-m", "flows.cli", "tune", "--dataset", tiny_dataset, "--name", "killed",
             "--storage-path", str(storage), "--image-size", "32", "--batch-size", "16", "--loader-workers", "0",
             "--limit-per-split", "32", "--feat-dim", "32", "--warmup-epochs", "0", "--epochs", "2",
-            "--cpus-per-worker", "0.5", "--start-timeout-s", "30", "--num-samples", "3", "--scheduler", "none",
+            "--cpus-per-worker", "0.5", "--start-timeout-s", "120", "--num-samples", "3", "--scheduler", "none",
             "--max-concurrent-trials", "1", "--report-dir", cfg.report_dir, "--workspace", str(tmp_path / "ws"),
             "--ray-address", ray_cluster.get_runtime_context().gcs_address]
     driver = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and sorted(trial_epochs(experiment).values())[-2:] != [1, 2]:
+    while time.monotonic() < deadline and sorted(checkpointed_epochs(storage, "killed").values()) != [1, 2]:
         assert driver.poll() is None, "the sweep ended before it could be killed"
-        time.sleep(0.5)
+        time.sleep(0.2)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    before = trial_epochs(experiment)
+    before = checkpointed_epochs(storage, "killed")
     assert sorted(before.values()) == [1, 2], f"killed after the first trial, during the second: {before}"
-    (finished_first,) = [trial for trial, epochs in before.items() if epochs == 2]
+    (finished_first,) = [run for run, epochs in before.items() if epochs == 2]
+    first_checkpoint = storage / finished_first / "checkpoint_epoch_0002" / "checkpoint.pt"
+    finished_at = first_checkpoint.stat().st_mtime_ns
 
     result, _ = tune_and_log(cfg.model_copy(update={"resume": True}), Tracking(workspace=str(tmp_path / "ws")))
     assert len(result.table) == 3 and set(result.table["status"]) == {"finished"}
     assert list(result.table["epochs"]) == [2, 2, 2]
-    assert trial_epochs(experiment)[finished_first] == 2, "the trial finished before the kill was not run again"
+    assert sorted(checkpointed_epochs(storage, "killed").values()) == [2, 2, 2]
+    assert first_checkpoint.stat().st_mtime_ns == finished_at, "the trial finished before the kill was not redone"
