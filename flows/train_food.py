@@ -6,7 +6,6 @@ parameters are flat so that `prefect deployment run train-food/train-food -p epo
 defaults come from `PipelineConfig`, the only place they are written down.
 """
 
-from __future__ import annotations
 
 from typing import Any, Literal
 

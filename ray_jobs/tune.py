@@ -135,8 +135,8 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
                 mode="max",
                 num_samples=cfg.num_samples,
                 scheduler=_scheduler(cfg),
-                search_alg=BasicVariantGenerator(random_state=cfg.train.run.seed),
-                max_concurrent_trials=concurrency(cfg),
+                # Tune ignores TuneConfig.max_concurrent_trials when given a search_alg: set it here.
+                search_alg=BasicVariantGenerator(max_concurrent=concurrency(cfg), random_state=cfg.train.run.seed),
             ),
             run_config=tune.RunConfig(
                 name=name,

@@ -49,7 +49,7 @@ def test_flow_sweeps_evaluates_registers_then_hits_the_ingest_cache(prefect_harn
     assert 0.0 <= first["test_acc1"] <= first["test_acc5"] <= 1.0
     assert first["champion"] and first["model_uri"] == "models:/food-classifier/1"
     client = registry(tmp_path)
-    assert client.get_model_version_by_alias("food-classifier", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("food-classifier", "champion").version) == "1"
     assert (tmp_path / "sweeps" / first["run_name"] / "trials.csv").is_file()
 
     second = train_food(workspace=str(tmp_path), sweep=False, workers=0, **TINY)
@@ -137,7 +137,7 @@ def test_deployment_runs_on_a_real_prefect_server(tmp_path):
         assert "Completed" in run.stdout
         summary = (workspace / "latest_summary.txt").read_text()
         assert "registered models:/food-classifier/1" in summary
-        assert registry(workspace).get_model_version_by_alias("food-classifier", "champion").version == "1"
+        assert str(registry(workspace).get_model_version_by_alias("food-classifier", "champion").version) == "1"
     finally:
         for process in reversed(started):
             os.killpg(process.pid, 15)
