@@ -116,14 +116,8 @@ class Objective(Protocol):
     def to(self, device: torch.device | str) -> Objective: ...
 
 
-class SoftmaxObjective:
-    """Plain cross-entropy: the baseline the other two are compared with."""
-
-    kind = "softmax"
-
-    def __call__(self, features: Tensor, logits: Tensor, labels: Tensor) -> LossOutput:
-        ce = F.cross_entropy(logits.float(), labels)
-        return LossOutput(total=ce, ce=ce, aux=torch.zeros((), device=ce.device))
+class _StatelessObjective:
+    """Objectives without state beyond the model: nothing to update, save or move."""
 
     def after_step(self, features: Tensor, labels: Tensor) -> None:
         return None
@@ -134,8 +128,18 @@ class SoftmaxObjective:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
 
-    def to(self, device: torch.device | str) -> SoftmaxObjective:
+    def to(self, device: torch.device | str) -> _StatelessObjective:
         return self
+
+
+class SoftmaxObjective(_StatelessObjective):
+    """Plain cross-entropy: the baseline the other two are compared with."""
+
+    kind = "softmax"
+
+    def __call__(self, features: Tensor, logits: Tensor, labels: Tensor) -> LossOutput:
+        ce = F.cross_entropy(logits.float(), labels)
+        return LossOutput(total=ce, ce=ce, aux=torch.zeros((), device=ce.device))
 
 
 class CenterLossObjective:
@@ -168,7 +172,7 @@ class CenterLossObjective:
         return self
 
 
-class LGMObjective:
+class LGMObjective(_StatelessObjective):
     """L-GM with identity covariance, on the logits `-1/2 ||x - mu_k||^2` of `model.LGMHead`.
 
     The true-class logit is multiplied by (1 + margin) (a larger distance, so a margin), CE runs on
@@ -188,18 +192,6 @@ class LGMObjective:
         ce = F.cross_entropy(z * (1.0 + self.margin * onehot), labels)
         aux = -z.gather(1, labels.long().unsqueeze(1)).mean()
         return LossOutput(total=ce + self.lam * aux, ce=ce, aux=aux)
-
-    def after_step(self, features: Tensor, labels: Tensor) -> None:
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
-
-    def to(self, device: torch.device | str) -> LGMObjective:
-        return self
 
 
 def build_objective(
