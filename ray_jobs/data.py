@@ -70,13 +70,17 @@ def load_manifest(dataset_uri: str) -> dict:
         ) from None
 
 
-def read_split(dataset_uri: str, split: str, limit: int | None = None) -> pa.Table:
-    """The `image` and `label` columns of one split, optionally only its first `limit` rows."""
+def _split_dataset(dataset_uri: str, split: str) -> pads.Dataset:
     fs, root = _filesystem(dataset_uri)
     split_dir = f"{root.rstrip('/')}/{split}"
     if fs.get_file_info(split_dir).type != pafs.FileType.Directory:
         raise UserInputError(f"dataset {dataset_uri!r} has no {split!r} split at {split_dir}")
-    table = pads.dataset(split_dir, format="parquet", filesystem=fs).to_table(columns=["image", "label"])
+    return pads.dataset(split_dir, format="parquet", filesystem=fs)
+
+
+def read_split(dataset_uri: str, split: str, limit: int | None = None) -> pa.Table:
+    """The `image` and `label` columns of one split, optionally only its first `limit` rows."""
+    table = _split_dataset(dataset_uri, split).to_table(columns=["image", "label"])
     return table.slice(0, limit) if limit is not None else table
 
 
@@ -127,7 +131,17 @@ def dataset_info(dataset_uri: str, required_splits: tuple[str, ...] = ("train", 
         raise UserInputError(f"dataset {dataset_uri!r}: manifest lists {classes!r} as classes; need at least 2")
     counts = manifest.get("counts", {})
     for split in required_splits:
-        if not counts.get(split):
+        expected = sum((counts.get(split) or {}).values())
+        if expected == 0:
             raise UserInputError(f"dataset {dataset_uri!r}: manifest has no rows in split {split!r}")
-        read_split(dataset_uri, split, limit=1)  # the shards exist and carry image and label columns
+        shards = _split_dataset(dataset_uri, split)
+        missing = {"image", "label"} - set(shards.schema.names)
+        if missing:
+            raise UserInputError(f"dataset {dataset_uri!r}: split {split!r} lacks the columns {sorted(missing)}")
+        rows = shards.count_rows()
+        if rows != expected:
+            raise UserInputError(
+                f"dataset {dataset_uri!r}: manifest counts {expected} rows in split {split!r} but its shards "
+                f"hold {rows}; re-run `train-food ingest --force`"
+            )
     return DatasetInfo(classes=list(classes), fingerprint=str(manifest.get("fingerprint", "")))

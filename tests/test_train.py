@@ -49,6 +49,20 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
         fit(tiny_config(str(tmp_path / "nowhere"), tmp_path, workers=0))
 
 
+def test_manifest_that_does_not_match_the_shards_is_a_clear_error(tiny_dataset, tmp_path):
+    import json
+    import shutil
+
+    dataset = tmp_path / "dataset"
+    shutil.copytree(tiny_dataset, dataset)
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    first_class = manifest["classes"][0]
+    manifest["counts"]["train"][first_class] += 1
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserInputError, match=r"manifest counts \d+ rows in split 'train' but its shards hold \d+"):
+        fit(tiny_config(str(dataset), tmp_path, workers=0))
+
+
 def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_last_good_checkpoint(tiny_dataset, tmp_path, monkeypatch):
     import ray_jobs.train as train_module
 
