@@ -70,7 +70,8 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     add_config_arguments(parser)
     sweep = parser.add_argument_group("sweep")
     suppress = argparse.SUPPRESS
-    sweep.add_argument("--num-samples", type=int, default=suppress, metavar="N", help="random trials (default 6)")
+    sweep.add_argument("--num-samples", type=int, default=suppress, metavar="N",
+                       help="random trials (default 6), or runs of the whole grid in grid mode (default 1)")
     sweep.add_argument("--lam-range", type=float, nargs=2, default=suppress, metavar=("LO", "HI"),
                        help="lambda, log-uniform (default 1e-4 1e-1)")
     sweep.add_argument("--alpha-range", type=float, nargs=2, default=suppress, metavar=("LO", "HI"),

@@ -97,7 +97,9 @@ class SweepConfig(_Frozen):
 
     train: TrainConfig = Field(description="Base training config; each trial overrides loss.lam and loss.alpha.")
     name: str | None = Field(default=None, description="Reuse a sweep name to resume it; None makes a new one.")
-    num_samples: int = Field(default=6, ge=1, description="Random trials (or repeats of the grid).")
+    num_samples: int | None = Field(
+        default=None, ge=1, description="Random trials (None: 6); in grid mode, runs of the whole grid (None: 1)."
+    )
     lam_range: tuple[float, float] = Field(default=(1e-4, 1e-1), description="lambda, sampled log-uniformly.")
     alpha_range: tuple[float, float] = Field(default=(0.05, 1.0), description="alpha, sampled uniformly.")
     grid_lams: tuple[float, ...] | None = Field(default=None, description="Grid mode: these lambda values ...")
@@ -110,3 +112,11 @@ class SweepConfig(_Frozen):
     )
     resume: bool = Field(default=False, description="Resume the sweep `name` (also automatic when it exists).")
     report_dir: str = Field(default="workspace/sweeps", description="Local dir for the trial table and plot.")
+
+    @property
+    def grid(self) -> bool:
+        return bool(self.grid_lams and self.grid_alphas)
+
+    @property
+    def samples(self) -> int:
+        return self.num_samples or (1 if self.grid else 6)

@@ -44,7 +44,7 @@ def _trial(config: dict[str, Any]) -> None:
 
 def search_space(cfg: SweepConfig) -> dict[str, Any]:
     """Grid when both grid lists are given, else log-uniform lambda and uniform alpha."""
-    if cfg.grid_lams and cfg.grid_alphas:
+    if cfg.grid:
         return {"lam": tune.grid_search(list(cfg.grid_lams)), "alpha": tune.grid_search(list(cfg.grid_alphas))}
     return {"lam": tune.loguniform(*cfg.lam_range), "alpha": tune.uniform(*cfg.alpha_range)}
 
@@ -133,7 +133,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
             tune_config=tune.TuneConfig(
                 metric=METRIC,
                 mode="max",
-                num_samples=cfg.num_samples,
+                num_samples=cfg.samples,
                 scheduler=_scheduler(cfg),
                 # Tune ignores TuneConfig.max_concurrent_trials when given a search_alg: set it here.
                 search_alg=BasicVariantGenerator(max_concurrent=concurrency(cfg), random_state=cfg.train.run.seed),

@@ -62,3 +62,28 @@ def evaluation(trained_checkpoint: str, tiny_dataset: str, tmp_path_factory: pyt
 
     reports = tmp_path_factory.mktemp("reports")
     return evaluate_checkpoint(EvaluateConfig(checkpoint=trained_checkpoint, dataset=tiny_dataset, reports=str(reports)))
+
+
+@pytest.fixture(scope="session")
+def colour_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Three classes of noisy solid colours, ingested: learnable in one epoch, so trials can differ.
+
+    Real food photos at test budgets stay at chance after an epoch, which makes every trial of a
+    sweep tie; early-stopping tests need a task where a good config visibly beats a bad one.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from tasks.ingest import IngestConfig, ingest
+
+    root = tmp_path_factory.mktemp("colours")
+    rng = np.random.default_rng(0)
+    colours = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+    for split, count in (("train", 60), ("test", 10)):
+        for name, rgb in colours.items():
+            folder = root / "src" / split / name
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = np.clip(np.array(rgb) + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index}.png")
+    return ingest(IngestConfig(src=str(root / "src"), out=str(root / "dataset"), workers=2)).out
