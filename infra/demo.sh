@@ -56,4 +56,4 @@ echo "demo: finished. The same summary is the flow run's 'train-food-summary' ar
 echo "  Prefect UI: $PREFECT_UI_URL  (PREFECT_HOME=$PREFECT_HOME; start it again with"
 echo "              PREFECT_HOME=$PREFECT_HOME $BIN/prefect server start --host 127.0.0.1)"
 echo "  MLflow UI:  $BIN/mlflow ui --backend-store-uri sqlite:///$WORKSPACE/mlflow/mlflow.db --host 127.0.0.1"
-echo "  predict:    $BIN/train-food predict --workspace $WORKSPACE data/food-sample/test/pizza/*.jpg | head"
+echo "  predict:    $BIN/train-food predict --workspace $WORKSPACE data/food-sample/test/baklava/*.jpg | head"
