@@ -7,6 +7,7 @@ defaults come from `PipelineConfig`, the only place they are written down.
 """
 
 
+from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow
@@ -26,8 +27,7 @@ def _default(name: str) -> Any:
 
 
 def _dataset_exists(path: str) -> bool:
-    from pathlib import Path
-
+    """Remote datasets are trusted to exist; a local one needs its manifest (else re-ingest)."""
     return "://" in path or (Path(path) / "manifest.json").is_file()
 
 
