@@ -37,8 +37,8 @@ from tasks.evaluate import EvaluationReport, load_report
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RegisterConfig", "RegistrationResult", "default_tracking_uri", "parse_config", "register_model",
-           "resolve_tracking_uri"]
+__all__ = ["RegisterConfig", "RegistrationResult", "code_version", "default_tracking_uri", "ensure_experiment",
+           "flatten_params", "parse_config", "register_model", "resolve_tracking_uri"]
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -121,15 +121,16 @@ def resolve_tracking_uri(
     return default_tracking_uri(workspace)
 
 
-def ensure_experiment(client: Any, name: str, artifact_location: str | None) -> str:
+def ensure_experiment(client: Any, name: str, uri: str, workspace: str | Path) -> str:
     """The experiment's id, creating it (with an explicit artifact location for the embedded store)."""
     from mlflow.exceptions import MlflowException
 
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
+    embedded = uri == default_tracking_uri(workspace)
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(name, artifact_location=default_artifact_location(workspace) if embedded else None)
     except MlflowException:  # created meanwhile by another process
         found = client.get_experiment_by_name(name)
         if found is None:
@@ -288,11 +289,9 @@ def register_model(
     lineage = _lineage(cfg, report, checkpoint, value)
 
     uri = resolve_tracking_uri(cfg.tracking_uri, cfg.workspace)
-    embedded = uri == default_tracking_uri(cfg.workspace)
     with using_tracking_uri(uri):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        artifact_location = default_artifact_location(cfg.workspace) if embedded else None
-        experiment_id = ensure_experiment(client, cfg.experiment, artifact_location)
+        experiment_id = ensure_experiment(client, cfg.experiment, uri, cfg.workspace)
         with mlflow.start_run(experiment_id=experiment_id, run_name=cfg.run_name or f"register-{report.train_run}",
                               tags=lineage) as run:
             mlflow.log_params(flatten_params(report.train_config))

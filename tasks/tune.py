@@ -18,8 +18,6 @@ from ray_jobs.predict import using_tracking_uri
 from ray_jobs.tune import SweepResult, run_sweep
 from tasks.register import (
     code_version,
-    default_artifact_location,
-    default_tracking_uri,
     ensure_experiment,
     flatten_params,
     resolve_tracking_uri,
@@ -56,11 +54,9 @@ def log_sweep(result: SweepResult, cfg: SweepConfig, tracking: Tracking = Tracki
     from mlflow import MlflowClient
 
     uri = resolve_tracking_uri(tracking.tracking_uri, tracking.workspace)
-    embedded = uri == default_tracking_uri(tracking.workspace)
     with using_tracking_uri(uri):
         client = MlflowClient(tracking_uri=uri)
-        artifacts = default_artifact_location(tracking.workspace) if embedded else None
-        experiment_id = ensure_experiment(client, tracking.experiment, artifacts)
+        experiment_id = ensure_experiment(client, tracking.experiment, uri, tracking.workspace)
         existing = client.search_runs([experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = '{result.name}'")
         parents = [run for run in existing if PARENT_TAG not in run.data.tags]
         logged = {run.data.tags.get(TRIAL_TAG): run.info.run_id for run in existing if PARENT_TAG in run.data.tags}
