@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from ray_jobs.errors import UserInputError
+from ray_jobs.errors import UserInputError, invalid_options
 
 
 Handler = Callable[[argparse.Namespace], int]
@@ -109,7 +109,7 @@ def _tune(args: argparse.Namespace) -> int:
         cfg = SweepConfig(train=train.model_copy(update={"run": train.run.model_copy(update={"name": None})}),
                           name=train.run.name, **options)
     except ValidationError as err:
-        raise UserInputError("; ".join(f"--{'-'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())) from None
+        raise invalid_options(err) from None
     result, logged = tune_and_log(cfg, Tracking(args.tracking_uri, args.workspace, args.experiment))
     with_columns = ["trial_id", "lam", "alpha", "status", "epochs", "best_val_acc1", "val_compactness"]
     print(result.table[with_columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
@@ -145,8 +145,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         PipelineConfig(**options)
     except ValidationError as err:
-        raise UserInputError("; ".join(f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}"
-                                       for e in err.errors())) from None
+        raise invalid_options(err) from None
     train_food(**options)
     return 0
 

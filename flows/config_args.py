@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 
 from ray_jobs.config import TrainConfig
-from ray_jobs.errors import UserInputError
+from ray_jobs.errors import invalid_options
 
 _FLAG_NAMES = {
     ("data", "dataset"): "dataset",
@@ -77,8 +77,4 @@ def config_from_args(args: argparse.Namespace, config_cls: type[BaseModel] = Tra
     try:
         return config_cls.model_validate(nested)
     except ValidationError as err:
-        problems = "; ".join(
-            f"--{_FLAG_NAMES.get(tuple(e['loc'][:2]), str(e['loc'][-1])).replace('_', '-')}: {e['msg']}"
-            for e in err.errors()
-        )
-        raise UserInputError(problems) from None
+        raise invalid_options(err, lambda loc: _FLAG_NAMES.get(loc[:2], str(loc[-1]))) from None

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from ray_jobs.data import ParquetImageDataset, dataset_info, eval_transform
 from ray_jobs.engine import predict
-from ray_jobs.errors import UserInputError
+from ray_jobs.errors import UserInputError, invalid_options
 from ray_jobs.metrics import compactness, topk_correct
 from ray_jobs.predict import default_device, model_from_checkpoint
 from tasks.evaluate_plots import plot_confusion_matrix, plot_projection
@@ -118,8 +118,7 @@ def parse_config(options: Mapping[str, Any]) -> EvaluateConfig:
     try:
         return EvaluateConfig(**options)
     except ValidationError as err:
-        problems = [f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors()]
-        raise UserInputError("; ".join(problems)) from None
+        raise invalid_options(err) from None
 
 
 def load_report(path: str | Path) -> EvaluationReport:

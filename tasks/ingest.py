@@ -32,7 +32,7 @@ from pyarrow.fs import FileSystem
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from tqdm import tqdm
 
-from ray_jobs.errors import UserInputError
+from ray_jobs.errors import UserInputError, invalid_options
 from tasks import ingest_store as store
 from tasks.ingest_decode import Inspected, inspect_image
 from tasks.ingest_plan import SplitPlan, drop_duplicates, plan_splits, small_classes
@@ -83,11 +83,7 @@ def parse_config(options: Mapping[str, Any]) -> IngestConfig:
     try:
         return IngestConfig(**options)
     except ValidationError as err:
-        problems = []
-        for item in err.errors():
-            name = "--" + "-".join(map(str, item["loc"])).replace("_", "-") if item["loc"] else "options"
-            problems.append(f"{name}: {item['msg']} (got {item.get('input')!r})")
-        raise UserInputError("; ".join(problems)) from None
+        raise invalid_options(err) from None
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ray_jobs.data import IMAGENET_MEAN, IMAGENET_STD, ParquetImageDataset, eval_transform
-from ray_jobs.errors import UserInputError
+from ray_jobs.errors import UserInputError, invalid_options
 from ray_jobs.model import head_for_loss
 from ray_jobs.predict import CheckpointModel, LogitsModel, model_from_checkpoint, using_tracking_uri
 from tasks.evaluate import EvaluationReport, load_report
@@ -80,8 +80,7 @@ def parse_config(options: Mapping[str, Any]) -> RegisterConfig:
     try:
         return RegisterConfig(**options)
     except ValidationError as err:
-        problems = [f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in err.errors()]
-        raise UserInputError("; ".join(problems)) from None
+        raise invalid_options(err) from None
 
 
 # ---------------------------------------------------------------- where MLflow writes
