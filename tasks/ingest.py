@@ -4,10 +4,14 @@ Training reads images many times; decoding and checking every file once, up fron
 corrupt JPEG is found here (and listed) instead of crashing epoch 7 on a cluster. The steps:
 
 1. scan   - list SRC, detect the layout (flat or pre-split) and the classes (`ingest_scan`)
-2. skip?  - if DIR holds a dataset with the same source fingerprint and options, stop
-3. decode - fully decode every file in a process pool; bad files go to quarantine (`ingest_decode`)
-4. plan   - drop exact duplicates, carve missing splits, shuffle each split (`ingest_plan`)
-5. write  - Parquet shards + manifest.json in a temp dir, then publish atomically (`ingest_store`)
+2. hash   - fingerprint the build: every file's bytes, every folder, the options, the code version
+3. skip?  - if DIR holds this build (same fingerprint), stop; if it holds another build, refuse
+4. decode - fully decode every file in a process pool; bad files go to quarantine (`ingest_decode`)
+5. plan   - drop exact duplicates, carve missing splits, shuffle each split (`ingest_plan`)
+6. write  - Parquet shards + manifest.json in a temp dir, then publish atomically (`ingest_store`)
+
+A dataset is immutable: `ingest` never replaces a dataset of another build (other source
+content, options or ingest code), and `--force` only rebuilds the same one.
 
 Pure Python: no prefect import here (a Prefect task wraps `ingest` elsewhere).
 """
@@ -28,6 +32,7 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
+from PIL import __version__ as PILLOW_VERSION
 from pyarrow.fs import FileSystem
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from tqdm import tqdm
@@ -36,11 +41,21 @@ from ray_jobs.errors import UserInputError, invalid_options
 from tasks import ingest_store as store
 from tasks.ingest_decode import Inspected, inspect_image
 from tasks.ingest_plan import SplitPlan, drop_duplicates, plan_splits, small_classes
-from tasks.ingest_scan import SPLITS, SourceTree, check_source_dir, fingerprint, list_files, scan_source
+from tasks.ingest_scan import (
+    SPLITS,
+    SourceTree,
+    check_source_dir,
+    fingerprint,
+    hash_files,
+    list_dirs,
+    list_files,
+    scan_source,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IngestConfig", "IngestResult", "ingest", "parse_config", "read_manifest", "source_fingerprint"]
+__all__ = ["IngestConfig", "IngestResult", "ingest", "ingest_code_version", "parse_config", "read_manifest",
+           "source_fingerprint"]
 
 
 class IngestConfig(BaseModel):
@@ -57,7 +72,10 @@ class IngestConfig(BaseModel):
     shard_rows: int = Field(default=2048, ge=1, description="At most this many rows per Parquet file.")
     shard_bytes: int = Field(default=64 * 2**20, ge=1, description="About this many image bytes per Parquet file.")
     workers: int | None = Field(default=None, ge=1, description="Decode processes; None = os.cpu_count().")
-    force: bool = Field(default=False, description="Rebuild even when DIR is up to date.")
+    force: bool = Field(default=False, description="Rebuild even when DIR already holds this build "
+                        "(never replaces another build).")
+    expected_fingerprint: str | None = Field(
+        default=None, description="Refuse to write unless SRC still has this fingerprint (the flow names DIR by it).")
 
     @field_validator("out", mode="before")
     @classmethod
@@ -112,12 +130,52 @@ class IngestResult:
         return "\n".join(lines)
 
 
-def source_fingerprint(src: str | os.PathLike[str], options: Mapping[str, object]) -> str:
-    """Cheap hash of SRC (relative paths, sizes, mtimes - no reading) and the output options.
+def _read_code_version() -> str:
+    """sha256 of the ingest code as loaded: the tasks/ingest*.py sources, the dataset schema version
+    and the Pillow version (it re-encodes images for --max-side)."""
+    digest = sha256(f"schema {store.SCHEMA_VERSION}; pillow {PILLOW_VERSION}".encode())
+    modules = sorted(Path(__file__).parent.glob("ingest*.py"))
+    if not modules:
+        raise RuntimeError(f"cannot find the ingest sources next to {__file__}")
+    for path in modules:
+        digest.update(f"\n{path.name}\0".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
-    Equal fingerprints mean re-ingesting would produce the same dataset; usable as a cache key.
+
+_CODE_VERSION = _read_code_version()  # read once, at import: the code this process runs
+
+
+def ingest_code_version() -> str:
+    """Identifies the ingest code; part of every fingerprint, so changed code makes a new build."""
+    return _CODE_VERSION
+
+
+@dataclass(frozen=True)
+class _SourceHash:
+    fingerprint: str
+    digests: dict[str, str]  # relative path -> sha256 of its bytes (UNREADABLE if it could not be read)
+
+
+def _hash_source(root: Path, listing: Iterable[tuple[str, int, int]], options: Mapping[str, object]) -> _SourceHash:
+    digests = hash_files(root, (rel_path for rel_path, _size, _mtime in listing))
+    return _SourceHash(fingerprint(digests, list_dirs(root), options, ingest_code_version()), digests)
+
+
+def source_fingerprint(src: str | os.PathLike[str], options: Mapping[str, object]) -> str:
+    """The fingerprint of the build `ingest` would make from SRC with these options (64 hex).
+
+    sha256 over every file's relative path and the sha256 of its bytes, every folder (an empty
+    class folder counts), the options and `ingest_code_version()`. Reads every file (in chunks).
+    Equal fingerprints mean equal datasets, so it names the dataset folder in the flow.
     """
-    return fingerprint(list_files(check_source_dir(src)), options, store.SCHEMA_VERSION)
+    root = check_source_dir(src)
+    return _hash_source(root, list_files(root), options).fingerprint
+
+
+def short_fingerprint(fingerprint: str | None) -> str:
+    """The first 16 hex digits: enough to tell builds apart in a folder name or a message."""
+    return (fingerprint or "none")[:16]
 
 
 def read_manifest(dataset_uri: str | os.PathLike[str]) -> dict[str, Any]:
@@ -128,25 +186,49 @@ def read_manifest(dataset_uri: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def ingest(cfg: IngestConfig) -> IngestResult:
-    """Validate SRC and write it as a Parquet dataset at cfg.out (or skip if already up to date)."""
+    """Validate SRC and write it as a Parquet dataset at cfg.out (or skip if DIR already holds this build).
+
+    Raises `UserInputError` if DIR holds another build, or if SRC changes while it is read.
+    """
     tree, listing = scan_source(cfg.src)
-    source_hash = fingerprint(listing, cfg.options(), store.SCHEMA_VERSION)
+    source = _hash_source(tree.root, listing, cfg.options())
+    expected = cfg.expected_fingerprint
+    if expected is not None and source.fingerprint != expected:
+        raise UserInputError(f"source folder {tree.root} changed after it was fingerprinted "
+                             f"({short_fingerprint(expected)} then, {short_fingerprint(source.fingerprint)} now: "
+                             "a file was added, removed or rewritten); run again once the source is stable")
     fs, dest = store.open_output(cfg.out)
-    existing = store.existing_dataset(fs, dest, cfg.out)
-    if existing is not None and existing.get("fingerprint") == source_hash and not cfg.force:
+    existing = _existing_build(fs, dest, cfg.out, source.fingerprint)
+    if existing is not None and not cfg.force:
         log.info("ingest: %s is up to date, skipping", cfg.out)
         return IngestResult(cfg.out, existing, skipped=True)
     if existing is not None:
-        log.info("ingest: %s holds an older build (other source or options, or --force): rebuilding", cfg.out)
+        log.info("ingest: --force: rebuilding %s (same build, fingerprint %s)", cfg.out,
+                 short_fingerprint(source.fingerprint))
     with tempfile.TemporaryDirectory(prefix="train-food-ingest-") as spool:
-        images, quarantine = _decode_all(tree, cfg, spool)
+        images, quarantine = _decode_all(tree, cfg, spool, source.digests)
         kept, duplicates = drop_duplicates(images)
         _require_two_classes(kept, tree)
         plan = plan_splits(kept, set(tree.split_dirs), cfg.val_fraction, cfg.test_fraction, cfg.seed)
-        manifest = _manifest(tree, cfg, source_hash, plan, quarantine, duplicates)
-        manifest = _write_dataset(fs, dest, plan, tree, cfg, manifest)
+        manifest = _manifest(tree, cfg, source.fingerprint, plan, quarantine, duplicates)
+        manifest = _write_dataset(fs, dest, cfg.out, plan, tree, cfg, manifest)
     _log_warnings(manifest)
     return IngestResult(cfg.out, manifest, skipped=False)
+
+
+def _existing_build(fs: FileSystem, dest: str, uri: str, source_hash: str) -> dict[str, Any] | None:
+    """The manifest at the output when it holds this build; None when the output is absent or empty.
+
+    Raises `UserInputError` when it holds another build: a dataset is never replaced by a
+    different one (a checkpoint trained on it would be evaluated on other splits).
+    """
+    existing = store.existing_dataset(fs, dest, uri)
+    if existing is None or existing.get("fingerprint") == source_hash:
+        return existing
+    raise UserInputError(f"output {uri} holds another dataset build (fingerprint "
+                         f"{short_fingerprint(existing.get('fingerprint'))}, this build is "
+                         f"{short_fingerprint(source_hash)}); datasets are never overwritten: "
+                         f"choose another --out or remove {uri} yourself")
 
 
 @dataclass(frozen=True)
@@ -162,8 +244,13 @@ class _Image:
     reencoded_path: str | None
 
 
-def _decode_all(tree: SourceTree, cfg: IngestConfig, spool: str) -> tuple[list[_Image], list[dict[str, str]]]:
-    """Decode every candidate file; return the good images and the quarantine list."""
+def _decode_all(tree: SourceTree, cfg: IngestConfig, spool: str,
+                digests: Mapping[str, str]) -> tuple[list[_Image], list[dict[str, str]]]:
+    """Decode every candidate file; return the good images and the quarantine list.
+
+    `digests` holds each file's sha256 as fingerprinted: a file whose bytes differ now fails the
+    ingest (the manifest's fingerprint would not describe what was written).
+    """
     quarantine = [{"path": f.rel_path, "reason": f.problem} for f in tree.files if f.problem]
     candidates = [f for f in tree.files if not f.problem]
     jobs = [(i, str(tree.root / f.rel_path)) for i, f in enumerate(candidates)]
@@ -171,6 +258,9 @@ def _decode_all(tree: SourceTree, cfg: IngestConfig, spool: str) -> tuple[list[_
     images = []
     results = _map_with_progress(decode, jobs, cfg.workers)
     for file, found in zip(candidates, results, strict=True):
+        if found.sha256 != digests[file.rel_path]:
+            raise UserInputError(f"{tree.root / file.rel_path} changed while it was being ingested (its bytes differ "
+                                 "from when the source was fingerprinted); run again once the source is stable")
         if found.error:
             quarantine.append({"path": file.rel_path, "reason": found.error})
         else:
@@ -233,6 +323,7 @@ def _manifest(tree: SourceTree, cfg: IngestConfig, source_hash: str, plan: Split
         "counts": counts,
         "options": cfg.options(),
         "fingerprint": source_hash,
+        "ingest_code_version": ingest_code_version(),
         "splits_carved": plan.carved,
         "small_classes": small_classes(plan.rows, tree.classes),
         "quarantine": quarantine,
@@ -251,7 +342,7 @@ def _check_accounting(seen: int, written: int, quarantined: int, duplicates: int
                            f"quarantined + {duplicates} duplicates")
 
 
-def _write_dataset(fs: FileSystem, dest: str, plan: SplitPlan, tree: SourceTree, cfg: IngestConfig,
+def _write_dataset(fs: FileSystem, dest: str, uri: str, plan: SplitPlan, tree: SourceTree, cfg: IngestConfig,
                    manifest: dict[str, Any]) -> dict[str, Any]:
     """Write all shards and the manifest into a temp sibling of dest, then publish it.
 
@@ -263,6 +354,7 @@ def _write_dataset(fs: FileSystem, dest: str, plan: SplitPlan, tree: SourceTree,
         shards = {split: _write_split(fs, tmp, split, plan.rows[split], tree, cfg) for split in SPLITS}
         manifest = {**manifest, "shards": shards}
         store.write_manifest(fs, tmp, manifest)
+        _existing_build(fs, dest, uri, manifest["fingerprint"])  # another build may have landed meanwhile
         store.publish(fs, tmp, dest)
     except BaseException:
         store.remove_quietly(fs, tmp)

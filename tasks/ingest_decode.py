@@ -21,9 +21,9 @@ _IMAGE_MAGIC = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"RIFF")
 
 @dataclass(frozen=True)
 class Inspected:
-    """What decoding one file found. `error` is set (and nothing else) when the file is unusable."""
+    """What decoding one file found. `error` is set when the file is unusable (then no size)."""
 
-    sha256: str = ""  # of the source file's bytes
+    sha256: str = ""  # of the source file's bytes ("" only when the file could not be read)
     width: int = 0  # of the image as it will be stored
     height: int = 0
     reencoded_path: str | None = None  # spool file holding the re-encoded JPEG (--max-side)
@@ -40,9 +40,9 @@ def inspect_image(job: tuple[int, str], max_side: int | None = None, spool_dir: 
         data = Path(path).read_bytes()
     except OSError as err:
         return Inspected(error=f"unreadable: {err.strerror or err}")
-    if not data:
-        return Inspected(error="empty file (0 bytes)")
     digest = hashlib.sha256(data).hexdigest()
+    if not data:
+        return Inspected(sha256=digest, error="empty file (0 bytes)")
     try:
         image = _decode(data)
     except UnidentifiedImageError:
