@@ -23,7 +23,7 @@ from ray_jobs.config import (
     TrainConfig,
 )
 from tasks.evaluate import EvaluateConfig
-from tasks.ingest import IngestConfig
+from tasks.ingest import IngestConfig, short_fingerprint, source_fingerprint
 from tasks.register import RegisterConfig
 from tasks.tune import Tracking
 
@@ -64,9 +64,17 @@ class PipelineConfig(BaseModel):
         return Path(self.workspace).expanduser().resolve()
 
     def ingest(self) -> IngestConfig:
+        """Ingest into `<workspace>/datasets/<source name>-<fingerprint16>`: one immutable folder per build.
+
+        Hashes every source file (`source_fingerprint`), so call it once per flow run, on the driver.
+        The config carries the fingerprint: `ingest` refuses to write if the source changed since.
+        """
         name = Path(self.source.rstrip("/")).name or "dataset"
-        return IngestConfig(src=self.source, out=str(self.root / "datasets" / name), max_side=self.max_side,
-                            seed=self.seed)
+        settings = {"src": self.source, "max_side": self.max_side, "seed": self.seed}
+        options = IngestConfig(out="", **settings).options()
+        fingerprint = source_fingerprint(self.source, options)
+        return IngestConfig(out=str(self.root / "datasets" / f"{name}-{short_fingerprint(fingerprint)}"),
+                            expected_fingerprint=fingerprint, **settings)
 
     def train(self, dataset: str, run_name: str) -> TrainConfig:
         return TrainConfig(

@@ -6,8 +6,6 @@ parameters are flat so that `prefect deployment run train-food/train-food -p epo
 defaults come from `PipelineConfig`, the only place they are written down.
 """
 
-
-from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow
@@ -15,7 +13,6 @@ from prefect import flow
 from flows.pipeline_config import PipelineConfig
 from ray_jobs.train import new_run_name
 from tasks.artifacts import PipelineSummary, publish
-from tasks.ingest import source_fingerprint
 from tasks.stages import evaluate_stage, ingest_stage, register_stage, train_stage, tune_stage
 
 FLOW_NAME = "train-food"
@@ -24,11 +21,6 @@ DEPLOYMENT_NAME = "train-food"
 
 def _default(name: str) -> Any:
     return PipelineConfig.model_fields[name].default
-
-
-def _dataset_exists(path: str) -> bool:
-    """Remote datasets are trusted to exist; a local one needs its manifest (else re-ingest)."""
-    return "://" in path or (Path(path) / "manifest.json").is_file()
 
 
 @flow(name=FLOW_NAME, log_prints=True)
@@ -60,12 +52,8 @@ def train_food(
     """Train a food classifier with center loss on `source` and register it in MLflow."""
     cfg = PipelineConfig(**{name: value for name, value in locals().items()})
 
-    ingest_cfg = cfg.ingest()
-    fingerprint = source_fingerprint(ingest_cfg.src, ingest_cfg.options())
-    ingest_state = ingest_stage.with_options(refresh_cache=not _dataset_exists(ingest_cfg.out))(
-        ingest_cfg, fingerprint, return_state=True
-    )
-    ingested = ingest_state.result()
+    # Content-addressed: <workspace>/datasets/<source name>-<fingerprint16>, reused only if it holds this build.
+    ingested = ingest_stage(cfg.ingest())
     dataset = ingested.out
 
     run_name = new_run_name("sweep" if cfg.sweep else "train")
@@ -88,7 +76,7 @@ def train_food(
     summary = PipelineSummary(
         dataset=dataset,
         counts={split: sum(per_class.values()) for split, per_class in ingested.manifest["counts"].items()},
-        ingest_cached=ingest_state.name == "Cached",
+        ingest_cached=ingested.skipped,
         run_name=run_name,
         checkpoint=checkpoint,
         best_lam=lam,
