@@ -25,7 +25,14 @@ import tasks.ingest_scan as scan_module
 import tasks.ingest_store as store
 from flows.cli import main
 from ray_jobs.errors import UserInputError
-from tasks.ingest import IngestConfig, IngestResult, ingest, read_manifest, source_fingerprint
+from tasks.ingest import (
+    IngestConfig,
+    IngestResult,
+    ingest,
+    ingest_code_version,
+    read_manifest,
+    source_fingerprint,
+)
 
 SAMPLE = Path(__file__).parents[1] / "data/food-sample"
 CLASSES = sorted(p.name for p in (SAMPLE / "train").iterdir() if p.is_dir())
@@ -249,7 +256,7 @@ def test_failure_mid_write_leaves_no_dataset_and_no_temp_dir(tmp_path: Path, mon
 
 def test_interrupted_rebuild_keeps_the_previous_dataset(tmp_path: Path, monkeypatch) -> None:
     src = make_tree(tmp_path / "src", {c: 10 for c in CLASSES[:2]})
-    before = run(src, tmp_path / "out").manifest
+    before = run(src, tmp_path / "out", shard_rows=4).manifest
     _fail_after_first_shard(monkeypatch, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         run(src, tmp_path / "out", shard_rows=4, force=True)
@@ -275,12 +282,13 @@ def test_failed_swap_restores_the_previous_dataset(tmp_path: Path, monkeypatch) 
     assert temp_leftovers(tmp_path) == []
 
 
-def test_rerun_is_skipped_until_source_or_options_change_or_force(tmp_path: Path, monkeypatch) -> None:
+def test_rerun_is_skipped_unless_forced_and_force_rebuilds_the_same_build(tmp_path: Path, monkeypatch) -> None:
     src = make_tree(tmp_path / "src", {c: 6 for c in CLASSES[:2]})
     out = tmp_path / "out"
     first = run(src, out)
     assert not first.skipped
     assert first.manifest["fingerprint"] == source_fingerprint(src, IngestConfig(src=src, out=str(out)).options())
+    assert first.manifest["ingest_code_version"] == ingest_code_version()
     manifest_mtime = (out / "manifest.json").stat().st_mtime_ns
 
     def no_decoding(*_args, **_kwargs):
@@ -292,13 +300,20 @@ def test_rerun_is_skipped_until_source_or_options_change_or_force(tmp_path: Path
     assert second.skipped and "up to date" in second.summary()
     assert (out / "manifest.json").stat().st_mtime_ns == manifest_mtime
 
-    assert not run(src, out, force=True).skipped
+    forced = run(src, out, force=True)
+    assert not forced.skipped and forced.manifest["fingerprint"] == first.manifest["fingerprint"]
     assert (out / "manifest.json").stat().st_mtime_ns != manifest_mtime
-    assert not run(src, out, seed=1).skipped  # other options: other fingerprint
-    shutil.copy(sample_files(CLASSES[2], 1)[0], src / CLASSES[0] / "new.jpg")
-    rebuilt = run(src, out, seed=1)
+    assert read_rows(out) == read_rows_of(first, out)
+    shutil.copy(sample_files(CLASSES[2], 1)[0], src / CLASSES[0] / "new.jpg")  # a new build: another folder
+    rebuilt = run(src, tmp_path / "out-2")
     assert not rebuilt.skipped and rebuilt.manifest["rows_written"] == 13
     assert temp_leftovers(tmp_path) == []
+
+
+def read_rows_of(result: IngestResult, out: Path) -> list[dict]:
+    """The rows a result describes (its manifest's shards under out)."""
+    assert json.loads((out / "manifest.json").read_text())["shards"] == result.manifest["shards"]
+    return read_rows(out)
 
 
 def test_output_can_be_any_pyarrow_filesystem(tmp_path: Path, monkeypatch) -> None:
@@ -306,14 +321,144 @@ def test_output_can_be_any_pyarrow_filesystem(tmp_path: Path, monkeypatch) -> No
     mock = _MockFileSystem()
     monkeypatch.setattr(store, "open_output", lambda uri: (mock, uri.removeprefix("mock://")))
     src = make_tree(tmp_path / "src", {c: 4 for c in CLASSES[:2]})
-    run(src, "mock://bucket/ds")
-    assert run(src, "mock://bucket/ds").skipped
+    run(src, "mock://bucket/ds", shard_rows=2)
+    assert run(src, "mock://bucket/ds", shard_rows=2).skipped
+    with pytest.raises(UserInputError, match="another dataset build"):
+        run(src, "mock://bucket/ds", shard_rows=3, force=True)
     replaced = run(src, "mock://bucket/ds", force=True, shard_rows=2)
     paths = sorted(info.path for info in mock.get_file_info(FileSelector("bucket", recursive=True)))
     assert not [p for p in paths if ".tmp-" in p]
     shards = [p for p in paths if p.endswith(".parquet")]
     assert sorted(shards) == sorted(f"bucket/ds/{s}" for split in replaced.manifest["shards"].values() for s in split)
     assert read_manifest("mock://bucket/ds") == replaced.manifest
+
+
+# --- fingerprints: content-addressed, immutable builds --------------------------------------------
+
+def _options(src: Path, **overrides: object) -> dict:
+    return IngestConfig(src=src, out="unused", **overrides).options()
+
+
+def test_fingerprint_sees_changed_bytes_with_the_same_size_and_mtime(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", {c: 3 for c in CLASSES[:2]})
+    run(src, tmp_path / "out")
+    before = source_fingerprint(src, _options(src))
+    target = sorted((src / CLASSES[0]).iterdir())[0]
+    stat = target.stat()
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the JPEG
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    assert source_fingerprint(src, _options(src)) != before
+    with pytest.raises(UserInputError, match="another dataset build"):  # not "up to date"
+        run(src, tmp_path / "out")
+
+
+def test_fingerprint_sees_an_empty_class_folder(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", {c: 3 for c in CLASSES[:2]})
+    before = source_fingerprint(src, _options(src))
+    (src / "empty_class").mkdir()  # a class with no images changes the label set
+    assert source_fingerprint(src, _options(src)) != before
+
+
+def test_fingerprint_changes_with_the_ingest_code_version(tmp_path: Path, monkeypatch) -> None:
+    src = make_tree(tmp_path / "src", {c: 3 for c in CLASSES[:2]})
+    real = ingest_code_version()
+    assert len(real) == 64
+    before = source_fingerprint(src, _options(src))
+    monkeypatch.setattr(ingest_module, "ingest_code_version", lambda: "edited-ingest-code")
+    assert source_fingerprint(src, _options(src)) != before
+    assert run(src, tmp_path / "out").manifest["ingest_code_version"] == "edited-ingest-code"
+
+
+def test_fingerprint_changes_with_every_option(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", {c: 3 for c in CLASSES[:2]})
+    base = source_fingerprint(src, _options(src))
+    for change in ({"seed": 1}, {"max_side": 64}, {"val_fraction": 0.2}, {"test_fraction": 0.2},
+                   {"shard_rows": 7}, {"shard_bytes": 1000}):
+        assert source_fingerprint(src, _options(src, **change)) != base, change
+    assert source_fingerprint(src, _options(src, workers=1, force=True)) == base  # these do not change the output
+
+
+def test_a_different_seed_is_another_build_in_another_folder(tmp_path: Path) -> None:
+    from flows.pipeline_config import PipelineConfig
+
+    src = make_tree(tmp_path / "src", {c: 3 for c in CLASSES[:2]})
+    assert source_fingerprint(src, _options(src, seed=1)) != source_fingerprint(src, _options(src, seed=0))
+    configs = [PipelineConfig(source=str(src), workspace=str(tmp_path / "ws"), seed=seed).ingest() for seed in (0, 1)]
+    assert configs[0].out != configs[1].out
+    assert [Path(cfg.out).name for cfg in configs] == [f"src-{cfg.expected_fingerprint[:16]}" for cfg in configs]
+
+
+def test_ingest_never_replaces_another_build(tmp_path: Path, capsys) -> None:
+    src = make_tree(tmp_path / "src", {c: 4 for c in CLASSES[:2]})
+    out = tmp_path / "out"
+    first = run(src, out)
+    manifest_bytes = (out / "manifest.json").read_bytes()
+    rows = read_rows(out)
+    other = source_fingerprint(src, _options(src, seed=1))
+    for force in (False, True):  # --force rebuilds the same build only
+        with pytest.raises(UserInputError) as raised:
+            run(src, out, seed=1, force=force)
+        message = str(raised.value)
+        assert str(out) in message and "another --out" in message
+        assert first.manifest["fingerprint"][:16] in message and other[:16] in message
+    capsys.readouterr()
+    code = main(["ingest", str(src), "--out", str(out), "--seed", "1", "--force", "--workers", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("train-food ingest: error:") and len(err.strip().splitlines()) == 1
+    assert (out / "manifest.json").read_bytes() == manifest_bytes
+    assert read_rows(out) == rows
+    assert temp_leftovers(tmp_path) == []
+
+
+def test_a_file_changing_during_ingest_fails_naming_it(tmp_path: Path, monkeypatch) -> None:
+    src = make_tree(tmp_path / "src", {c: 4 for c in CLASSES[:2]})
+    victim = sorted((src / CLASSES[1]).iterdir())[-1]
+    real_inspect = ingest_module.inspect_image
+
+    def rewrite_then_inspect(job, **kwargs):  # the first decode happens after hashing
+        if not victim.read_bytes().endswith(b"changed"):
+            victim.write_bytes(victim.read_bytes() + b"changed")
+        return real_inspect(job, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "inspect_image", rewrite_then_inspect)
+    with pytest.raises(UserInputError, match=f"{victim}.*changed while it was being ingested"):
+        run(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and temp_leftovers(tmp_path) == []
+
+
+def test_flow_gives_each_build_its_own_folder_and_a_b_a_returns_a(tmp_path: Path) -> None:
+    """Two sources named `food`: each gets <workspace>/datasets/food-<fingerprint16>; A, B, A reuses A's."""
+    from prefect.cache_policies import NO_CACHE
+
+    from flows.pipeline_config import PipelineConfig
+    from tasks.stages import ingest_stage
+
+    # No Prefect cache: a cached result could name a folder that now holds another build.
+    assert type(ingest_stage.cache_policy) is type(NO_CACHE)
+    workspace = tmp_path / "ws"
+    a = make_tree(tmp_path / "a" / "food", {c: 4 for c in CLASSES[:2]})
+    b = make_tree(tmp_path / "b" / "food", {c: 4 for c in CLASSES[1:3]})
+
+    def flow_ingest(src: Path) -> IngestResult:
+        cfg = PipelineConfig(source=str(src), workspace=str(workspace)).ingest()
+        return ingest_stage.fn(cfg.model_copy(update={"workers": 1}))
+
+    first, second, again = flow_ingest(a), flow_ingest(b), flow_ingest(a)
+    assert Path(first.out) == workspace.resolve() / "datasets" / f"food-{first.manifest['fingerprint'][:16]}"
+    assert Path(second.out).name == f"food-{second.manifest['fingerprint'][:16]}" and second.out != first.out
+    assert not first.skipped and not second.skipped
+    assert again.skipped and again.out == first.out and again.manifest == first.manifest
+    assert read_manifest(first.out) == first.manifest and read_manifest(first.out)["classes"] == CLASSES[:2]
+    assert read_manifest(second.out)["classes"] == CLASSES[1:3]
+
+    cfg = PipelineConfig(source=str(a), workspace=str(workspace)).ingest()
+    shutil.copy(sample_files(CLASSES[2], 1)[0], a / CLASSES[0] / "late.jpg")  # after the driver hashed it
+    with pytest.raises(UserInputError, match="changed after it was fingerprinted"):
+        ingest(cfg)
+    assert read_manifest(first.out) == first.manifest
 
 
 # --- bad input -----------------------------------------------------------------------------------
