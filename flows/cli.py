@@ -194,7 +194,8 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
                    help="re-encode (JPEG q90) images whose longest side exceeds N")
     p.add_argument("--shard-rows", type=int, metavar="N", help="at most N rows per Parquet file")
     p.add_argument("--workers", type=int, metavar="N", help="decode processes (default: CPU count)")
-    p.add_argument("--force", action="store_true", help="rebuild even if DIR is up to date")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild even if DIR already holds this build (never replaces another build)")
     p.set_defaults(handler=_run_ingest)
 
 
