@@ -7,6 +7,7 @@ whole `TrainConfig` travels as a plain dict and is validated again inside the wo
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -90,6 +91,20 @@ class TrainConfig(_Frozen):
     scaling: ScalingConfig = ScalingConfig()
     run: RunConfig = RunConfig()
 
+    def with_absolute_paths(self) -> TrainConfig:
+        """Paths resolved against the driver's cwd: Ray workers and Tune trials run in other directories."""
+        return self.model_copy(update={
+            "data": self.data.model_copy(update={"dataset": absolute(self.data.dataset)}),
+            "model": self.model.model_copy(update={"weights_path": absolute(self.model.weights_path)}),
+            "run": self.run.model_copy(update={"storage_path": absolute(self.run.storage_path)}),
+        })
+
+
+def absolute(path: str | None) -> str | None:
+    """An absolute local path, or a URI (`s3://...`) unchanged."""
+    if path is None or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
 
 
 class SweepConfig(_Frozen):

@@ -2,20 +2,27 @@
 
 A map-style dataset keeps each split's *encoded* images in memory (JPEG bytes are ~10x smaller
 than decoded pixels) and decodes one image per `__getitem__`, so decoding and augmentation run in
-DataLoader workers and `prepare_data_loader` can shard it with a DistributedSampler. The table is
-loaded lazily in each process and never pickled, so spawned loader workers start cheaply.
+DataLoader workers. The table is loaded lazily in each process and never pickled, so spawned
+loader workers start cheaply.
+
+Training order and augmentation are a pure function of (seed, epoch, sample): `SeededShardSampler`
+hands each rank its share of a seeded permutation together with a per-sample augmentation seed.
+So a run resumed from a checkpoint replays exactly the batches and crops an uninterrupted run would
+have seen, whatever the number of loader workers, and no two ranks share an augmentation stream.
 """
 
 from __future__ import annotations
 
 import json
+import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
@@ -84,8 +91,34 @@ def read_split(dataset_uri: str, split: str, limit: int | None = None) -> pa.Tab
     return table.slice(0, limit) if limit is not None else table
 
 
+def augmentation_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample's random crop and flip in one epoch."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class SeededShardSampler(DistributedSampler):
+    """This rank's share of a permutation seeded by (`seed`, epoch), as `(index, augmentation seed)` keys.
+
+    Every rank gets the same number of samples (the permutation is padded by wrapping around), so
+    every rank runs the same number of steps: the per-step center all-reduce needs that.
+    Call `set_epoch` before each epoch, as with `DistributedSampler`.
+    """
+
+    def __init__(self, dataset: Dataset, rank: int, world: int, seed: int) -> None:
+        super().__init__(dataset, num_replicas=max(world, 1), rank=rank, shuffle=True, seed=seed, drop_last=False)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        for index in super().__iter__():
+            yield index, augmentation_seed(self.seed, self.epoch, index)
+
+
 class ParquetImageDataset(Dataset):
-    """One split of an ingested dataset: (image tensor, label) pairs decoded on access."""
+    """One split of an ingested dataset: (image tensor, label) pairs decoded on access.
+
+    Indexed by an int (the transform draws from torch's global RNG) or by `(index, seed)` from
+    `SeededShardSampler` (the transform draws from a generator state seeded with `seed`).
+    """
 
     def __init__(self, dataset_uri: str, split: str, transform: v2.Compose, limit: int | None = None):
         self.dataset_uri = dataset_uri
@@ -103,12 +136,17 @@ class ParquetImageDataset(Dataset):
         # Loader workers reload the bytes themselves instead of receiving a pickled copy.
         return {**self.__dict__, "_images": None}
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
         if self._images is None:
             self._images = read_split(self.dataset_uri, self.split, self.limit).column("image").combine_chunks()
         encoded = bytearray(self._images[index].as_py())  # writable copy: torch refuses read-only buffers
         pixels = decode_image(torch.frombuffer(encoded, dtype=torch.uint8), mode=ImageReadMode.RGB)
-        return self.transform(pixels), int(self.labels[index])
+        if seed is None:
+            return self.transform(pixels), int(self.labels[index])
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
+            torch.manual_seed(seed)
+            return self.transform(pixels), int(self.labels[index])
 
 
 @dataclass(frozen=True)
@@ -117,6 +155,7 @@ class DatasetInfo:
 
     classes: list[str]
     fingerprint: str
+    rows: dict[str, int]  # per split, from the manifest (checked against the shards for required splits)
 
     @property
     def num_classes(self) -> int:
@@ -144,4 +183,5 @@ def dataset_info(dataset_uri: str, required_splits: tuple[str, ...] = ("train", 
                 f"dataset {dataset_uri!r}: manifest counts {expected} rows in split {split!r} but its shards "
                 f"hold {rows}; re-run `train-food ingest --force`"
             )
-    return DatasetInfo(classes=list(classes), fingerprint=str(manifest.get("fingerprint", "")))
+    rows = {split: sum((counts.get(split) or {}).values()) for split in SPLITS}
+    return DatasetInfo(classes=list(classes), fingerprint=str(manifest.get("fingerprint", "")), rows=rows)
