@@ -9,12 +9,13 @@ loop in-process (Ray's local mode) for fast tests.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +23,27 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ray_jobs.checkpoint import load_checkpoint, save_checkpoint
+from ray_jobs.checkpoint import (
+    best_checkpoint,
+    checkpoint_dir_name,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    stored_checkpoints,
+)
 from ray_jobs.config import OptimConfig, TrainConfig
-from ray_jobs.data import ParquetImageDataset, dataset_info, eval_transform, train_transform
+from ray_jobs.data import ParquetImageDataset, SeededShardSampler, dataset_info, eval_transform, train_transform
 from ray_jobs.engine import NonFiniteLossError, evaluate, train_one_epoch
 from ray_jobs.errors import UserInputError
 from ray_jobs.losses import build_objective
 from ray_jobs.model import build_model, head_for_loss
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+START_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -84,44 +94,98 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _build_loaders(cfg: TrainConfig, rank: int, world: int) -> tuple[DataLoader, DataLoader]:
-    """Train loader sharded by Ray's DistributedSampler; val split into disjoint, unpadded shares."""
+    """Train loader over this rank's seeded share (same step count on every rank); val in disjoint shares."""
     data = cfg.data
     train_set = ParquetImageDataset(data.dataset, "train", train_transform(image_size=data.image_size), data.limit_per_split)
     val_set = ParquetImageDataset(data.dataset, "val", eval_transform(image_size=data.image_size), data.limit_per_split)
     loader_kwargs: dict[str, Any] = {"batch_size": data.batch_size, "num_workers": data.loader_workers}
     if data.loader_workers > 0:
         loader_kwargs |= {"multiprocessing_context": "forkserver", "persistent_workers": True}
-    drop_last = len(train_set) >= data.batch_size * max(world, 1) * 2
-    train_loader = DataLoader(train_set, shuffle=True, drop_last=drop_last, **loader_kwargs)
+    sampler = SeededShardSampler(train_set, rank, world, cfg.run.seed)
+    drop_last = sampler.num_samples >= data.batch_size * 2
+    train_loader = DataLoader(train_set, sampler=sampler, drop_last=drop_last, **loader_kwargs)
     val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), max(world, 1))), **loader_kwargs)
-    return ray.train.torch.prepare_data_loader(train_loader), val_loader
+    return train_loader, val_loader
 
 
-def _checkpoint_state(model, objective, optimizer, scheduler, epoch, cfg, classes, metrics) -> dict[str, Any]:
+def _rank_seed(seed: int, rank: int) -> int:
+    """Each rank's own stream for stochastic layers (dropout, drop-path): never shared between ranks."""
+    return seed * 100_003 + rank + 1
+
+
+def _rng_states(device: torch.device) -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (gathered so rank 0 can save them all)."""
+    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+    if not _distributed():
+        return [mine]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def _restore_rng(states: list[dict[str, Any]], rank: int, world: int) -> None:
+    if len(states) != world:  # resumed with another world size: keep the fresh per-rank seeds
+        return
+    torch.set_rng_state(states[rank]["cpu"])
+    if states[rank]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states[rank]["cuda"])
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _checkpoint_state(model, objective, optimizer, scheduler, epoch, cfg, run, metrics, rng) -> dict[str, Any]:
     return {
         "model": _unwrap(model).state_dict(),
         "objective": objective.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
+        "rng": rng,
         "epoch": epoch,
         "config": cfg.model_dump(mode="json"),
-        "classes": classes,
+        "classes": run.classes,
+        "dataset_fingerprint": run.dataset_fingerprint,
         "metrics": metrics,
     }
 
 
-def _report(metrics: dict[str, float], state: dict[str, Any] | None, local_dir: Path | None) -> None:
-    """Report one epoch; rank 0 attaches the checkpoint (a persistent dir in local mode)."""
+def check_resumable(state: dict[str, Any], cfg: TrainConfig, run: RunInputs, source: str) -> None:
+    """Refuse to resume from a checkpoint made by a different recipe instead of silently mixing the two."""
+    saved = TrainConfig.model_validate(state["config"])
+    differences = []
+    for section in ("model", "loss", "optim"):
+        old, new = getattr(saved, section).model_dump(), getattr(cfg, section).model_dump()
+        differences += [f"{section}.{key} {old[key]!r} -> {new[key]!r}" for key in old if old[key] != new[key]]
+    for key in ("image_size", "batch_size", "limit_per_split"):
+        old, new = getattr(saved.data, key), getattr(cfg.data, key)
+        differences += [f"data.{key} {old!r} -> {new!r}"] if old != new else []
+    if saved.run.seed != cfg.run.seed:
+        differences.append(f"run.seed {saved.run.seed} -> {cfg.run.seed}")
+    if list(state["classes"]) != run.classes:
+        differences.append(f"classes {state['classes']} -> {run.classes}")
+    if state.get("dataset_fingerprint") != run.dataset_fingerprint:
+        differences.append(f"dataset {str(state.get('dataset_fingerprint'))[:12]} -> {run.dataset_fingerprint[:12]}")
+    if differences:
+        raise UserInputError(
+            f"cannot resume run {cfg.run.name!r} from {source}: it was trained with a different config "
+            f"({'; '.join(differences)}); start a new run (another --name) instead"
+        )
+
+
+def _report(metrics: dict[str, float], state: dict[str, Any] | None, local_dir: Path | None, keep: int) -> None:
+    """Report one epoch; rank 0 attaches the checkpoint (written straight into the run folder in local mode)."""
     if state is None:
         ray.train.report(metrics)
         return
-    name = f"checkpoint_epoch_{metrics['epoch']:04d}"
+    name = checkpoint_dir_name(metrics["epoch"])
     directory = local_dir / name if local_dir is not None else Path(tempfile.mkdtemp(prefix="train-food-"))
     directory.mkdir(parents=True, exist_ok=True)
     save_checkpoint(directory, state)
     checkpoint = ray.train.Checkpoint.from_directory(str(directory))
     if local_dir is not None:
         ray.train.report(metrics, checkpoint=checkpoint)
+        prune_checkpoints(local_dir, keep)
     else:
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
@@ -136,37 +200,69 @@ def _progress_line(metrics: dict[str, float], epochs: int) -> str:
     )
 
 
+def _order_digest(sampler: SeededShardSampler) -> int:
+    """A 48-bit digest of this epoch's (sample, augmentation seed) order: equal runs see equal digests."""
+    digest = hashlib.blake2b(repr(list(sampler)).encode(), digest_size=6).digest()
+    return int.from_bytes(digest, "little")
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What the driver resolved for the workers: classes, the dataset build, the test hooks."""
+
+    classes: list[str]
+    dataset_fingerprint: str
+    local_dir: str | None = None  # local mode: checkpoints go straight here
+    fault: dict[str, Any] | None = None
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Runs on every Ray Train worker (or in-process in local mode)."""
+    """Runs on every Ray Train worker (or in-process in local mode).
+
+    Bad input is returned to the driver (status "bad_input") rather than raised: a raised error
+    would make Ray restart the workers, and a bad config fails the same way every time.
+    """
     cfg = TrainConfig.model_validate(config["train"])
-    classes: list[str] = config["classes"]
-    fault: FaultInjection | None = FaultInjection(**config["fault"]) if config.get("fault") else None
-    local_dir = Path(config["local_dir"]) if config.get("local_dir") else None
+    run = RunInputs(**config["run"])
+    try:
+        return _train(cfg, run)
+    except UserInputError as err:
+        return {"status": "bad_input", "error": str(err)}
+
+
+def _train(cfg: TrainConfig, run: RunInputs) -> dict[str, Any]:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.manual_seed(cfg.run.seed)
+    fault = FaultInjection(**run.fault) if run.fault else None
+    local_dir = Path(run.local_dir) if run.local_dir else None
+    classes = run.classes
 
     # [1] data
     train_loader, val_loader = _build_loaders(cfg, rank, world)
+    sampler: SeededShardSampler = train_loader.sampler  # type: ignore[assignment]
     device = ray.train.torch.get_device()
 
-    # [2] model, objective, optimizer; resume if Ray hands back a checkpoint
+    # [2] model (same init on every rank), objective, optimizer; resume if there is a checkpoint
+    torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model, len(classes), head_for_loss(cfg.loss.kind))
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
+    torch.manual_seed(_rank_seed(cfg.run.seed, rank))
     objective = build_objective(cfg.loss, len(classes), cfg.model.feat_dim, device)
     optimizer = build_optimizer(cfg.optim, model.parameters())
     scheduler = build_scheduler(cfg.optim, optimizer, len(train_loader))
     start_epoch = 0
-    resumed = ray.train.get_checkpoint()
+    resumed = _resume_from(local_dir)
     if resumed is not None:
         with resumed.as_directory() as directory:
             state = load_checkpoint(directory, map_location=device)
+            check_resumable(state, cfg, run, directory)
         _unwrap(model).load_state_dict(state["model"])
         objective.load_state_dict(state["objective"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        _restore_rng(state["rng"], rank, world)
         start_epoch = state["epoch"]
         if rank == 0:
             print(f"resumed from checkpoint of epoch {start_epoch}", flush=True)
@@ -174,9 +270,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # [3] train, evaluate, report
     history: list[dict[str, Any]] = []
     for epoch in range(start_epoch, cfg.optim.epochs):
-        sampler = getattr(train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        order = _order_digest(sampler)
         loader = _with_fault(train_loader, fault, epoch) if fault and rank == 0 else train_loader
         try:
             metrics: dict[str, Any] = train_one_epoch(model, objective, optimizer, scheduler, loader, device, epoch + 1)
@@ -185,13 +280,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 print(f"stopping: {err}; the last good checkpoint is kept", flush=True)
             return {"status": "non_finite", "epoch": err.epoch, "step": err.step, "history": history}
         metrics |= evaluate(model, val_loader, device, len(classes))
-        metrics["epoch"] = epoch + 1
-        state = _checkpoint_state(model, objective, optimizer, scheduler, epoch + 1, cfg, classes, metrics) if rank == 0 else None
-        _report(metrics, state, local_dir)
+        metrics |= {"epoch": epoch + 1, "data_order_digest": order}
+        rng = _rng_states(device)
+        state = _checkpoint_state(model, objective, optimizer, scheduler, epoch + 1, cfg, run, metrics, rng) if rank == 0 else None
+        _report(metrics, state, local_dir, cfg.run.keep_checkpoints)
         history.append(metrics)
         if rank == 0:
             print(_progress_line(metrics, cfg.optim.epochs), flush=True)
     return {"status": "finished", "epoch": cfg.optim.epochs, "history": history}
+
+
+def _resume_from(local_dir: Path | None) -> ray.train.Checkpoint | None:
+    """Ray's latest checkpoint; in local mode (which never hands one back) the latest in the run folder."""
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None or local_dir is None:
+        return resumed
+    stored = stored_checkpoints(str(local_dir))
+    return ray.train.Checkpoint.from_directory(stored[-1].path) if stored else None
 
 
 def _with_fault(loader: DataLoader, fault: FaultInjection, epoch: int):
@@ -209,12 +314,13 @@ def _with_fault(loader: DataLoader, fault: FaultInjection, epoch: int):
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a finished run leaves behind."""
+    """What a finished run leaves behind. `best_checkpoint` exists and has the run's highest val_acc1."""
 
     name: str
-    path: str | None
-    metrics: dict[str, Any]
+    path: str
+    metrics: dict[str, Any]  # the last epoch's
     best_checkpoint: str | None
+    best_metrics: dict[str, Any]
     classes: list[str]
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -255,32 +361,21 @@ def check_resources(cfg: TrainConfig) -> None:
             )
 
 
-def storage_root(storage_path: str) -> str:
-    """Absolute local path (Ray changes the workers' cwd) or the URI unchanged."""
-    return storage_path if "://" in storage_path else str(Path(storage_path).resolve())
-
-
 def build_trainer(
     cfg: TrainConfig,
-    classes: list[str],
+    run: RunInputs,
     name: str,
-    fault: FaultInjection | None = None,
     callbacks: list[ray.train.UserCallback] | None = None,
 ) -> ray.train.torch.TorchTrainer:
-    """A TorchTrainer for `cfg`: gloo on CPU, nccl on GPU, best-K checkpoints by val_acc1."""
+    """A TorchTrainer for `cfg` (paths already absolute): gloo on CPU, nccl on GPU, best-K checkpoints."""
     scaling = cfg.scaling
     resources = {"CPU": scaling.cpus_per_worker} | ({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})
-    storage = storage_root(cfg.run.storage_path)
-    local_dir = str(Path(storage) / name) if scaling.num_workers == 0 else None
-    loop_config = {
-        "train": cfg.model_dump(mode="json"),
-        "classes": classes,
-        "fault": fault.__dict__ if fault else None,
-        "local_dir": local_dir,
-    }
+    storage = cfg.run.storage_path
+    if scaling.num_workers == 0:
+        run = replace(run, local_dir=f"{storage}/{name}")
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"train": cfg.model_dump(mode="json"), "run": asdict(run)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
         ),
@@ -298,38 +393,59 @@ def build_trainer(
     )
 
 
+def run_inputs(cfg: TrainConfig) -> tuple[TrainConfig, RunInputs]:
+    """Resolve paths and read the dataset's classes and fingerprint, on the driver, once."""
+    cfg = cfg.with_absolute_paths()
+    info = dataset_info(cfg.data.dataset)
+    return cfg, RunInputs(classes=info.classes, dataset_fingerprint=info.fingerprint)
+
+
 def fit(cfg: TrainConfig, fault: FaultInjection | None = None) -> TrainResult:
     """Train one model; raise `UserInputError` for bad input and stop on a non-finite loss."""
-    info = dataset_info(cfg.data.dataset)
+    cfg, run = run_inputs(cfg)
     if cfg.scaling.num_workers > 0:
         ensure_ray(cfg.run.ray_address)
         check_resources(cfg)
         os.environ[START_TIMEOUT_ENV] = str(cfg.scaling.start_timeout_s)
     name = cfg.run.name or new_run_name()
-    trainer = build_trainer(cfg, info.classes, name, fault)
-    try:
-        result = trainer.fit()
-    except ray.train.ControllerError as err:
-        raise UserInputError(f"training run {name!r} could not start its workers: {err}") from err
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
+    run_dir = f"{cfg.run.storage_path}/{name}"
+    if fault is not None:
+        run = replace(run, fault=asdict(fault))
+    result = _fit_retrying_start(build_trainer(cfg, run, name), name)
     outcome = result.return_value or {}
+    best = best_checkpoint(run_dir)
+    if outcome.get("status") == "bad_input":
+        raise UserInputError(outcome["error"])
     if outcome.get("status") == "non_finite":
         raise UserInputError(
             f"training run {name!r} stopped: loss became NaN/inf at epoch {outcome['epoch']}, step "
-            f"{outcome['step']}; the last good checkpoint is {_best_path(result) or 'none'}"
+            f"{outcome['step']}; the best good checkpoint is {best.path if best else 'none'}"
         )
     history = outcome.get("history", [])
     return TrainResult(
         name=name,
-        path=result.path,
-        metrics=dict(history[-1]) if history else dict(result.metrics or {}),
-        best_checkpoint=_best_path(result),
-        classes=info.classes,
+        path=run_dir,
+        metrics=dict(history[-1]) if history else dict(best.metrics if best else {}),
+        best_checkpoint=best.path if best else None,
+        best_metrics=dict(best.metrics) if best else {},
+        classes=run.classes,
         history=history,
     )
 
 
-def _best_path(result: ray.train.Result) -> str | None:
-    if result.best_checkpoints:
-        best, _ = max(result.best_checkpoints, key=lambda pair: pair[1].get("val_acc1", -1.0))
-        return best.path
-    return result.checkpoint.path if result.checkpoint is not None else None
+def _fit_retrying_start(trainer: ray.train.torch.TorchTrainer, name: str) -> ray.train.Result:
+    """`trainer.fit()`, retried when the worker group fails to start (busy cluster, a node going away).
+
+    `check_resources` already refused requests that can never fit, so a start failure here is
+    transient; a retry under the same run name resumes from the latest checkpoint.
+    """
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            return trainer.fit()
+        except ray.train.ControllerError as err:
+            if attempt == START_ATTEMPTS:
+                raise RuntimeError(f"training run {name!r}: workers failed to start {attempt} times: {err}") from err
+            print(f"training run {name!r}: workers failed to start ({err}); retry {attempt}/{START_ATTEMPTS - 1}",
+                  flush=True)
+    raise AssertionError("unreachable")

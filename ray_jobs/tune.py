@@ -10,22 +10,30 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import ray
 from ray import tune
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from ray_jobs.config import SweepConfig, TrainConfig
-from ray_jobs.data import dataset_info
+from ray_jobs.checkpoint import best_checkpoint
+from ray_jobs.config import SweepConfig, TrainConfig, absolute
 from ray_jobs.errors import UserInputError
+from ray_jobs.train import (
+    START_TIMEOUT_ENV,
+    RunInputs,
+    build_trainer,
+    check_resources,
+    ensure_ray,
+    new_run_name,
+    run_inputs,
+)
 from ray_jobs.tune_report import write_sweep_outputs
-from ray_jobs.train import START_TIMEOUT_ENV, build_trainer, check_resources, ensure_ray, new_run_name, storage_root
 
 METRIC = "val_acc1"
 TRIAL_DRIVER_CPU = 0.01  # the trial function only drives its TorchTrainer; workers hold the real CPUs
@@ -33,13 +41,20 @@ TABLE_COLUMNS = ["trial_id", "lam", "alpha", "status", "epochs", "best_val_acc1"
 
 
 def _trial(config: dict[str, Any]) -> None:
-    """One trial: the base training config with this trial's lambda and alpha."""
+    """One trial: the base training config with this trial's lambda and alpha (paths resolved by the driver)."""
     train = dict(config["train"])
     train["loss"] = {**train["loss"], "lam": config["lam"], "alpha": config["alpha"]}
     cfg = TrainConfig.model_validate(train)
     context = tune.get_context()
-    name = f"{context.get_experiment_name()}-{context.get_trial_id()}"
-    build_trainer(cfg, config["classes"], name, callbacks=[TuneReportCallback()]).fit()
+    name = trial_run_name(context.get_experiment_name(), context.get_trial_id())
+    outcome = build_trainer(cfg, RunInputs(**config["run"]), name, callbacks=[TuneReportCallback()]).fit().return_value
+    if (outcome or {}).get("status") == "bad_input":
+        raise UserInputError(outcome["error"])
+
+
+def trial_run_name(sweep: str, trial_id: str) -> str:
+    """The Ray Train run of one trial, a folder under the sweep's storage path."""
+    return f"{sweep}-{trial_id}"
 
 
 def search_space(cfg: SweepConfig) -> dict[str, Any]:
@@ -86,10 +101,12 @@ class SweepResult:
     outputs: dict[str, Path]
 
 
-def _trial_row(result: ray.tune.Result, max_epochs: int) -> dict[str, Any]:
+def _trial_row(result: ray.tune.Result, max_epochs: int, storage: str, sweep: str) -> dict[str, Any]:
+    """One line of the trial table; its checkpoint is the trial's best that still exists on storage."""
     history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
     epochs = int(history["epoch"].max()) if "epoch" in history and len(history) else 0
     status = "error" if result.error else ("finished" if epochs >= max_epochs else "stopped early")
+    trial_id = str(history["trial_id"].iloc[-1]) if "trial_id" in history and len(history) else ""
     row: dict[str, Any] = {
         "trial_id": Path(result.path).name if result.path else "",
         "lam": result.config["lam"],
@@ -100,20 +117,20 @@ def _trial_row(result: ray.tune.Result, max_epochs: int) -> dict[str, Any]:
         "val_compactness": float("nan"),
         "checkpoint": None,
     }
-    if METRIC in history and history[METRIC].notna().any():
-        best = history.loc[history[METRIC].idxmax()]
-        row |= {"best_val_acc1": float(best[METRIC]), "val_compactness": float(best["val_compactness"])}
-        row["checkpoint"] = best.get(CHECKPOINT_PATH_KEY)
+    best = best_checkpoint(f"{storage}/{trial_run_name(sweep, trial_id)}") if trial_id else None
+    if best is not None:
+        row |= {"best_val_acc1": best.score, "val_compactness": best.metrics.get("val_compactness", float("nan")),
+                "checkpoint": best.path}
     return row
 
 
 def run_sweep(cfg: SweepConfig) -> SweepResult:
     """Run (or resume) the sweep and write its table (CSV, Parquet) and plot (PNG) beside it."""
-    info = dataset_info(cfg.train.data.dataset)
-    ensure_ray(cfg.train.run.ray_address)
-    check_resources(cfg.train)
-    os.environ[START_TIMEOUT_ENV] = str(cfg.train.scaling.start_timeout_s)
-    storage = storage_root(cfg.train.run.storage_path)
+    train, run = run_inputs(cfg.train)
+    ensure_ray(train.run.ray_address)
+    check_resources(train)
+    os.environ[START_TIMEOUT_ENV] = str(train.scaling.start_timeout_s)
+    storage = train.run.storage_path
     name = cfg.name or new_run_name("sweep")
     path = f"{storage}/{name}"
     trainable = tune.with_resources(_trial, {"CPU": TRIAL_DRIVER_CPU})
@@ -126,8 +143,8 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
         tuner = tune.Tuner(
             trainable,
             param_space={
-                "train": cfg.train.model_dump(mode="json"),
-                "classes": info.classes,
+                "train": train.model_dump(mode="json"),
+                "run": asdict(run),
                 **search_space(cfg),
             },
             tune_config=tune.TuneConfig(
@@ -146,17 +163,21 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
             ),
         )
     grid = tuner.fit()
-    table = pd.DataFrame([_trial_row(result, cfg.train.optim.epochs) for result in grid], columns=TABLE_COLUMNS).sort_values(
-        "best_val_acc1", ascending=False, na_position="last"
+    rows = [_trial_row(result, train.optim.epochs, storage, name) for result in grid]
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS).sort_values(
+        "best_val_acc1", ascending=False, na_position="last", kind="stable"
     )
     if table["best_val_acc1"].isna().all():
         errors = [str(result.error) for result in grid if result.error]
-        raise RuntimeError(f"sweep {name}: no trial reported {METRIC}; first error: {errors[:1]}")
+        bad_input = [error for error in errors if "UserInputError" in error]
+        if bad_input:
+            raise UserInputError(f"sweep {name}: every trial failed on bad input: {bad_input[0].splitlines()[-1]}")
+        raise RuntimeError(f"sweep {name}: no trial left a checkpoint; first error: {errors[:1]}")
     best = table.iloc[0]
     histories = {
         Path(result.path).name: result.metrics_dataframe for result in grid if result.metrics_dataframe is not None
     }
-    outputs = write_sweep_outputs(Path(storage_root(cfg.report_dir)) / name, table)
+    outputs = write_sweep_outputs(Path(absolute(cfg.report_dir)) / name, table)
     return SweepResult(
         name=name,
         path=path,
