@@ -47,11 +47,11 @@ def _train(args: argparse.Namespace) -> int:
     from ray_jobs.train import fit
 
     result = fit(config_from_args(args))
-    metrics = result.metrics
+    best = result.best_metrics
     print(
-        f"run {result.name}: val_acc1 {metrics.get('val_acc1', float('nan')):.3f}, "
-        f"val_acc5 {metrics.get('val_acc5', float('nan')):.3f}, "
-        f"compactness {metrics.get('val_compactness', float('nan')):.3f}\n"
+        f"run {result.name}: {len(result.history)} epochs; best epoch {best.get('epoch')}: "
+        f"val_acc1 {best.get('val_acc1', float('nan')):.3f}, val_acc5 {best.get('val_acc5', float('nan')):.3f}, "
+        f"compactness {best.get('val_compactness', float('nan')):.3f}\n"
         f"best checkpoint: {result.best_checkpoint}"
     )
     return 0
@@ -228,6 +228,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, metavar="N", help="images per inference batch")
     p.add_argument("--loader-workers", type=int, metavar="N", help="DataLoader decode processes")
     p.add_argument("--limit", type=int, metavar="N", help="smoke test: only the first N images")
+    p.add_argument("--cross-dataset", action="store_true",
+                   help="evaluate on a dataset other than the one the checkpoint trained on (the report says so)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.set_defaults(handler=_run_evaluate)
 
@@ -241,6 +243,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         f"{s}: {report.counts['images']} images, acc1 {m[f'{s}_acc1']:.4f}, acc5 {m[f'{s}_acc5']:.4f}, "
         f"macro F1 {m[f'{s}_macro_f1']:.4f}, compactness {m[f'{s}_compactness']:.4f}\nreport: {report.path}"
     )
+    if report.cross_dataset:
+        print(f"note: cross-dataset evaluation (trained on dataset {report.train_dataset_fingerprint[:12] or 'unknown'}, "
+              f"scored on {report.dataset_fingerprint[:12]})")
     return 0
 
 

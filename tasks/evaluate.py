@@ -63,6 +63,10 @@ class EvaluateConfig(_Frozen):
     batch_size: int = Field(default=64, ge=1, description="Images per inference batch.")
     loader_workers: int = Field(default=0, ge=0, description="DataLoader processes decoding images.")
     limit: int | None = Field(default=None, ge=1, description="Smoke-test switch: only the first N images.")
+    cross_dataset: bool = Field(
+        default=False,
+        description="Allow a dataset other than the one the checkpoint was trained on (the report says so).",
+    )
     device: str | None = Field(default=None, description="torch device; None = cuda if available, else cpu.")
 
 
@@ -84,7 +88,11 @@ class EvaluationReport(_Frozen):
     train_run: str | None
     dataset: str
     dataset_fingerprint: str
+    train_dataset_fingerprint: str  # of the dataset the checkpoint was trained on ("" for old checkpoints)
+    cross_dataset: bool  # True only when the user asked to evaluate on another dataset
     split: str
+    limit: int | None
+    split_rows: int  # rows in the evaluated split; fewer images scored means a partial evaluation
     image_size: int
     classes: list[str]
     counts: dict[str, int]
@@ -107,6 +115,11 @@ class EvaluationReport(_Frozen):
     def file(self, role: str) -> Path:
         """Absolute path of one of `files` (e.g. "confusion_matrix_png")."""
         return Path(self.reports_dir) / self.files[role]
+
+    @property
+    def complete(self) -> bool:
+        """Every image of the split was scored (no `--limit` cut)."""
+        return self.counts["images"] == self.split_rows
 
     def images(self) -> dict[str, Path]:
         """The PNG figures by role, for artifacts."""
@@ -203,6 +216,17 @@ def _check_classes(checkpoint: str, checkpoint_classes: list[str], dataset: str,
     )
 
 
+def _check_dataset(checkpoint: str, trained_on: str, dataset: str, fingerprint: str, cross_dataset: bool) -> None:
+    """Refuse to score a checkpoint on a dataset build other than its own unless the user asked to."""
+    if trained_on == fingerprint or cross_dataset:
+        return
+    trained = trained_on[:12] or "an unrecorded dataset"
+    raise UserInputError(
+        f"checkpoint {checkpoint} was trained on dataset {trained}, but {dataset} is dataset {fingerprint[:12]}: "
+        "its test split may hold images the model trained on; pass --cross-dataset to evaluate anyway"
+    )
+
+
 def _train_run(checkpoint: Path, configured: str | None) -> str | None:
     """The training run's name: from the config, else the folder above `checkpoint_epoch_NNNN`."""
     if configured:
@@ -231,6 +255,8 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> EvaluationReport:
     loaded = model_from_checkpoint(checkpoint, device)
     info = dataset_info(dataset, required_splits=(cfg.split,))
     _check_classes(str(checkpoint), loaded.classes, dataset, info.classes)
+    trained_on = str(loaded.state.get("dataset_fingerprint", ""))
+    _check_dataset(str(checkpoint), trained_on, dataset, info.fingerprint, cfg.cross_dataset)
 
     image_size = loaded.config.data.image_size
     split = ParquetImageDataset(dataset, cfg.split, eval_transform(image_size=image_size), cfg.limit)
@@ -260,7 +286,11 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> EvaluationReport:
             train_run=_train_run(checkpoint, loaded.config.run.name),
             dataset=dataset,
             dataset_fingerprint=info.fingerprint,
+            train_dataset_fingerprint=trained_on,
+            cross_dataset=trained_on != info.fingerprint,
             split=cfg.split,
+            limit=cfg.limit,
+            split_rows=info.rows[cfg.split],
             image_size=image_size,
             classes=loaded.classes,
             counts={
