@@ -105,3 +105,32 @@ def test_bad_options_and_missing_checkpoint_are_user_errors(tiny_dataset, tmp_pa
     assert "no checkpoint at" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path), "--dataset", tiny_dataset, "--reports", str(tmp_path), "--batch-size", "0"]) == 2
     assert "--batch-size" in capsys.readouterr().err
+
+
+def test_another_dataset_build_is_refused_unless_asked_and_then_the_report_says_so(
+    trained_checkpoint, tiny_dataset, evaluation, tmp_path, capsys
+):
+    import shutil
+
+    other = tmp_path / "rebuilt"
+    shutil.copytree(tiny_dataset, other)  # same classes, but another build (as after a re-ingest)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["fingerprint"] = "f" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    reports = tmp_path / "reports"
+    assert main(["evaluate", trained_checkpoint, "--dataset", str(other), "--reports", str(reports)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--cross-dataset" in err and "ffffffffffff" in err
+    assert not (reports / "report.json").exists()
+    assert main(["evaluate", trained_checkpoint, "--dataset", str(other), "--reports", str(reports), "--cross-dataset"]) == 0
+    assert "cross-dataset evaluation" in capsys.readouterr().out
+    report = load_report(reports)
+    assert report.cross_dataset and report.dataset_fingerprint == "f" * 64
+    assert report.train_dataset_fingerprint == evaluation.dataset_fingerprint
+    assert not evaluation.cross_dataset and evaluation.complete and evaluation.limit is None
+
+
+def test_a_limited_evaluation_is_marked_incomplete(trained_checkpoint, tiny_dataset, tmp_path):
+    report = evaluate_checkpoint(EvaluateConfig(checkpoint=trained_checkpoint, dataset=tiny_dataset,
+                                                reports=str(tmp_path), limit=40))
+    assert report.limit == 40 and report.split_rows == 160 and not report.complete
