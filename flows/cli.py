@@ -7,6 +7,8 @@ an exit code; bad input raised as `UserInputError` is printed as one line (no tr
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -25,6 +27,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Offline, the temporary Prefect server's telemetry heartbeat fails with a "database is locked"
+    # traceback; nothing is lost without it. A user's own setting wins.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = _build_parser().parse_args(argv)
     handler: Handler = args.handler
     try:
@@ -32,6 +37,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as err:
         print(f"train-food {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+class _NoBadInputTraceback(logging.Filter):
+    """Prefect logs a failed flow or task run with its traceback; for bad input the message is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserInputError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _hide_bad_input_tracebacks() -> None:
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_NoBadInputTraceback())
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -146,6 +165,7 @@ def _run(args: argparse.Namespace) -> int:
         PipelineConfig(**options)
     except ValidationError as err:
         raise invalid_options(err) from None
+    _hide_bad_input_tracebacks()
     train_food(**options)
     return 0
 
@@ -167,6 +187,7 @@ def _deploy(args: argparse.Namespace) -> int:
                              "export PREFECT_API_URL=http://127.0.0.1:4200/api (`make demo` does both)")
     from flows.train_food import serve
 
+    _hide_bad_input_tracebacks()
     serve()
     return 0
 

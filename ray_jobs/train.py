@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 import tempfile
 import time
 import uuid
@@ -200,6 +201,16 @@ def _progress_line(metrics: dict[str, float], epochs: int) -> str:
     )
 
 
+def _say(line: str, local_dir: Path | None) -> None:
+    """Print one progress line once.
+
+    In local mode a plain print (a Prefect flow captures it as a log line). On a Ray Train worker,
+    Ray patches `print` to write both to stdout and to its logger, and both reach the driver: write
+    to the process's real stdout instead, which Ray forwards once.
+    """
+    print(line, flush=True, file=None if local_dir is not None else sys.__stdout__)
+
+
 def _order_digest(sampler: SeededShardSampler) -> int:
     """A 48-bit digest of this epoch's (sample, augmentation seed) order: equal runs see equal digests."""
     digest = hashlib.blake2b(repr(list(sampler)).encode(), digest_size=6).digest()
@@ -265,7 +276,7 @@ def _train(cfg: TrainConfig, run: RunInputs) -> dict[str, Any]:
         _restore_rng(state["rng"], rank, world)
         start_epoch = state["epoch"]
         if rank == 0:
-            print(f"resumed from checkpoint of epoch {start_epoch}", flush=True)
+            _say(f"resumed from checkpoint of epoch {start_epoch}", local_dir)
 
     # [3] train, evaluate, report
     history: list[dict[str, Any]] = []
@@ -277,7 +288,7 @@ def _train(cfg: TrainConfig, run: RunInputs) -> dict[str, Any]:
             metrics: dict[str, Any] = train_one_epoch(model, objective, optimizer, scheduler, loader, device, epoch + 1)
         except NonFiniteLossError as err:
             if rank == 0:
-                print(f"stopping: {err}; the last good checkpoint is kept", flush=True)
+                _say(f"stopping: {err}; the last good checkpoint is kept", local_dir)
             return {"status": "non_finite", "epoch": err.epoch, "step": err.step, "history": history}
         metrics |= evaluate(model, val_loader, device, len(classes))
         metrics |= {"epoch": epoch + 1, "data_order_digest": order}
@@ -286,7 +297,7 @@ def _train(cfg: TrainConfig, run: RunInputs) -> dict[str, Any]:
         _report(metrics, state, local_dir, cfg.run.keep_checkpoints)
         history.append(metrics)
         if rank == 0:
-            print(_progress_line(metrics, cfg.optim.epochs), flush=True)
+            _say(_progress_line(metrics, cfg.optim.epochs), local_dir)
     return {"status": "finished", "epoch": cfg.optim.epochs, "history": history}
 
 
