@@ -34,8 +34,12 @@ def checkpointed_epochs(storage: Path, sweep: str) -> dict[str, int]:
     }
 
 
-def test_sweep_of_three_trials_picks_the_best_and_logs_nested_mlflow_runs(ray_cluster, tiny_dataset, tmp_path):
-    cfg = sweep_config(tiny_dataset, tmp_path, epochs=1, num_samples=3, scheduler="none", name="three")
+def test_sweep_of_three_trials_picks_the_best_and_logs_nested_mlflow_runs(ray_cluster, tiny_dataset, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user types them: trials run in other directories
+    train = tiny_config(os.path.relpath(tiny_dataset), "runs", workers=1, epochs=2, limit=32, cpus_per_worker=0.5,
+                        loss=LossConfig(kind="center"), keep_checkpoints=1)
+    cfg = SweepConfig(train=train, report_dir="sweeps", num_samples=3, scheduler="none", name="three")
     assert concurrency(cfg) == 3, "0.5 CPU workers + 0.01 CPU drivers: three trials fit on 2 CPUs"
     tracking = Tracking(workspace=str(tmp_path / "ws"))
     result, logged = tune_and_log(cfg, tracking)
@@ -46,6 +50,10 @@ def test_sweep_of_three_trials_picks_the_best_and_logs_nested_mlflow_runs(ray_cl
     best_row = table.loc[table["best_val_acc1"].idxmax()]
     assert result.best_config == {"lam": best_row["lam"], "alpha": best_row["alpha"]}
     assert Path(result.best_checkpoint, "checkpoint.pt").is_file()
+    for row in table.itertuples():  # each trial's checkpoint: under the workspace, existing, its best epoch
+        assert Path(row.checkpoint).is_relative_to(tmp_path / "runs") and Path(row.checkpoint, "checkpoint.pt").is_file()
+        assert row.best_val_acc1 == result.histories[row.trial_id]["val_acc1"].max()
+    assert result.outputs["csv"].is_relative_to(tmp_path / "sweeps")
     assert all(1e-4 <= lam <= 1e-1 for lam in table["lam"]) and all(0.05 <= a <= 1.0 for a in table["alpha"])
     on_disk = pd.read_parquet(result.outputs["parquet"])
     assert len(pd.read_csv(result.outputs["csv"])) == 3 and list(on_disk["trial_id"]) == list(table["trial_id"])
@@ -60,7 +68,7 @@ def test_sweep_of_three_trials_picks_the_best_and_logs_nested_mlflow_runs(ray_cl
     children = [run for run in runs if run.data.tags.get(PARENT_TAG) == logged.parent_run_id]
     assert len(runs) == 4 and len(children) == 3
     history = client.get_metric_history(children[0].info.run_id, "val_acc1")
-    assert [point.step for point in history] == [1]
+    assert [point.step for point in history] == [1, 2]
     assert {run.data.params["lam"] for run in children} == {str(lam) for lam in table["lam"]}
 
 
