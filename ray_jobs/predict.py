@@ -1,16 +1,20 @@
 """Turning a checkpoint or a registered model into class probabilities for image files.
 
-Lives in `ray_jobs` (not `tasks`) on purpose: a registered model is a pickled `LogitsModel`
-wrapping a `FoodNet`, so whatever loads it (this CLI, a Ray Serve replica, a batch job on Ray
-workers) must import this module; here it needs only torch/torchvision, never Prefect. MLflow is
-imported lazily and only for `models:/` or `runs:/` sources. Rebuilding a model from a checkpoint
-lives here too, because evaluation and registration need exactly the same rebuild.
+Lives in `ray_jobs` (not `tasks`) on purpose: a registered model is a FoodNet state dict
+(`weights.pt`) plus an `MLmodel` file whose metadata holds the training config and classes, and
+whatever loads it (this CLI, a Ray Serve replica, a batch job on Ray workers) rebuilds the net
+with `ray_jobs.model.build_model` here; it needs only torch/torchvision, never Prefect. Weights are
+read with `torch.load(weights_only=True)`, so loading a model never runs code from the file; a
+file that needs more than tensors and plain values is refused. MLflow is imported lazily and only
+for MLflow sources. Rebuilding a model from a checkpoint lives here too, because evaluation and
+registration need exactly the same rebuild.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import pickle
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -29,6 +33,8 @@ from ray_jobs.errors import UserInputError
 from ray_jobs.model import FoodNet, build_model, head_for_loss
 
 DEFAULT_MODEL_URI = "models:/food-classifier@champion"
+MODEL_WEIGHTS = "weights.pt"  # a registered model's state dict, next to its MLmodel file
+MODEL_FORMAT = "train-food-state-dict/1"  # MLmodel metadata["format"] of such a model
 _URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 _MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:", "s3://", "gs://", "wasbs://", "dbfs:/", "file:")
 
@@ -92,13 +98,12 @@ def default_device() -> torch.device:
 
 
 def load_model(source: str | None = None, tracking_uri: str | None = None) -> LoadedModel:
-    """Load a checkpoint (directory or file) or an MLflow model URI (default: the champion).
-
-    A registered model carries `classes` and `image_size` in its MLflow metadata.
+    """Load a checkpoint (directory or file), a registered model's folder or an MLflow model URI
+    (default: the champion). Neither runs code from the files it reads.
     """
     source = source or DEFAULT_MODEL_URI
     device = default_device()
-    if Path(source, "MLmodel").is_file():  # a downloaded / saved MLflow model directory
+    if Path(source, "MLmodel").is_file():  # a downloaded registered model's folder
         return _load_mlflow_model(str(Path(source).resolve()), tracking_uri, device)
     if Path(source).exists():
         loaded = model_from_checkpoint(source, device)
@@ -145,11 +150,12 @@ def using_tracking_uri(uri: str | None) -> Iterator[None]:
 
 
 def _load_mlflow_model(uri: str, tracking_uri: str | None, device: torch.device) -> LoadedModel:
+    """A model logged by `train-food register`: from a local folder holding MLmodel, else downloaded."""
     import mlflow.artifacts
-    import mlflow.pytorch
     from mlflow.exceptions import MlflowException
-    from mlflow.models import Model
 
+    if Path(uri, "MLmodel").is_file():
+        return model_from_folder(Path(uri), uri, device)
     with tempfile.TemporaryDirectory(prefix="train-food-model-") as scratch:  # the weights end up in memory
         try:
             with using_tracking_uri(tracking_uri), _env_default("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
@@ -157,24 +163,58 @@ def _load_mlflow_model(uri: str, tracking_uri: str | None, device: torch.device)
         except MlflowException as err:
             where = tracking_uri or mlflow.get_tracking_uri()
             raise UserInputError(f"cannot load model {uri} from tracking server {where}: {err.message}") from None
-        metadata = Model.load(local).metadata or {}
-        if "classes" not in metadata or "image_size" not in metadata:
-            raise UserInputError(
-                f"model {uri} has no classes/image_size metadata: it was not logged by train-food register"
-            )
-        try:
-            # Registered models are pickled (see tasks/register.py) and MLflow 3.17 refuses to unpickle
-            # unless this is true. Our own registry is trusted like `load_checkpoint` trusts our
-            # checkpoint files; set the variable to false to refuse.
-            with _env_default("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true"):
-                module = mlflow.pytorch.load_model(local, map_location=device)
-        except MlflowException as err:
-            raise UserInputError(f"cannot load model {uri}: {err.message}") from None
+        return model_from_folder(Path(local), uri, device)
+
+
+def _first_line(err: BaseException) -> str:
+    """The informative line of a torch.load error, without torch's advice to retry with weights_only=False."""
+    noise = ("weights only load failed", "weights_only", "please file an issue", "check the documentation")
+    for line in str(err).splitlines():
+        line = line.split("WeightsUnpickler error:")[-1].strip()
+        if line and not any(phrase in line.lower() for phrase in noise):
+            return line
+    return type(err).__name__
+
+
+def model_from_folder(folder: Path, source: str, device: torch.device) -> LoadedModel:
+    """Rebuild a registered model from its folder: MLmodel metadata + `weights.pt` (tensors only)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    try:
+        mlmodel = Model.load(str(folder))
+    except (MlflowException, OSError, ValueError) as err:
+        raise UserInputError(f"model {source}: unreadable MLmodel file ({err})") from None
+    metadata = mlmodel.metadata or {}
+    if metadata.get("format") != MODEL_FORMAT:
+        older = " (a pickled model from an older train-food: register the checkpoint again)" if "pytorch" in (
+            mlmodel.flavors or {}) else ""
+        raise UserInputError(f"model {source} was not logged by train-food register as a state dict{older}")
+    try:
+        config = TrainConfig.model_validate(metadata["train_config"])
+        classes = [str(name) for name in metadata["classes"]]
+        image_size = int(metadata["image_size"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserInputError(f"model {source}: incomplete train-food metadata in MLmodel ({err})") from None
+    weights = folder / MODEL_WEIGHTS
+    shown = weights if Path(source, "MLmodel").is_file() else f"{MODEL_WEIGHTS} of {source}"
+    try:
+        state = torch.load(weights, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise UserInputError(f"model {source} has no {MODEL_WEIGHTS}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        raise UserInputError(f"refused to load {shown}: not a plain tensor file ({_first_line(err)})") from None
+    model_cfg = config.model.model_copy(update={"pretrained": False, "weights_path": None})
+    net = build_model(model_cfg, len(classes), head_for_loss(config.loss.kind))
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise UserInputError(f"{shown} does not fit the model in its MLmodel metadata ({_first_line(err)})") from None
     return LoadedModel(
-        module=module.eval(),
-        classes=list(metadata["classes"]),
-        image_size=int(metadata["image_size"]),
-        source=uri,
+        module=LogitsModel(net).to(device).eval(),
+        classes=classes,
+        image_size=image_size,
+        source=source,
         metadata=dict(metadata),
     )
 

@@ -1,26 +1,50 @@
-"""Register an evaluated checkpoint in MLflow and move the `champion` alias only when it is better.
+"""Register an evaluated checkpoint in MLflow; move the `champion` alias only on a fair improvement.
 
 One MLflow run per registration holds the flattened training config (params), the evaluation's
-scalar metrics, report.json and its figures (artifacts under `evaluation/`) and the model itself,
-logged pickled (`serialization_format="pickle"`, so loading gives back the `LogitsModel` class,
-not a torch.export graph) with a signature from a real test image and metadata carrying the
-class names and image size. The new registry version gets lineage tags; the alias moves to it
-only if it beats the current champion on `metric` (ties keep the champion).
+scalar metrics, report.json and its figures (artifacts under `evaluation/`) and the model under
+`model/`: `weights.pt`, the FoodNet state dict (tensors only, saved with `torch.save`), and an
+`MLmodel` file without any flavour whose metadata holds what `ray_jobs.predict` needs to rebuild
+the net (training config, classes, image size, normalisation, arch, head) and whose signature
+comes from a real test image. Nothing is pickled, so loading never runs code from the registry.
+
+**Comparability.** A new version is compared with the champion only when both were scored on
+the whole test split of the same dataset build (fingerprint) with the same class list, and the
+new one on the dataset it was trained on. A `--limit` or cross-dataset evaluation is registered
+but never promoted. An incomparable version is registered, the alias stays, and the reason is
+recorded (version tag `registration`, `RegistrationResult.reason`). Each version carries the
+tags the comparison reads (`dataset_fingerprint`, `classes`, `evaluated_split`, `complete_split`).
+
+**One critical section.** Logging, creating the version, reading the champion, deciding and
+moving the alias happen under `promotion_lock`: an `fcntl.flock` on a file next to an SQLite
+database or file store (the default embedded store is `<workspace>/mlflow/mlflow.db`); for a
+remote tracking server, a Prefect global concurrency limit of 1 when called inside a Prefect flow
+or task (it serialises registrations of flows that share one Prefect server). A registration
+outside Prefect against a remote server (`train-food register --tracking-uri http://...`) has
+no cross-machine lock.
+
+**Idempotent.** Each registration has an idempotency key (a hash of the report, the checkpoint
+path and the registration settings) tagged on the run and the version. Registering the same
+report again, e.g. a Prefect retry after a failed MLflow write, reuses the version with that key
+and only finishes what was not done (the champion decision).
 
 Without `tracking_uri` or MLFLOW_TRACKING_URI everything stays in the workspace: an SQLite store
 at `<workspace>/mlflow/mlflow.db` and artifacts under `<workspace>/mlflow/artifacts`, both absolute
-(Ray changes the cwd). Nothing happens at import; call from one process (SQLite dislikes
-concurrent writers, and "read champion, then set alias" is not atomic).
+(Ray changes the cwd). Nothing happens at import.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import importlib.metadata
+import json
 import logging
 import math
 import os
 import subprocess
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,13 +56,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray_jobs.data import IMAGENET_MEAN, IMAGENET_STD, ParquetImageDataset, eval_transform
 from ray_jobs.errors import UserInputError, invalid_options
 from ray_jobs.model import head_for_loss
-from ray_jobs.predict import CheckpointModel, LogitsModel, model_from_checkpoint, using_tracking_uri
+from ray_jobs.predict import (
+    MODEL_FORMAT,
+    MODEL_WEIGHTS,
+    CheckpointModel,
+    LogitsModel,
+    model_from_checkpoint,
+    using_tracking_uri,
+)
 from tasks.evaluate import EvaluationReport, load_report
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RegisterConfig", "RegistrationResult", "code_version", "default_tracking_uri", "ensure_experiment",
-           "flatten_params", "parse_config", "register_model", "resolve_tracking_uri"]
+           "flatten_params", "idempotency_key", "parse_config", "promotion_lock", "register_model",
+           "resolve_tracking_uri"]
+
+IDEMPOTENCY_TAG = "idempotency_key"
+_CLASSES_TAG_MAX = 4000  # longer class lists are tagged by their hash (MLflow caps tag values)
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -164,11 +199,6 @@ def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def _requirements() -> list[str]:
-    """Pinned runtime requirements (no `+cpu` local tags), so MLflow skips its slow inference subprocess."""
-    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in ("torch", "torchvision", "numpy")]
-
-
 def _example_input(report: EvaluationReport) -> np.ndarray:
     """One real image of the evaluated split, preprocessed: float32 NCHW (batch of 1)."""
     try:
@@ -191,8 +221,11 @@ def _check_same_checkpoint(state: dict[str, Any], report: EvaluationReport, chec
 
 
 def _model_metadata(loaded: CheckpointModel, report: EvaluationReport) -> dict[str, Any]:
-    """What a consumer of the registered model needs to preprocess inputs and read outputs."""
+    """What `ray_jobs.predict` needs to rebuild the net, and a consumer to preprocess inputs and read outputs."""
     return {
+        "format": MODEL_FORMAT,
+        "weights": MODEL_WEIGHTS,
+        "train_config": report.train_config,
         "classes": loaded.classes,
         "image_size": report.image_size,
         "resize": round(report.image_size * 256 / 224),
@@ -224,11 +257,95 @@ def _lineage(cfg: RegisterConfig, report: EvaluationReport, checkpoint: Path, va
     }
 
 
+# ---------------------------------------------------------------- the critical section
+
+
+def _lock_file(tracking_uri: str) -> Path | None:
+    """The lock file of a store on this machine's file system (SQLite DB or file store); None for servers."""
+    if tracking_uri.startswith("sqlite:///"):
+        database = tracking_uri[len("sqlite:///"):].split("?")[0]
+        return Path(database + ".lock").resolve() if database and database != ":memory:" else None
+    if tracking_uri.startswith("file:") or (tracking_uri != "databricks" and ":" not in tracking_uri):
+        from mlflow.utils.file_utils import local_file_uri_to_path
+
+        return Path(local_file_uri_to_path(tracking_uri)).resolve() / ".train-food-registry.lock"
+    return None
+
+
+def _in_prefect_run() -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def _ensure_prefect_lock(name: str) -> None:
+    """Create (or repair) the global concurrency limit `name` with limit 1.
+
+    `prefect.concurrency.sync.concurrency` does not create a missing limit: with `strict=False` it
+    only logs a warning and does not block at all, so the limit must exist before it is used.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            found = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1, active=True))
+            except ObjectAlreadyExists:  # created meanwhile by a concurrent registration
+                pass
+            return
+        if found.limit != 1 or not found.active:
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=1, active=True))
+
+
+@contextmanager
+def promotion_lock(tracking_uri: str, model_name: str) -> Iterator[None]:
+    """Hold the registry's lock for `model_name` while reading the champion, deciding and moving the alias.
+
+    - SQLite database or file store: an exclusive `fcntl.flock` on a lock file next to it (one lock
+      per store; SQLite serialises its writers anyway, so nothing is lost, and holding the lock
+      over the whole registration also avoids "database is locked" between concurrent runs);
+    - any other store (an http(s) tracking server, a database server), inside a Prefect flow or
+      task: the Prefect global concurrency limit `train-food-registry-<model_name>` with limit 1,
+      created if missing;
+    - otherwise there is no cross-machine lock: concurrent registrations of the same model against
+      one remote server may race on the alias. A warning says so.
+    """
+    path = _lock_file(tracking_uri)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed, also if the process dies
+            yield
+        return
+    if _in_prefect_run():
+        from prefect.concurrency.sync import concurrency
+
+        name = f"train-food-registry-{model_name}"
+        _ensure_prefect_lock(name)
+        with concurrency(name, occupy=1, strict=True):
+            yield
+        return
+    log.warning("register: no lock for %s outside a Prefect flow: concurrent registrations of %s may race "
+                "on the alias", tracking_uri, model_name)
+    yield
+
+
 # ---------------------------------------------------------------- champion decision
 
 
-def _champion(client: Any, name: str, alias: str, metric: str) -> tuple[str, float] | None:
-    """(version, metric) of the current alias holder; None if there is none."""
+@dataclass(frozen=True)
+class _Champion:
+    version: str
+    value: float  # NaN if it has no value of the metric
+    tags: dict[str, str]
+
+
+def _champion(client: Any, name: str, alias: str, metric: str) -> _Champion | None:
+    """The current alias holder with its metric and version tags; None if there is none."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -237,19 +354,80 @@ def _champion(client: Any, name: str, alias: str, metric: str) -> tuple[str, flo
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
         raise
-    value = client.get_run(holder.run_id).data.metrics.get(metric) if holder.run_id else None
-    if value is None and metric in holder.tags:
-        value = float(holder.tags[metric])
-    return str(holder.version), float("nan") if value is None else float(value)
+    tags = dict(holder.tags)
+    value = float(tags[metric]) if metric in tags else None
+    if value is None and holder.run_id:
+        value = client.get_run(holder.run_id).data.metrics.get(metric)
+    return _Champion(str(holder.version), float("nan") if value is None else float(value), tags)
 
 
-def _decide(new: float, version: str, current: tuple[str, float] | None, cfg: RegisterConfig) -> tuple[bool, str]:
+def _classes_tag(classes: list[str]) -> str:
+    text = json.dumps(classes)
+    return text if len(text) <= _CLASSES_TAG_MAX else "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _comparability_tags(report: EvaluationReport) -> dict[str, str]:
+    """What a later registration reads from this version to know whether the two scores compare."""
+    return {
+        "dataset_fingerprint": report.dataset_fingerprint,
+        "train_dataset_fingerprint": report.train_dataset_fingerprint,
+        "classes": _classes_tag(report.classes),
+        "evaluated_split": report.split,
+        "complete_split": str(report.complete).lower(),
+        "evaluated_images": str(report.counts.get("images", 0)),
+        "cross_dataset": str(report.cross_dataset).lower(),
+    }
+
+
+def _short(fingerprint: str) -> str:
+    return fingerprint[:12] or "(unrecorded)"
+
+
+def _candidate_not_comparable(report: EvaluationReport) -> str | None:
+    """Why this evaluation can never be promoted, or None."""
+    if report.split != "test":
+        return f"it was scored on the {report.split} split, not test"
+    if not report.complete:
+        limit = f" (--limit {report.limit})" if report.limit else ""
+        return f"it was scored on {report.counts.get('images', 0)} of the {report.split_rows} test images{limit}"
+    if report.cross_dataset or report.train_dataset_fingerprint != report.dataset_fingerprint:
+        return (f"it was trained on dataset {_short(report.train_dataset_fingerprint)} "
+                f"and scored on dataset {_short(report.dataset_fingerprint)}")
+    return None
+
+
+def _champion_not_comparable(champion: _Champion, report: EvaluationReport, alias: str) -> str | None:
+    """Why the champion's score says nothing about this one, or None."""
+    tags, who = champion.tags, f"{alias} version {champion.version}"
+    if "classes" not in tags or "complete_split" not in tags:
+        return f"{who} has no record of how it was scored (registered by an older train-food)"
+    if tags.get("dataset_fingerprint") != report.dataset_fingerprint:
+        return (f"{who} was scored on dataset {_short(tags.get('dataset_fingerprint', ''))}, "
+                f"this on {_short(report.dataset_fingerprint)}")
+    if tags["classes"] != _classes_tag(report.classes):
+        return f"{who} has a different class list"
+    if tags.get("evaluated_split") != "test" or tags["complete_split"] != "true":
+        return f"{who} was not scored on the whole test split"
+    return None
+
+
+def _decide(
+    new: float, version: str, report: EvaluationReport, current: _Champion | None, cfg: RegisterConfig
+) -> tuple[bool, str]:
+    """(promote, one-line reason)."""
     metric, alias = cfg.metric, cfg.alias
+    unchanged = f"{alias} unchanged" if current else f"no {alias} set"
     if math.isnan(new):
-        return False, f"version {version} has no finite {metric}; {alias} unchanged"
+        return False, f"version {version} has no finite {metric}; {unchanged}"
+    why = _candidate_not_comparable(report)
+    if why is not None:
+        return False, f"not compared: version {version} is not promotable, {why}; {unchanged}"
     if current is None:
         return True, f"no {alias} yet: version {version} ({metric} {new:.4f}) becomes {alias}"
-    old_version, old = current
+    why = _champion_not_comparable(current, report, alias)
+    if why is not None:
+        return False, f"not compared: {why}; {alias} unchanged"
+    old_version, old = current.version, current.value
     if math.isnan(old):
         return True, (f"{alias} version {old_version} has no {metric}; "
                       f"version {version} ({metric} {new:.4f}) replaces it")
@@ -263,14 +441,89 @@ def _decide(new: float, version: str, current: tuple[str, float] | None, cfg: Re
 # ---------------------------------------------------------------- the stage
 
 
+def idempotency_key(cfg: RegisterConfig, report: EvaluationReport, checkpoint: Path) -> str:
+    """sha256 of what makes a registration request: the report's content, the checkpoint, the settings.
+
+    The same report registered again (a retry) gets the same key; a new evaluation (new
+    `created_at`) or other settings (metric, alias, tags) get a new one. Where the store is
+    (`tracking_uri`, `workspace`) is not part of it.
+    """
+    request = {
+        "report": json.loads(report.model_dump_json(exclude={"reports_dir"})),
+        "checkpoint": str(checkpoint),
+        "settings": cfg.model_dump(mode="json", exclude={"tracking_uri", "workspace"}),
+    }
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+
+
+def _version_with_key(client: Any, name: str, key: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.{IDEMPOTENCY_TAG} = '{key}'")
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            return None
+        raise
+    return min(found, key=lambda v: int(v.version), default=None)
+
+
+def _finished_run_with_key(client: Any, experiment_id: str, key: str) -> str | None:
+    """A run of an earlier try that logged everything but failed before creating the version."""
+    runs = client.search_runs(
+        [experiment_id], f"tags.{IDEMPOTENCY_TAG} = '{key}' and attributes.status = 'FINISHED'", max_results=1
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def _log_run(
+    cfg: RegisterConfig, report: EvaluationReport, loaded: CheckpointModel, experiment_id: str, tags: dict[str, str]
+) -> str:
+    """One MLflow run: params, metrics, the evaluation's files and the model (state dict + MLmodel)."""
+    import mlflow
+    from mlflow.models import Model, infer_signature
+
+    serving = LogitsModel(loaded.net).eval()
+    example = _example_input(report)
+    with torch.no_grad():
+        logits = serving(torch.from_numpy(example)).numpy()
+    with mlflow.start_run(experiment_id=experiment_id, run_name=cfg.run_name or f"register-{report.train_run}",
+                          tags=tags) as run:
+        mlflow.log_params(flatten_params(report.train_config))
+        mlflow.log_metrics({k: v for k, v in {**report.checkpoint_metrics, **report.metrics}.items()
+                            if math.isfinite(v)})
+        mlflow.log_artifact(str(report.path), artifact_path="evaluation")
+        for role in report.files:
+            mlflow.log_artifact(str(report.file(role)), artifact_path="evaluation")
+        with tempfile.TemporaryDirectory(prefix="train-food-model-") as folder:
+            torch.save(loaded.net.state_dict(), Path(folder) / MODEL_WEIGHTS)
+            Model(artifact_path="model", run_id=run.info.run_id, signature=infer_signature(example, logits),
+                  metadata=_model_metadata(loaded, report)).save(Path(folder) / "MLmodel")
+            mlflow.log_artifacts(folder, artifact_path="model")
+    return run.info.run_id
+
+
+def _create_version(client: Any, name: str, run_id: str, tags: dict[str, str]) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"
+    return str(client.create_model_version(name, source, run_id=run_id, tags=tags).version)
+
+
 def register_model(
     cfg: RegisterConfig, report: EvaluationReport | str | Path, checkpoint: str | Path | None = None
 ) -> RegistrationResult:
-    """Log and register `checkpoint` (default: the report's) as a new version; maybe move the alias."""
-    import mlflow
-    import mlflow.pytorch
+    """Log and register `checkpoint` (default: the report's) as a new version; maybe move the alias.
+
+    Registering the same report with the same settings again returns the same version (see
+    `idempotency_key`), finishing the champion decision if an earlier try stopped before it.
+    """
     from mlflow import MlflowClient
-    from mlflow.models import infer_signature
 
     report = report if isinstance(report, EvaluationReport) else load_report(report)
     checkpoint = Path(checkpoint or report.checkpoint).resolve()
@@ -279,54 +532,44 @@ def register_model(
     value = float(report.metrics[cfg.metric])
     loaded = model_from_checkpoint(checkpoint)
     _check_same_checkpoint(loaded.state, report, checkpoint)
-
-    serving = LogitsModel(loaded.net).eval()
-    example = _example_input(report)
-    with torch.no_grad():
-        logits = serving(torch.from_numpy(example)).numpy()
-    metadata = _model_metadata(loaded, report)
-    lineage = _lineage(cfg, report, checkpoint, value)
+    key = idempotency_key(cfg, report, checkpoint)
+    tags = {**_lineage(cfg, report, checkpoint, value), **_comparability_tags(report), IDEMPOTENCY_TAG: key}
 
     uri = resolve_tracking_uri(cfg.tracking_uri, cfg.workspace)
-    with using_tracking_uri(uri):
+    with using_tracking_uri(uri), promotion_lock(uri, cfg.model_name):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        experiment_id = ensure_experiment(client, cfg.experiment, uri, cfg.workspace)
-        with mlflow.start_run(experiment_id=experiment_id, run_name=cfg.run_name or f"register-{report.train_run}",
-                              tags=lineage) as run:
-            mlflow.log_params(flatten_params(report.train_config))
-            mlflow.log_metrics({k: v for k, v in {**report.checkpoint_metrics, **report.metrics}.items()
-                                if math.isfinite(v)})
-            mlflow.log_artifact(str(report.path), artifact_path="evaluation")
-            for role in report.files:
-                mlflow.log_artifact(str(report.file(role)), artifact_path="evaluation")
-            info = mlflow.pytorch.log_model(
-                serving,
-                name="model",
-                registered_model_name=cfg.model_name,
-                serialization_format="pickle",
-                signature=infer_signature(example, logits),
-                input_example=example,
-                metadata=metadata,
-                pip_requirements=_requirements(),
-            )
-        version = str(info.registered_model_version)
-        for key, tag in lineage.items():
-            client.set_model_version_tag(cfg.model_name, version, key, tag)
+        existing = _version_with_key(client, cfg.model_name, key)
+        if existing is not None:
+            version, run_id = str(existing.version), existing.run_id
+            if "registration" in existing.tags:  # an earlier try finished: report what it decided
+                log.info("register: version %s already registered this report (key %s)", version, key[:12])
+                return _result(cfg, version, run_id, value, existing.tags)
+        else:
+            experiment_id = ensure_experiment(client, cfg.experiment, uri, cfg.workspace)
+            run_id = _finished_run_with_key(client, experiment_id, key) or _log_run(
+                cfg, report, loaded, experiment_id, tags)
+            version = _create_version(client, cfg.model_name, run_id, tags)
         current = _champion(client, cfg.model_name, cfg.alias, cfg.metric)
-        promote, reason = _decide(value, version, current, cfg)
-        if current is not None:
-            previous_fp = client.get_model_version(cfg.model_name, current[0]).tags.get("dataset_fingerprint")
-            if previous_fp and previous_fp != report.dataset_fingerprint:
-                reason += " (note: the two were evaluated on different datasets)"
-        if promote:
-            client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
-        client.set_model_version_tag(cfg.model_name, version, "registration", reason)
+        if current is not None and current.version == version:  # an earlier try moved the alias, then failed
+            promote, reason, current = True, f"version {version} is {cfg.alias} (moved by an earlier try)", None
+        else:
+            promote, reason = _decide(value, version, report, current, cfg)
+            if promote:
+                client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
+        decision = {"promoted": str(promote).lower(), "previous_champion": current.version if current else "",
+                    "registration": reason}  # `registration` last: its presence means "decided"
+        for name, tag in decision.items():
+            client.set_model_version_tag(cfg.model_name, version, name, tag)
+    return _result(cfg, version, run_id, value, decision)
+
+
+def _result(cfg: RegisterConfig, version: str, run_id: str, value: float, tags: Mapping[str, str]) -> RegistrationResult:
     return RegistrationResult(
         version=version,
-        champion=promote,
-        reason=reason,
-        run_id=run.info.run_id,
+        champion=tags.get("promoted") == "true",
+        reason=tags["registration"],
+        run_id=run_id,
         model_uri=f"models:/{cfg.model_name}/{version}",
         metric=value,
-        previous_champion=current[0] if current else None,
+        previous_champion=tags.get("previous_champion") or None,
     )

@@ -61,5 +61,6 @@ def evaluate_stage(cfg: EvaluateConfig) -> EvaluationReport:
 
 @task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_unless_bad_input)
 def register_stage(cfg: RegisterConfig, report: EvaluationReport) -> RegistrationResult:
-    """Register the evaluated model; a retry after a failed MLflow write registers a new version."""
+    """Register the evaluated model; a retry reuses the version an earlier try created (same report,
+    same idempotency key) and only finishes the champion decision, so it never adds a second version."""
     return register_model(cfg, report)

@@ -1,12 +1,17 @@
-"""Prediction from a checkpoint: top-k output, per-file errors and exit codes."""
+"""Prediction: top-k output, per-file errors and exit codes; registered-model folders load without unpickling."""
 
 from __future__ import annotations
 
+import os
+import pickle
+import shutil
+
 import pytest
+import torch
 
 from flows.cli import main
 from ray_jobs.errors import UserInputError
-from ray_jobs.predict import load_model, predict_files, read_image
+from ray_jobs.predict import MODEL_FORMAT, MODEL_WEIGHTS, load_model, model_from_checkpoint, predict_files, read_image
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +67,72 @@ def test_bad_model_source_and_missing_registry_exit_2(images, tmp_path, capsys, 
     assert main(["predict", images["good"][0], "--workspace", str(tmp_path / "ws")]) == 2
     assert "no model registry at" in capsys.readouterr().err
     assert not (tmp_path / "ws").exists()
+
+
+@pytest.fixture(scope="module")
+def model_folder(trained_checkpoint, tmp_path_factory):
+    """A registered model's folder as `train-food register` logs it: weights.pt (state dict) + MLmodel."""
+    from mlflow.models import Model
+
+    loaded = model_from_checkpoint(trained_checkpoint)
+    folder = tmp_path_factory.mktemp("model")
+    torch.save(loaded.net.state_dict(), folder / MODEL_WEIGHTS)
+    metadata = {"format": MODEL_FORMAT, "train_config": loaded.state["config"], "classes": loaded.classes,
+                "image_size": loaded.config.data.image_size}
+    Model(metadata=metadata).save(folder / "MLmodel")
+    return folder
+
+
+def test_model_folder_loads_the_checkpoint_weights(model_folder, trained_checkpoint):
+    served = load_model(str(model_folder))
+    reference = model_from_checkpoint(trained_checkpoint)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(served.module(images), reference.net(images)[1])
+    assert served.classes == reference.classes and served.image_size == 32
+
+
+class _Payload:
+    """Unpickling this runs a shell command that creates `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_crafted_pickle_as_model_weights_is_refused_and_never_runs(writer, model_folder, images, tmp_path, capsys):
+    folder = tmp_path / "model"
+    shutil.copytree(model_folder, folder)
+    marker = tmp_path / "payload-ran"
+    weights = folder / MODEL_WEIGHTS
+    if writer == "pickle":
+        weights.write_bytes(pickle.dumps(_Payload(marker), protocol=2))
+    else:
+        torch.save({"net.fc.weight": _Payload(marker)}, weights)
+    with pytest.raises(UserInputError) as refused:
+        load_model(str(folder))
+    message = str(refused.value)
+    assert "\n" not in message and str(weights) in message and "refused" in message
+    assert "posix.system" in message  # what it tried to call
+    assert main(["predict", images["good"][0], "--model", str(folder)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert not marker.exists(), "loading the model ran code from the weights file"
+    try:  # the file really is a payload: loading it the unsafe way runs it
+        torch.load(weights, weights_only=False)
+    except RuntimeError:  # the bare pickle is no torch file, but its payload ran before torch noticed
+        pass
+    assert marker.exists()
+
+
+def test_pickled_model_from_an_older_train_food_is_refused(model_folder, tmp_path):
+    from mlflow.models import Model
+
+    folder = tmp_path / "old"
+    folder.mkdir()
+    Model(flavors={"pytorch": {"pickle_module_name": "mlflow.pytorch.pickle_module"}},
+          metadata={"classes": ["a", "b"], "image_size": 32}).save(folder / "MLmodel")
+    with pytest.raises(UserInputError, match="pickled model from an older train-food: register the checkpoint again"):
+        load_model(str(folder))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -64,7 +65,8 @@ def test_champion_moves_only_when_the_metric_improves(registry):
 
 def test_ties_keep_the_champion(registry, evaluation, trained_checkpoint):
     cfg = RegisterConfig(tracking_uri=registry["uri"], workspace=str(registry["workspace"]))
-    tie = register_model(cfg, _with_metric(evaluation, 0.40), trained_checkpoint)
+    rerun = _with_metric(evaluation, 0.40).model_copy(update={"created_at": "2099-01-01T00:00:00+00:00"})
+    tie = register_model(cfg, rerun, trained_checkpoint)  # a new evaluation (not a retry) with the champion's score
     assert not tie.champion and tie.previous_champion == "3"
     lower_wins = cfg.model_copy(update={"metric": "test_ce_loss", "greater_is_better": False, "alias": "lowest-ce"})
     assert register_model(lower_wins, evaluation, trained_checkpoint).champion  # first holder of a new alias
@@ -114,6 +116,27 @@ def test_alias_loads_the_same_model_as_the_checkpoint(registry, trained_checkpoi
     assert served.metadata["head"] == "linear" and served.metadata["arch"] == "resnet18"
 
 
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):  # unpickling runs a shell command
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_crafted_weights_in_the_registry_are_refused_and_never_run(registry, tmp_path):
+    from mlflow import MlflowClient
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    source = MlflowClient(registry["uri"]).get_model_version("food-classifier", "2").source  # not the champion
+    marker = tmp_path / "payload-ran"
+    torch.save({"net.fc.weight": _Payload(marker)}, Path(local_file_uri_to_path(source)) / "weights.pt")
+    with pytest.raises(UserInputError, match=r"^refused to load weights.pt of models:/food-classifier/2: "
+                                             r"not a plain tensor file \(.*posix\.system.*\)$"):
+        load_model("models:/food-classifier/2", registry["uri"])
+    assert not marker.exists()
+
+
 def test_predict_cli_defaults_to_the_champion(registry, trained_checkpoint, sample_dir, capsys, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     image = str(next((sample_dir / "test" / "baklava").glob("*.jpg")))
@@ -131,3 +154,228 @@ def test_report_must_match_checkpoint_and_have_the_metric(evaluation, trained_ch
     with pytest.raises(UserInputError, match="evaluate this checkpoint first"):
         register_model(cfg, other_epoch, trained_checkpoint)
     assert not Path(tmp_path / "never.db").exists()
+
+
+# ---------------------------------------------------------------- comparability
+
+
+def _report_variant(report: EvaluationReport, value: float, stamp: str, **update) -> EvaluationReport:
+    """Another evaluation of the same checkpoint (own `created_at`) with `value` as test top-1."""
+    return _with_metric(report, value).model_copy(update={"created_at": stamp, **update})
+
+
+def _fresh_cfg(tmp_path) -> RegisterConfig:
+    return RegisterConfig(workspace=str(tmp_path / "ws"), tracking_uri=default_tracking_uri(tmp_path / "ws"))
+
+
+def test_only_whole_test_split_scores_on_the_same_dataset_are_compared(evaluation, trained_checkpoint, tmp_path):
+    from mlflow import MlflowClient
+
+    assert evaluation.complete and not evaluation.cross_dataset and evaluation.split == "test"
+    assert evaluation.train_dataset_fingerprint == evaluation.dataset_fingerprint
+    cfg = _fresh_cfg(tmp_path)
+    rows = evaluation.split_rows
+    limited = _report_variant(evaluation, 0.9, "2099-01-01T00:00:01+00:00", limit=50,
+                              counts={**evaluation.counts, "images": 50})
+    first = register_model(cfg, limited, trained_checkpoint)
+    assert not first.champion and first.previous_champion is None
+    assert first.reason == (f"not compared: version 1 is not promotable, it was scored on 50 of the {rows} test "
+                            "images (--limit 50); no champion set")
+    other = "9f8e7d6c5b4a" + "0" * 52
+    cross = _report_variant(evaluation, 0.9, "2099-01-01T00:00:02+00:00", cross_dataset=True, dataset_fingerprint=other)
+    second = register_model(cfg, cross, trained_checkpoint)
+    assert not second.champion and "not promotable, it was trained on dataset" in second.reason
+    assert f"scored on dataset 9f8e7d6c5b4a; no champion set" in second.reason
+
+    whole = register_model(cfg, _report_variant(evaluation, 0.3, "2099-01-01T00:00:03+00:00"), trained_checkpoint)
+    assert (whole.version, whole.champion) == ("3", True)
+    # better score, but on another build of the dataset (say, re-ingested): not comparable
+    elsewhere = _report_variant(evaluation, 0.8, "2099-01-01T00:00:04+00:00",
+                                dataset_fingerprint=other, train_dataset_fingerprint=other)
+    moved = register_model(cfg, elsewhere, trained_checkpoint)
+    assert not moved.champion and moved.previous_champion == "3"
+    assert moved.reason == (f"not compared: champion version 3 was scored on dataset "
+                            f"{evaluation.dataset_fingerprint[:12]}, this on 9f8e7d6c5b4a; champion unchanged")
+    client = MlflowClient(cfg.tracking_uri)
+    assert str(client.get_model_version_by_alias("food-classifier", "champion").version) == "3"
+    tags = client.get_model_version("food-classifier", "1").tags
+    assert tags["registration"] == first.reason and tags["complete_split"] == "false"
+    tags = client.get_model_version("food-classifier", "3").tags
+    assert (tags["complete_split"], tags["evaluated_split"]) == ("true", "test")
+    assert json.loads(tags["classes"]) == evaluation.classes
+    assert tags["dataset_fingerprint"] == evaluation.dataset_fingerprint
+
+
+def test_val_split_and_champion_without_records_are_not_compared(evaluation):
+    from tasks.register import _Champion, _decide
+
+    cfg = RegisterConfig()
+    val = evaluation.model_copy(update={"split": "val"})
+    assert _decide(0.9, "2", val, None, cfg) == (
+        False, "not compared: version 2 is not promotable, it was scored on the val split, not test; no champion set")
+    legacy = _Champion("1", 0.1, {"dataset_fingerprint": evaluation.dataset_fingerprint, "evaluated_split": "test"})
+    promote, reason = _decide(0.9, "2", evaluation, legacy, cfg)
+    assert not promote and "champion version 1 has no record of how it was scored" in reason
+    recorded = {**legacy.tags, "complete_split": "true", "classes": json.dumps(evaluation.classes[::-1])}
+    promote, reason = _decide(0.9, "2", evaluation, _Champion("1", 0.1, recorded), cfg)
+    assert not promote and "champion version 1 has a different class list" in reason
+    recorded["classes"] = json.dumps(evaluation.classes)
+    assert _decide(0.9, "2", evaluation, _Champion("1", 0.1, recorded), cfg)[0]
+
+
+# ---------------------------------------------------------------- retries
+
+
+def test_registering_the_same_report_again_reuses_its_version(evaluation, trained_checkpoint, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    import tasks.register as register
+
+    cfg = _fresh_cfg(tmp_path)
+    report = _report_variant(evaluation, 0.3, "2099-01-02T00:00:00+00:00")
+    first = register_model(cfg, report, trained_checkpoint)
+    again = register_model(cfg, report, trained_checkpoint)
+    assert again == first and first.champion
+    client = MlflowClient(cfg.tracking_uri)
+    assert [str(v.version) for v in client.search_model_versions("name = 'food-classifier'")] == ["1"]
+
+    # a retry after a failure between creating the version and deciding the alias
+    better = _report_variant(evaluation, 0.6, "2099-01-02T00:00:01+00:00")
+    decide, calls = register._decide, []
+
+    def fail_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("tracking server went away")
+        return decide(*args, **kwargs)
+
+    monkeypatch.setattr(register, "_decide", fail_once)
+    with pytest.raises(RuntimeError, match="went away"):
+        register_model(cfg, better, trained_checkpoint)
+    half = client.get_model_version("food-classifier", "2")
+    assert "registration" not in half.tags and half.tags["idempotency_key"]
+    retried = register_model(cfg, better, trained_checkpoint)
+    assert (retried.version, retried.champion, retried.previous_champion) == ("2", True, "1")
+    assert retried.run_id == half.run_id
+    versions = client.search_model_versions("name = 'food-classifier'")
+    assert sorted(str(v.version) for v in versions) == ["1", "2"]
+    assert len(client.search_runs([client.get_run(half.run_id).info.experiment_id])) == 2
+    assert str(client.get_model_version_by_alias("food-classifier", "champion").version) == "2"
+    assert client.get_model_version("food-classifier", "2").tags["registration"] == retried.reason
+    assert register_model(cfg, better, trained_checkpoint) == retried  # a third call changes nothing
+
+
+# ---------------------------------------------------------------- the lock
+
+
+_CHILD = r"""
+import fcntl, pathlib, sys, time
+import tasks.register as register
+from tasks.evaluate import EvaluationReport
+
+report_file, checkpoint, workspace, role, signals = sys.argv[1:6]
+signals = pathlib.Path(signals)
+report = EvaluationReport.model_validate_json(pathlib.Path(report_file).read_text())
+
+def wait_for(*names, timeout=240.0):
+    end = time.monotonic() + timeout
+    while not any((signals / name).exists() for name in names) and time.monotonic() < end:
+        time.sleep(0.05)
+
+if role == "slow":  # read the champion, decide, then wait until the other one is done or blocked on the lock
+    decide = register._decide
+    def slow_decide(*args, **kwargs):
+        decision = decide(*args, **kwargs)
+        (signals / "slow-decided").touch()
+        wait_for("fast-done", "fast-blocked")
+        return decision
+    register._decide = slow_decide
+else:  # start once the slow one holds its decision; say so when the lock makes us wait
+    flock = fcntl.flock
+    def signalling_flock(fd, operation):
+        if operation == fcntl.LOCK_EX:
+            try:
+                return flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                (signals / "fast-blocked").touch()
+        return flock(fd, operation)
+    register.fcntl.flock = signalling_flock
+    wait_for("slow-decided")
+result = register.register_model(register.RegisterConfig(workspace=workspace), report, checkpoint)
+(signals / f"{role}-done").touch()
+print(result.version, result.champion, result.reason)
+"""
+
+
+def test_concurrent_registrations_end_with_the_better_one_as_champion(evaluation, trained_checkpoint, tmp_path):
+    """Two processes, one store. The worse one reads "no champion", decides to take the alias and
+    stalls; the better one starts then. Without the lock the better one also sees no champion, takes
+    the alias, and the stalled worse one overwrites it. With the lock the better one waits, then
+    finds the worse one as champion and beats it.
+    """
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    workspace, signals = tmp_path / "ws", tmp_path / "signals"
+    signals.mkdir()
+    procs = {}
+    for role, value in (("slow", 0.2), ("fast", 0.6)):
+        report_file = tmp_path / f"{role}.json"
+        report_file.write_text(_report_variant(evaluation, value, f"2099-01-03T00:00:0{len(procs)}+00:00")
+                               .model_dump_json())
+        procs[role] = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(report_file), trained_checkpoint, str(workspace), role, str(signals)],
+            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+    outputs = {role: proc.communicate(timeout=600) for role, proc in procs.items()}
+    for role, proc in procs.items():
+        assert proc.returncode == 0, f"{role}: {outputs[role][1][-3000:]}"
+    slow, fast = (outputs[role][0].split(maxsplit=2) for role in ("slow", "fast"))
+    client = MlflowClient(default_tracking_uri(workspace))
+    assert str(client.get_model_version_by_alias("food-classifier", "champion").version) == "2", (slow, fast)
+    assert slow[:2] == ["1", "True"] and fast[:2] == ["2", "True"], (slow, fast)
+    assert "beats champion version 1" in fast[2]
+    assert (signals / "fast-blocked").exists(), "the second registration never waited for the lock"
+
+
+def test_lock_file_sits_next_to_the_store_and_remote_stores_outside_prefect_warn(tmp_path, caplog):
+    from tasks.register import _lock_file, promotion_lock
+
+    assert _lock_file(f"sqlite:///{tmp_path}/mlflow/mlflow.db") == tmp_path / "mlflow" / "mlflow.db.lock"
+    assert _lock_file(tmp_path.as_uri()) == tmp_path / ".train-food-registry.lock"
+    assert _lock_file("http://mlflow.example:5000") is None and _lock_file("databricks") is None
+    with promotion_lock(f"sqlite:///{tmp_path}/mlflow/mlflow.db", "food-classifier"):
+        assert (tmp_path / "mlflow" / "mlflow.db.lock").is_file()
+    with caplog.at_level("WARNING", logger="tasks.register"), promotion_lock("http://mlflow.example:5000", "m"):
+        pass
+    assert "no lock for http://mlflow.example:5000 outside a Prefect flow" in caplog.text
+
+
+@pytest.mark.slow
+def test_remote_store_inside_prefect_takes_a_concurrency_limit_of_one():
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.testing.utilities import prefect_test_harness
+
+    from tasks.register import promotion_lock
+
+    name = "train-food-registry-food-classifier"
+
+    @flow
+    def hold_the_lock() -> tuple[int, int]:
+        with promotion_lock("http://mlflow.example:5000", "food-classifier"):
+            with get_client(sync_client=True) as client:
+                limit = client.read_global_concurrency_limit_by_name(name)
+            return limit.limit, limit.active_slots
+
+    with prefect_test_harness(server_startup_timeout=120):
+        assert hold_the_lock() == (1, 1)  # created on first use
+        with get_client(sync_client=True) as client:
+            assert client.read_global_concurrency_limit_by_name(name).active_slots == 0
+            client.delete_global_concurrency_limit_by_name(name)
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=5, active=False))
+        assert hold_the_lock() == (1, 1)  # a limit someone loosened is put back to 1
