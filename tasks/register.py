@@ -7,20 +7,9 @@ scalar metrics, report.json and its figures (artifacts under `evaluation/`) and 
 the net (training config, classes, image size, normalisation, arch, head) and whose signature
 comes from a real test image. Nothing is pickled, so loading never runs code from the registry.
 
-**Comparability.** A new version is compared with the champion only when both were scored on
-the whole test split of the same dataset build (fingerprint) with the same class list, and the
-new one on the dataset it was trained on. A `--limit` or cross-dataset evaluation is registered
-but never promoted. An incomparable version is registered, the alias stays, and the reason is
-recorded (version tag `registration`, `RegistrationResult.reason`). Each version carries the
-tags the comparison reads (`dataset_fingerprint`, `classes`, `evaluated_split`, `complete_split`).
-
-**One critical section.** Logging, creating the version, reading the champion, deciding and
-moving the alias happen under `promotion_lock`: an `fcntl.flock` on a file next to an SQLite
-database or file store (the default embedded store is `<workspace>/mlflow/mlflow.db`); for a
-remote tracking server, a Prefect global concurrency limit of 1 when called inside a Prefect flow
-or task (it serialises registrations of flows that share one Prefect server). A registration
-outside Prefect against a remote server (`train-food register --tracking-uri http://...`) has
-no cross-machine lock.
+Whether the new version may take the alias is `tasks.champion` (compare only like with like).
+Logging, creating the version, reading the champion, deciding and moving the alias happen under
+`tasks.registry_lock.promotion_lock`, one critical section per registration.
 
 **Idempotent.** Each registration has an idempotency key (a hash of the report, the checkpoint
 path and the registration settings) tagged on the run and the version. Registering the same
@@ -31,10 +20,8 @@ Without `tracking_uri` or MLFLOW_TRACKING_URI everything stays in the workspace:
 at `<workspace>/mlflow/mlflow.db` and artifacts under `<workspace>/mlflow/artifacts`, both absolute
 (Ray changes the cwd). Nothing happens at import.
 """
-
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -43,8 +30,7 @@ import math
 import os
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,16 +50,16 @@ from ray_jobs.predict import (
     model_from_checkpoint,
     using_tracking_uri,
 )
+from tasks import champion
 from tasks.evaluate import EvaluationReport, load_report
+from tasks.registry_lock import promotion_lock
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RegisterConfig", "RegistrationResult", "code_version", "default_tracking_uri", "ensure_experiment",
-           "flatten_params", "idempotency_key", "parse_config", "promotion_lock", "register_model",
-           "resolve_tracking_uri"]
+           "flatten_params", "idempotency_key", "parse_config", "register_model", "resolve_tracking_uri"]
 
 IDEMPOTENCY_TAG = "idempotency_key"
-_CLASSES_TAG_MAX = 4000  # longer class lists are tagged by their hash (MLflow caps tag values)
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -257,187 +243,6 @@ def _lineage(cfg: RegisterConfig, report: EvaluationReport, checkpoint: Path, va
     }
 
 
-# ---------------------------------------------------------------- the critical section
-
-
-def _lock_file(tracking_uri: str) -> Path | None:
-    """The lock file of a store on this machine's file system (SQLite DB or file store); None for servers."""
-    if tracking_uri.startswith("sqlite:///"):
-        database = tracking_uri[len("sqlite:///"):].split("?")[0]
-        return Path(database + ".lock").resolve() if database and database != ":memory:" else None
-    if tracking_uri.startswith("file:") or (tracking_uri != "databricks" and ":" not in tracking_uri):
-        from mlflow.utils.file_utils import local_file_uri_to_path
-
-        return Path(local_file_uri_to_path(tracking_uri)).resolve() / ".train-food-registry.lock"
-    return None
-
-
-def _in_prefect_run() -> bool:
-    from prefect.context import FlowRunContext, TaskRunContext
-
-    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
-
-
-def _ensure_prefect_lock(name: str) -> None:
-    """Create (or repair) the global concurrency limit `name` with limit 1.
-
-    `prefect.concurrency.sync.concurrency` does not create a missing limit: with `strict=False` it
-    only logs a warning and does not block at all, so the limit must exist before it is used.
-    """
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            found = client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1, active=True))
-            except ObjectAlreadyExists:  # created meanwhile by a concurrent registration
-                pass
-            return
-        if found.limit != 1 or not found.active:
-            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=1, active=True))
-
-
-@contextmanager
-def promotion_lock(tracking_uri: str, model_name: str) -> Iterator[None]:
-    """Hold the registry's lock for `model_name` while reading the champion, deciding and moving the alias.
-
-    - SQLite database or file store: an exclusive `fcntl.flock` on a lock file next to it (one lock
-      per store; SQLite serialises its writers anyway, so nothing is lost, and holding the lock
-      over the whole registration also avoids "database is locked" between concurrent runs);
-    - any other store (an http(s) tracking server, a database server), inside a Prefect flow or
-      task: the Prefect global concurrency limit `train-food-registry-<model_name>` with limit 1,
-      created if missing;
-    - otherwise there is no cross-machine lock: concurrent registrations of the same model against
-      one remote server may race on the alias. A warning says so.
-    """
-    path = _lock_file(tracking_uri)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed, also if the process dies
-            yield
-        return
-    if _in_prefect_run():
-        from prefect.concurrency.sync import concurrency
-
-        name = f"train-food-registry-{model_name}"
-        _ensure_prefect_lock(name)
-        with concurrency(name, occupy=1, strict=True):
-            yield
-        return
-    log.warning("register: no lock for %s outside a Prefect flow: concurrent registrations of %s may race "
-                "on the alias", tracking_uri, model_name)
-    yield
-
-
-# ---------------------------------------------------------------- champion decision
-
-
-@dataclass(frozen=True)
-class _Champion:
-    version: str
-    value: float  # NaN if it has no value of the metric
-    tags: dict[str, str]
-
-
-def _champion(client: Any, name: str, alias: str, metric: str) -> _Champion | None:
-    """The current alias holder with its metric and version tags; None if there is none."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        holder = client.get_model_version_by_alias(name, alias)
-    except MlflowException as err:
-        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            return None
-        raise
-    tags = dict(holder.tags)
-    value = float(tags[metric]) if metric in tags else None
-    if value is None and holder.run_id:
-        value = client.get_run(holder.run_id).data.metrics.get(metric)
-    return _Champion(str(holder.version), float("nan") if value is None else float(value), tags)
-
-
-def _classes_tag(classes: list[str]) -> str:
-    text = json.dumps(classes)
-    return text if len(text) <= _CLASSES_TAG_MAX else "sha256:" + hashlib.sha256(text.encode()).hexdigest()
-
-
-def _comparability_tags(report: EvaluationReport) -> dict[str, str]:
-    """What a later registration reads from this version to know whether the two scores compare."""
-    return {
-        "dataset_fingerprint": report.dataset_fingerprint,
-        "train_dataset_fingerprint": report.train_dataset_fingerprint,
-        "classes": _classes_tag(report.classes),
-        "evaluated_split": report.split,
-        "complete_split": str(report.complete).lower(),
-        "evaluated_images": str(report.counts.get("images", 0)),
-        "cross_dataset": str(report.cross_dataset).lower(),
-    }
-
-
-def _short(fingerprint: str) -> str:
-    return fingerprint[:12] or "(unrecorded)"
-
-
-def _candidate_not_comparable(report: EvaluationReport) -> str | None:
-    """Why this evaluation can never be promoted, or None."""
-    if report.split != "test":
-        return f"it was scored on the {report.split} split, not test"
-    if not report.complete:
-        limit = f" (--limit {report.limit})" if report.limit else ""
-        return f"it was scored on {report.counts.get('images', 0)} of the {report.split_rows} test images{limit}"
-    if report.cross_dataset or report.train_dataset_fingerprint != report.dataset_fingerprint:
-        return (f"it was trained on dataset {_short(report.train_dataset_fingerprint)} "
-                f"and scored on dataset {_short(report.dataset_fingerprint)}")
-    return None
-
-
-def _champion_not_comparable(champion: _Champion, report: EvaluationReport, alias: str) -> str | None:
-    """Why the champion's score says nothing about this one, or None."""
-    tags, who = champion.tags, f"{alias} version {champion.version}"
-    if "classes" not in tags or "complete_split" not in tags:
-        return f"{who} has no record of how it was scored (registered by an older train-food)"
-    if tags.get("dataset_fingerprint") != report.dataset_fingerprint:
-        return (f"{who} was scored on dataset {_short(tags.get('dataset_fingerprint', ''))}, "
-                f"this on {_short(report.dataset_fingerprint)}")
-    if tags["classes"] != _classes_tag(report.classes):
-        return f"{who} has a different class list"
-    if tags.get("evaluated_split") != "test" or tags["complete_split"] != "true":
-        return f"{who} was not scored on the whole test split"
-    return None
-
-
-def _decide(
-    new: float, version: str, report: EvaluationReport, current: _Champion | None, cfg: RegisterConfig
-) -> tuple[bool, str]:
-    """(promote, one-line reason)."""
-    metric, alias = cfg.metric, cfg.alias
-    unchanged = f"{alias} unchanged" if current else f"no {alias} set"
-    if math.isnan(new):
-        return False, f"version {version} has no finite {metric}; {unchanged}"
-    why = _candidate_not_comparable(report)
-    if why is not None:
-        return False, f"not compared: version {version} is not promotable, {why}; {unchanged}"
-    if current is None:
-        return True, f"no {alias} yet: version {version} ({metric} {new:.4f}) becomes {alias}"
-    why = _champion_not_comparable(current, report, alias)
-    if why is not None:
-        return False, f"not compared: {why}; {alias} unchanged"
-    old_version, old = current.version, current.value
-    if math.isnan(old):
-        return True, (f"{alias} version {old_version} has no {metric}; "
-                      f"version {version} ({metric} {new:.4f}) replaces it")
-    better = new > old if cfg.greater_is_better else new < old
-    if better:
-        return True, f"version {version} ({metric} {new:.4f}) beats {alias} version {old_version} ({old:.4f})"
-    return False, (f"version {version} ({metric} {new:.4f}) does not beat {alias} version {old_version} "
-                   f"({old:.4f}); {alias} stays on version {old_version}")
-
-
 # ---------------------------------------------------------------- the stage
 
 
@@ -533,7 +338,7 @@ def register_model(
     loaded = model_from_checkpoint(checkpoint)
     _check_same_checkpoint(loaded.state, report, checkpoint)
     key = idempotency_key(cfg, report, checkpoint)
-    tags = {**_lineage(cfg, report, checkpoint, value), **_comparability_tags(report), IDEMPOTENCY_TAG: key}
+    tags = {**_lineage(cfg, report, checkpoint, value), **champion.comparability_tags(report), IDEMPOTENCY_TAG: key}
 
     uri = resolve_tracking_uri(cfg.tracking_uri, cfg.workspace)
     with using_tracking_uri(uri), promotion_lock(uri, cfg.model_name):
@@ -549,11 +354,11 @@ def register_model(
             run_id = _finished_run_with_key(client, experiment_id, key) or _log_run(
                 cfg, report, loaded, experiment_id, tags)
             version = _create_version(client, cfg.model_name, run_id, tags)
-        current = _champion(client, cfg.model_name, cfg.alias, cfg.metric)
+        current = champion.current_champion(client, cfg.model_name, cfg.alias, cfg.metric)
         if current is not None and current.version == version:  # an earlier try moved the alias, then failed
             promote, reason, current = True, f"version {version} is {cfg.alias} (moved by an earlier try)", None
         else:
-            promote, reason = _decide(value, version, report, current, cfg)
+            promote, reason = champion.decide(value, version, report, current, cfg)
             if promote:
                 client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
         decision = {"promoted": str(promote).lower(), "previous_champion": current.version if current else "",

@@ -207,20 +207,20 @@ def test_only_whole_test_split_scores_on_the_same_dataset_are_compared(evaluatio
 
 
 def test_val_split_and_champion_without_records_are_not_compared(evaluation):
-    from tasks.register import _Champion, _decide
+    from tasks.champion import Champion, decide
 
     cfg = RegisterConfig()
     val = evaluation.model_copy(update={"split": "val"})
-    assert _decide(0.9, "2", val, None, cfg) == (
+    assert decide(0.9, "2", val, None, cfg) == (
         False, "not compared: version 2 is not promotable, it was scored on the val split, not test; no champion set")
-    legacy = _Champion("1", 0.1, {"dataset_fingerprint": evaluation.dataset_fingerprint, "evaluated_split": "test"})
-    promote, reason = _decide(0.9, "2", evaluation, legacy, cfg)
+    legacy = Champion("1", 0.1, {"dataset_fingerprint": evaluation.dataset_fingerprint, "evaluated_split": "test"})
+    promote, reason = decide(0.9, "2", evaluation, legacy, cfg)
     assert not promote and "champion version 1 has no record of how it was scored" in reason
     recorded = {**legacy.tags, "complete_split": "true", "classes": json.dumps(evaluation.classes[::-1])}
-    promote, reason = _decide(0.9, "2", evaluation, _Champion("1", 0.1, recorded), cfg)
+    promote, reason = decide(0.9, "2", evaluation, Champion("1", 0.1, recorded), cfg)
     assert not promote and "champion version 1 has a different class list" in reason
     recorded["classes"] = json.dumps(evaluation.classes)
-    assert _decide(0.9, "2", evaluation, _Champion("1", 0.1, recorded), cfg)[0]
+    assert decide(0.9, "2", evaluation, Champion("1", 0.1, recorded), cfg)[0]
 
 
 # ---------------------------------------------------------------- retries
@@ -229,7 +229,7 @@ def test_val_split_and_champion_without_records_are_not_compared(evaluation):
 def test_registering_the_same_report_again_reuses_its_version(evaluation, trained_checkpoint, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    import tasks.register as register
+    import tasks.champion as champion
 
     cfg = _fresh_cfg(tmp_path)
     report = _report_variant(evaluation, 0.3, "2099-01-02T00:00:00+00:00")
@@ -241,7 +241,7 @@ def test_registering_the_same_report_again_reuses_its_version(evaluation, traine
 
     # a retry after a failure between creating the version and deciding the alias
     better = _report_variant(evaluation, 0.6, "2099-01-02T00:00:01+00:00")
-    decide, calls = register._decide, []
+    decide, calls = champion.decide, []
 
     def fail_once(*args, **kwargs):
         calls.append(1)
@@ -249,7 +249,7 @@ def test_registering_the_same_report_again_reuses_its_version(evaluation, traine
             raise RuntimeError("tracking server went away")
         return decide(*args, **kwargs)
 
-    monkeypatch.setattr(register, "_decide", fail_once)
+    monkeypatch.setattr(champion, "decide", fail_once)
     with pytest.raises(RuntimeError, match="went away"):
         register_model(cfg, better, trained_checkpoint)
     half = client.get_model_version("food-classifier", "2")
@@ -270,6 +270,7 @@ def test_registering_the_same_report_again_reuses_its_version(evaluation, traine
 
 _CHILD = r"""
 import fcntl, pathlib, sys, time
+import tasks.champion as champion
 import tasks.register as register
 from tasks.evaluate import EvaluationReport
 
@@ -283,13 +284,13 @@ def wait_for(*names, timeout=240.0):
         time.sleep(0.05)
 
 if role == "slow":  # read the champion, decide, then wait until the other one is done or blocked on the lock
-    decide = register._decide
+    decide = champion.decide
     def slow_decide(*args, **kwargs):
         decision = decide(*args, **kwargs)
         (signals / "slow-decided").touch()
         wait_for("fast-done", "fast-blocked")
         return decision
-    register._decide = slow_decide
+    champion.decide = slow_decide
 else:  # start once the slow one holds its decision; say so when the lock makes us wait
     flock = fcntl.flock
     def signalling_flock(fd, operation):
@@ -299,7 +300,7 @@ else:  # start once the slow one holds its decision; say so when the lock makes 
             except BlockingIOError:
                 (signals / "fast-blocked").touch()
         return flock(fd, operation)
-    register.fcntl.flock = signalling_flock
+    fcntl.flock = signalling_flock
     wait_for("slow-decided")
 result = register.register_model(register.RegisterConfig(workspace=workspace), report, checkpoint)
 (signals / f"{role}-done").touch()
@@ -342,14 +343,14 @@ def test_concurrent_registrations_end_with_the_better_one_as_champion(evaluation
 
 
 def test_lock_file_sits_next_to_the_store_and_remote_stores_outside_prefect_warn(tmp_path, caplog):
-    from tasks.register import _lock_file, promotion_lock
+    from tasks.registry_lock import _lock_file, promotion_lock
 
     assert _lock_file(f"sqlite:///{tmp_path}/mlflow/mlflow.db") == tmp_path / "mlflow" / "mlflow.db.lock"
     assert _lock_file(tmp_path.as_uri()) == tmp_path / ".train-food-registry.lock"
     assert _lock_file("http://mlflow.example:5000") is None and _lock_file("databricks") is None
     with promotion_lock(f"sqlite:///{tmp_path}/mlflow/mlflow.db", "food-classifier"):
         assert (tmp_path / "mlflow" / "mlflow.db.lock").is_file()
-    with caplog.at_level("WARNING", logger="tasks.register"), promotion_lock("http://mlflow.example:5000", "m"):
+    with caplog.at_level("WARNING", logger="tasks.registry_lock"), promotion_lock("http://mlflow.example:5000", "m"):
         pass
     assert "no lock for http://mlflow.example:5000 outside a Prefect flow" in caplog.text
 
@@ -361,7 +362,7 @@ def test_remote_store_inside_prefect_takes_a_concurrency_limit_of_one():
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.testing.utilities import prefect_test_harness
 
-    from tasks.register import promotion_lock
+    from tasks.registry_lock import promotion_lock
 
     name = "train-food-registry-food-classifier"
 
