@@ -28,8 +28,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     # Offline, the temporary Prefect server's telemetry heartbeat fails with a "database is locked"
-    # traceback; nothing is lost without it. A user's own setting wins.
+    # traceback; nothing is lost without it. On a busy 2-core machine that server can take longer
+    # than Prefect's default 20 s to start. A user's own settings win.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     args = _build_parser().parse_args(argv)
     handler: Handler = args.handler
     try:
