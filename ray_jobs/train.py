@@ -1,10 +1,12 @@
 """Distributed training with Ray Train: the worker loop, the trainer, and `fit(cfg)`.
 
 The worker loop reads top to bottom like Ray's TorchTrainer examples: [1] prepare the data
-loaders, [2] prepare the model, objective and optimizer (resuming from the latest checkpoint if
-Ray hands one back), [3] train, evaluate and report one checkpoint per epoch. `fit` is what the
-CLI, the Tune trials and the Prefect flow call; `ScalingConfig.num_workers=0` runs the very same
-loop in-process (Ray's local mode) for fast tests.
+loaders (our own seeded sampler instead of `prepare_data_loader`'s, so the data order follows
+`seed` and survives a restart), [2] prepare the model, objective and optimizer (resuming from the
+latest checkpoint of the run, after checking it was made with the same recipe), [3] train,
+evaluate and report one checkpoint per epoch. `fit` is what the CLI, the Tune trials and the
+Prefect flow call; `ScalingConfig.num_workers=0` runs the very same loop in-process (Ray's local
+mode) for fast tests. Every path is resolved on the driver: workers run in other directories.
 """
 
 from __future__ import annotations
