@@ -185,7 +185,7 @@ def test_only_whole_test_split_scores_on_the_same_dataset_are_compared(evaluatio
     cross = _report_variant(evaluation, 0.9, "2099-01-01T00:00:02+00:00", cross_dataset=True, dataset_fingerprint=other)
     second = register_model(cfg, cross, trained_checkpoint)
     assert not second.champion and "not promotable, it was trained on dataset" in second.reason
-    assert f"scored on dataset 9f8e7d6c5b4a; no champion set" in second.reason
+    assert "scored on dataset 9f8e7d6c5b4a; no champion set" in second.reason
 
     whole = register_model(cfg, _report_variant(evaluation, 0.3, "2099-01-01T00:00:03+00:00"), trained_checkpoint)
     assert (whole.version, whole.champion) == ("3", True)
