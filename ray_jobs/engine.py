@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ray_jobs.losses import Objective
+from ray_jobs.losses import Objective, distributed
 from ray_jobs.metrics import compactness, topk_correct
 
 
@@ -29,13 +29,9 @@ class NonFiniteLossError(RuntimeError):
         self.step = step
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum a few scalars over all workers (identity without a process group)."""
-    if not _distributed():
+    if not distributed():
         return values
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
@@ -106,7 +102,7 @@ def train_one_epoch(
 
 def _any_worker(flag: bool, device: torch.device) -> bool:
     """True when `flag` is set on any worker, so all workers stop on the same step."""
-    if not _distributed():
+    if not distributed():
         return flag
     tensor = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(tensor)
@@ -135,7 +131,7 @@ def predict(
 
 def _gather(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate a CPU tensor of any length from all workers (identity without a process group)."""
-    if not _distributed():
+    if not distributed():
         return tensor
     parts: list[torch.Tensor | None] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, tensor)

@@ -23,7 +23,7 @@ from ray_jobs.config import LossConfig
 from ray_jobs.errors import UserInputError
 
 
-def _distributed() -> bool:
+def distributed() -> bool:
     """True when a process group with more than one rank is up (False in Ray's local mode)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -63,7 +63,7 @@ class CenterLoss:
         counts = fused[num_c * dim :]
         sums.index_add_(0, y, x)
         counts.index_add_(0, y, torch.ones_like(y, dtype=torch.float32))
-        if _distributed():
+        if distributed():
             dist.all_reduce(fused, op=dist.ReduceOp.SUM)
         n = counts.unsqueeze(1)
         delta = (n * c - sums) / (1.0 + n)  # = sum_{y_i=j}(c_j - x_i) / (1 + n_j); 0 for absent classes

@@ -42,7 +42,7 @@ from ray_jobs.config import OptimConfig, TrainConfig
 from ray_jobs.data import ParquetImageDataset, SeededShardSampler, dataset_info, eval_transform, train_transform
 from ray_jobs.engine import NonFiniteLossError, evaluate, train_one_epoch
 from ray_jobs.errors import UserInputError
-from ray_jobs.losses import build_objective
+from ray_jobs.losses import build_objective, distributed
 from ray_jobs.model import build_model, head_for_loss
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -119,7 +119,7 @@ def _rank_seed(seed: int, rank: int) -> int:
 def _rng_states(device: torch.device) -> list[dict[str, Any]]:
     """Every rank's RNG state, in rank order (gathered so rank 0 can save them all)."""
     mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-    if not _distributed():
+    if not distributed():
         return [mine]
     states: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(states, mine)
@@ -132,10 +132,6 @@ def _restore_rng(states: list[dict[str, Any]], rank: int, world: int) -> None:
     torch.set_rng_state(states[rank]["cpu"])
     if states[rank]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(states[rank]["cuda"])
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _checkpoint_state(model, objective, optimizer, scheduler, epoch, cfg, run, metrics, rng) -> dict[str, Any]:
