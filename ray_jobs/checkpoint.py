@@ -49,6 +49,20 @@ def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
     return path
 
 
+# What `torch.load(weights_only=True)` raises for a file that is not plain tensors and values.
+UNSAFE_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError)
+
+
+def load_error_line(err: BaseException) -> str:
+    """The informative line of a torch.load error, without torch's advice to retry with weights_only=False."""
+    noise = ("weights only load failed", "weights_only", "please file an issue", "check the documentation")
+    for line in str(err).splitlines():
+        line = line.split("WeightsUnpickler error:")[-1].strip()
+        if line and not any(phrase in line.lower() for phrase in noise):
+            return line
+    return type(err).__name__
+
+
 def load_checkpoint(directory_or_file: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint from its directory (as Ray stores it) or from the file itself.
 
@@ -62,9 +76,10 @@ def load_checkpoint(directory_or_file: str | Path, map_location: str | torch.dev
         raise UserInputError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserInputError(f"{path} is not a train-food checkpoint that loads safely (weights only): {first}") from None
+    except UNSAFE_LOAD_ERRORS as err:
+        raise UserInputError(
+            f"{path} is not a train-food checkpoint that loads safely (weights only): {load_error_line(err)}"
+        ) from None
     if not isinstance(state, dict):
         raise UserInputError(f"{path} holds a {type(state).__name__}, not a train-food checkpoint")
     return state

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.io import ImageReadMode, decode_image
 
-from ray_jobs.checkpoint import load_checkpoint
+from ray_jobs.checkpoint import UNSAFE_LOAD_ERRORS, load_checkpoint, load_error_line
 from ray_jobs.config import TrainConfig
 from ray_jobs.data import eval_transform
 from ray_jobs.errors import UserInputError
@@ -74,12 +73,18 @@ class CheckpointModel:
     state: dict[str, Any]
 
 
-def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> CheckpointModel:
-    """Rebuild the trained FoodNet (eval mode) from a checkpoint directory or file.
+def trained_net(config: TrainConfig, classes: list[str]) -> FoodNet:
+    """An empty FoodNet shaped like the trained one, ready for its saved weights.
 
-    The backbone is built without `pretrained`/`weights_path`: the checkpoint holds every weight, and
-    those options would otherwise need the original weight files on this machine.
+    The backbone is built without `pretrained`/`weights_path`: the saved state holds every weight,
+    and those options would otherwise need the original weight files on this machine.
     """
+    model_cfg = config.model.model_copy(update={"pretrained": False, "weights_path": None})
+    return build_model(model_cfg, len(classes), head_for_loss(config.loss.kind))
+
+
+def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> CheckpointModel:
+    """Rebuild the trained FoodNet (eval mode) from a checkpoint directory or file."""
     state = load_checkpoint(path, map_location="cpu")
     try:
         config = TrainConfig.model_validate(state["config"])
@@ -87,8 +92,7 @@ def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") 
         weights = state["model"]
     except (KeyError, TypeError, ValueError) as err:
         raise UserInputError(f"{path} is not a train-food training checkpoint ({err})") from None
-    model_cfg = config.model.model_copy(update={"pretrained": False, "weights_path": None})
-    net = build_model(model_cfg, len(classes), head_for_loss(config.loss.kind))
+    net = trained_net(config, classes)
     net.load_state_dict(weights)
     return CheckpointModel(net=net.to(device).eval(), config=config, classes=classes, state=state)
 
@@ -104,7 +108,8 @@ def load_model(source: str | None = None, tracking_uri: str | None = None) -> Lo
     source = source or DEFAULT_MODEL_URI
     device = default_device()
     if Path(source, "MLmodel").is_file():  # a downloaded registered model's folder
-        return _load_mlflow_model(str(Path(source).resolve()), tracking_uri, device)
+        folder = Path(source).resolve()
+        return model_from_folder(folder, str(folder), device)
     if Path(source).exists():
         loaded = model_from_checkpoint(source, device)
         return LoadedModel(
@@ -150,12 +155,10 @@ def using_tracking_uri(uri: str | None) -> Iterator[None]:
 
 
 def _load_mlflow_model(uri: str, tracking_uri: str | None, device: torch.device) -> LoadedModel:
-    """A model logged by `train-food register`: from a local folder holding MLmodel, else downloaded."""
+    """A model logged by `train-food register`, downloaded from the tracking server."""
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    if Path(uri, "MLmodel").is_file():
-        return model_from_folder(Path(uri), uri, device)
     with tempfile.TemporaryDirectory(prefix="train-food-model-") as scratch:  # the weights end up in memory
         try:
             with using_tracking_uri(tracking_uri), _env_default("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
@@ -164,16 +167,6 @@ def _load_mlflow_model(uri: str, tracking_uri: str | None, device: torch.device)
             where = tracking_uri or mlflow.get_tracking_uri()
             raise UserInputError(f"cannot load model {uri} from tracking server {where}: {err.message}") from None
         return model_from_folder(Path(local), uri, device)
-
-
-def _first_line(err: BaseException) -> str:
-    """The informative line of a torch.load error, without torch's advice to retry with weights_only=False."""
-    noise = ("weights only load failed", "weights_only", "please file an issue", "check the documentation")
-    for line in str(err).splitlines():
-        line = line.split("WeightsUnpickler error:")[-1].strip()
-        if line and not any(phrase in line.lower() for phrase in noise):
-            return line
-    return type(err).__name__
 
 
 def model_from_folder(folder: Path, source: str, device: torch.device) -> LoadedModel:
@@ -202,14 +195,13 @@ def model_from_folder(folder: Path, source: str, device: torch.device) -> Loaded
         state = torch.load(weights, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise UserInputError(f"model {source} has no {MODEL_WEIGHTS}") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
-        raise UserInputError(f"refused to load {shown}: not a plain tensor file ({_first_line(err)})") from None
-    model_cfg = config.model.model_copy(update={"pretrained": False, "weights_path": None})
-    net = build_model(model_cfg, len(classes), head_for_loss(config.loss.kind))
+    except (*UNSAFE_LOAD_ERRORS, OSError) as err:
+        raise UserInputError(f"refused to load {shown}: not a plain tensor file ({load_error_line(err)})") from None
+    net = trained_net(config, classes)
     try:
         net.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:
-        raise UserInputError(f"{shown} does not fit the model in its MLmodel metadata ({_first_line(err)})") from None
+        raise UserInputError(f"{shown} does not fit the model in its MLmodel metadata ({load_error_line(err)})") from None
     return LoadedModel(
         module=LogitsModel(net).to(device).eval(),
         classes=classes,
