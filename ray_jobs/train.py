@@ -402,20 +402,21 @@ def build_trainer(
     )
 
 
-def run_inputs(cfg: TrainConfig) -> tuple[TrainConfig, RunInputs]:
-    """Resolve paths and read the dataset's classes and fingerprint, on the driver, once."""
+def prepare_driver(cfg: TrainConfig, *, uses_ray: bool) -> tuple[TrainConfig, RunInputs]:
+    """On the driver, once: absolute paths, the dataset's classes and fingerprint, and (when the work
+    runs on Ray workers) a cluster that can hold the request, with the worker start timeout set."""
     cfg = cfg.with_absolute_paths()
     info = dataset_info(cfg.data.dataset)
+    if uses_ray:
+        ensure_ray(cfg.run.ray_address)
+        check_resources(cfg)
+        os.environ[START_TIMEOUT_ENV] = str(cfg.scaling.start_timeout_s)
     return cfg, RunInputs(classes=info.classes, dataset_fingerprint=info.fingerprint)
 
 
 def fit(cfg: TrainConfig, fault: FaultInjection | None = None) -> TrainResult:
     """Train one model; raise `UserInputError` for bad input and stop on a non-finite loss."""
-    cfg, run = run_inputs(cfg)
-    if cfg.scaling.num_workers > 0:
-        ensure_ray(cfg.run.ray_address)
-        check_resources(cfg)
-        os.environ[START_TIMEOUT_ENV] = str(cfg.scaling.start_timeout_s)
+    cfg, run = prepare_driver(cfg, uses_ray=cfg.scaling.num_workers > 0)
     name = cfg.run.name or new_run_name()
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
     run_dir = f"{cfg.run.storage_path}/{name}"

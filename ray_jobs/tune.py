@@ -9,7 +9,6 @@ it, finishing missing trials without redoing finished ones.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,15 +23,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray_jobs.checkpoint import best_checkpoint
 from ray_jobs.config import SweepConfig, TrainConfig, absolute
 from ray_jobs.errors import UserInputError
-from ray_jobs.train import (
-    START_TIMEOUT_ENV,
-    RunInputs,
-    build_trainer,
-    check_resources,
-    ensure_ray,
-    new_run_name,
-    run_inputs,
-)
+from ray_jobs.train import RunInputs, build_trainer, new_run_name, prepare_driver
 from ray_jobs.tune_report import write_sweep_outputs
 
 METRIC = "val_acc1"
@@ -126,10 +117,7 @@ def _trial_row(result: ray.tune.Result, max_epochs: int, storage: str, sweep: st
 
 def run_sweep(cfg: SweepConfig) -> SweepResult:
     """Run (or resume) the sweep and write its table (CSV, Parquet) and plot (PNG) beside it."""
-    train, run = run_inputs(cfg.train)
-    ensure_ray(train.run.ray_address)
-    check_resources(train)
-    os.environ[START_TIMEOUT_ENV] = str(train.scaling.start_timeout_s)
+    train, run = prepare_driver(cfg.train, uses_ray=True)
     storage = train.run.storage_path
     name = cfg.name or new_run_name("sweep")
     path = f"{storage}/{name}"
