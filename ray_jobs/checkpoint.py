@@ -25,6 +25,8 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
+from ray_jobs.config import absolute
+from ray_jobs.data import filesystem
 from ray_jobs.errors import UserInputError
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -99,15 +101,9 @@ class StoredCheckpoint:
         return float(value) if isinstance(value, (int, float)) else float("-inf")
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri).resolve())
-
-
 def stored_checkpoints(run_dir: str) -> list[StoredCheckpoint]:
     """Complete checkpoints under one run directory (local path or pyarrow.fs URI), oldest first."""
-    fs, root = _filesystem(run_dir)
+    fs, root = filesystem(absolute(run_dir))
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         return []
     found = []

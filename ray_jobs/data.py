@@ -57,7 +57,8 @@ def eval_transform(*, image_size: int) -> v2.Compose:
     )
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The file system and path of a URI (`s3://...`) or of a local path."""
     try:
         return pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, ValueError):
@@ -66,7 +67,7 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 
 def load_manifest(dataset_uri: str) -> dict:
     """Read `manifest.json`, with a clear error when the path is not an ingested dataset."""
-    fs, root = _filesystem(dataset_uri)
+    fs, root = filesystem(dataset_uri)
     path = f"{root.rstrip('/')}/manifest.json"
     try:
         with fs.open_input_stream(path) as stream:
@@ -78,7 +79,7 @@ def load_manifest(dataset_uri: str) -> dict:
 
 
 def _split_dataset(dataset_uri: str, split: str) -> pads.Dataset:
-    fs, root = _filesystem(dataset_uri)
+    fs, root = filesystem(dataset_uri)
     split_dir = f"{root.rstrip('/')}/{split}"
     if fs.get_file_info(split_dir).type != pafs.FileType.Directory:
         raise UserInputError(f"dataset {dataset_uri!r} has no {split!r} split at {split_dir}")
