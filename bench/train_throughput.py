@@ -21,11 +21,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ray_jobs.config import DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig
-from ray_jobs.data import ParquetImageDataset, dataset_info, eval_transform
+from ray_jobs.data import IMAGENET, ParquetImageDataset, dataset_info, eval_transform
 from ray_jobs.engine import train_one_epoch
 from ray_jobs.losses import build_objective
 from ray_jobs.model import build_model, head_for_loss
-from ray_jobs.train import build_optimizer, build_scheduler, fit
+from ray_jobs.train import build_optimizer, build_scheduler, fit, parameter_groups
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def _ingested_sample(workdir: Path) -> str:
 
 def _in_memory(dataset: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every train image decoded once to a normalised float tensor: the input a bare loop gets for free."""
-    split = ParquetImageDataset(dataset, "train", eval_transform(image_size=image_size))
+    split = ParquetImageDataset(dataset, "train", eval_transform(image_size=image_size, norm=IMAGENET))
     images = torch.stack([split[i][0] for i in range(len(split))])
     return images, split.labels
 
@@ -72,7 +72,7 @@ def engine_step_seconds(images, labels, cfg: TrainConfig, num_classes: int, kind
     model = build_model(cfg.model, num_classes, head_for_loss(kind))
     objective = build_objective(loss_cfg, num_classes, cfg.model.feat_dim)
     loader = DataLoader(TensorDataset(images, labels), batch_size=cfg.data.batch_size, drop_last=True)
-    optimizer = build_optimizer(cfg.optim, model.parameters())
+    optimizer = build_optimizer(cfg.optim, parameter_groups(model, cfg.optim.lr, cfg.backbone_lr_scale))
     scheduler = build_scheduler(cfg.optim, optimizer, len(loader))
     metrics = train_one_epoch(model, objective, optimizer, scheduler, loader, torch.device("cpu"), epoch=1)
     return cfg.data.batch_size / metrics["train_images_per_s"]
@@ -95,7 +95,7 @@ def main() -> None:
         num_classes = dataset_info(dataset).num_classes
         cfg = TrainConfig(
             data=DataConfig(dataset=dataset, image_size=args.image_size, batch_size=args.batch_size, loader_workers=1),
-            model=ModelConfig(arch="resnet18", feat_dim=512),
+            model=ModelConfig(arch="resnet18", pretrained=False, feat_dim=512),
             loss=LossConfig(kind="center", lam=0.003, alpha=0.5),
             optim=OptimConfig(name="sgd", lr=0.01, epochs=args.epochs, warmup_epochs=0),
             scaling=ScalingConfig(num_workers=1, cpus_per_worker=args.cpus),

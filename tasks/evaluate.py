@@ -30,11 +30,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from ray_jobs.data import ParquetImageDataset, dataset_info, eval_transform
+from ray_jobs.data import ParquetImageDataset, dataset_info
 from ray_jobs.engine import predict
 from ray_jobs.errors import UserInputError, invalid_options
 from ray_jobs.metrics import compactness, topk_correct
-from ray_jobs.predict import default_device, model_from_checkpoint
+from ray_jobs.predict import default_device, eval_preprocessing, model_from_checkpoint
 from tasks.evaluate_plots import plot_confusion_matrix, plot_projection
 
 REPORT_FILE = "report.json"
@@ -259,7 +259,7 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> EvaluationReport:
     _check_dataset(str(checkpoint), trained_on, dataset, info.fingerprint, cfg.cross_dataset)
 
     image_size = loaded.config.data.image_size
-    split = ParquetImageDataset(dataset, cfg.split, eval_transform(image_size=image_size), cfg.limit)
+    split = ParquetImageDataset(dataset, cfg.split, eval_preprocessing(loaded.config), cfg.limit)
     loader = DataLoader(split, batch_size=cfg.batch_size, num_workers=cfg.loader_workers)
     features, logits, labels = predict(loaded.net, loader, device)
     metrics, per_class, matrix = summarize(features, logits, labels, loaded.classes, prefix=cfg.split)

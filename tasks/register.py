@@ -39,14 +39,16 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ray_jobs.data import IMAGENET_MEAN, IMAGENET_STD, ParquetImageDataset, eval_transform
+from ray_jobs.config import TrainConfig
+from ray_jobs.data import ParquetImageDataset
 from ray_jobs.errors import UserInputError, invalid_options
-from ray_jobs.model import head_for_loss
+from ray_jobs.model import head_for_loss, input_normalization
 from ray_jobs.predict import (
     MODEL_FORMAT,
     MODEL_WEIGHTS,
     CheckpointModel,
     LogitsModel,
+    eval_preprocessing,
     model_from_checkpoint,
     using_tracking_uri,
 )
@@ -188,7 +190,8 @@ def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 def _example_input(report: EvaluationReport) -> np.ndarray:
     """One real image of the evaluated split, preprocessed: float32 NCHW (batch of 1)."""
     try:
-        split = ParquetImageDataset(report.dataset, report.split, eval_transform(image_size=report.image_size), limit=1)
+        preprocessing = eval_preprocessing(TrainConfig.model_validate(report.train_config))
+        split = ParquetImageDataset(report.dataset, report.split, preprocessing, limit=1)
         return split[0][0].unsqueeze(0).numpy().astype(np.float32)
     except (UserInputError, OSError, IndexError) as err:
         log.warning("register: dataset %s unreadable (%s); using a blank example input", report.dataset, err)
@@ -208,6 +211,7 @@ def _check_same_checkpoint(state: dict[str, Any], report: EvaluationReport, chec
 
 def _model_metadata(loaded: CheckpointModel, report: EvaluationReport) -> dict[str, Any]:
     """What `ray_jobs.predict` needs to rebuild the net, and a consumer to preprocess inputs and read outputs."""
+    norm = input_normalization(loaded.config.model.arch)
     return {
         "format": MODEL_FORMAT,
         "weights": MODEL_WEIGHTS,
@@ -215,9 +219,9 @@ def _model_metadata(loaded: CheckpointModel, report: EvaluationReport) -> dict[s
         "classes": loaded.classes,
         "image_size": report.image_size,
         "resize": round(report.image_size * 256 / 224),
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "input": "float32 NCHW RGB, resized, center-cropped and ImageNet-normalised (ray_jobs.data.eval_transform)",
+        "mean": list(norm.mean),
+        "std": list(norm.std),
+        "input": "float32 NCHW RGB, resized, center-cropped and normalised with mean/std (ray_jobs.data.eval_transform)",
         "output": "logits, one per class in `classes` order",
         "arch": loaded.config.model.arch,
         "feat_dim": loaded.config.model.feat_dim,

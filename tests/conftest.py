@@ -44,7 +44,7 @@ def trained_checkpoint(tiny_dataset: str, tmp_path_factory: pytest.TempPathFacto
 
     cfg = TrainConfig(
         data=DataConfig(dataset=tiny_dataset, image_size=32, batch_size=16, loader_workers=0, limit_per_split=64),
-        model=ModelConfig(arch="resnet18", feat_dim=16),
+        model=ModelConfig(arch="resnet18", pretrained=False, feat_dim=16),
         loss=LossConfig(kind="center", lam=0.01, alpha=0.5),
         optim=OptimConfig(name="sgd", lr=0.05, epochs=2, warmup_epochs=0),
         scaling=ScalingConfig(num_workers=0),

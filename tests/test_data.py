@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torchvision.transforms import v2
 
-from ray_jobs.data import ParquetImageDataset, SeededShardSampler, train_transform
+from ray_jobs.data import IMAGENET, ParquetImageDataset, SeededShardSampler, eval_transform, train_transform
 
 
 class _Sized(torch.utils.data.Dataset):
@@ -42,7 +43,7 @@ def test_order_follows_the_seed_and_the_epoch_and_ranks_never_share_a_stream():
 
 
 def test_a_sample_is_augmented_the_same_way_whatever_ran_before(tiny_dataset):
-    dataset = ParquetImageDataset(tiny_dataset, "train", train_transform(image_size=32), limit=4)
+    dataset = ParquetImageDataset(tiny_dataset, "train", train_transform(image_size=32, norm=IMAGENET, min_crop_scale=0.08), limit=4)
     first, _ = dataset[(2, 12345)]
     torch.rand(1000)  # another consumer of the global stream in between
     again, _ = dataset[(2, 12345)]
@@ -52,3 +53,34 @@ def test_a_sample_is_augmented_the_same_way_whatever_ran_before(tiny_dataset):
     state = torch.get_rng_state()
     dataset[(1, 99)]
     assert torch.equal(state, torch.get_rng_state()), "seeded access must not move the caller's RNG"
+
+
+def test_crop_strength_is_a_parameter():
+    """min_crop_scale=1 keeps the whole picture (only flips differ); 0.08 crops vary from sample to sample."""
+    ramp = torch.arange(64, dtype=torch.uint8).repeat(3, 64, 1) * 4  # a left-to-right gradient, 64 x 64
+    whole = v2.Compose([v2.Resize(32, antialias=True), v2.ToDtype(torch.float32, scale=True),
+                        v2.Normalize(IMAGENET.mean, IMAGENET.std)])(ramp)
+    gentle = train_transform(image_size=32, norm=IMAGENET, min_crop_scale=1.0)
+    strong = train_transform(image_size=32, norm=IMAGENET, min_crop_scale=0.08)
+    outputs = {"gentle": [], "strong": []}
+    for seed in range(8):
+        torch.manual_seed(seed)
+        outputs["gentle"].append(gentle(ramp))
+        torch.manual_seed(seed)
+        outputs["strong"].append(strong(ramp))
+    for image in outputs["gentle"]:
+        assert torch.allclose(image, whole, atol=1e-5) or torch.allclose(image, whole.flip(-1), atol=1e-5)
+    distinct = {tuple(image[0, 0].tolist()) for image in outputs["strong"]}
+    assert len(distinct) == 8, "strong crops of a gradient differ per sample"
+
+
+def test_eval_transform_uses_the_given_normalisation():
+    grey = torch.full((3, 40, 40), 128, dtype=torch.uint8)
+    half = eval_transform(image_size=32, norm=v2_norm(0.5, 0.5))(grey)
+    assert torch.allclose(half, torch.full_like(half, (128 / 255 - 0.5) / 0.5), atol=1e-5)
+
+
+def v2_norm(mean: float, std: float):
+    from ray_jobs.data import Normalization
+
+    return Normalization(mean=(mean,) * 3, std=(std,) * 3)

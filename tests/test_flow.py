@@ -57,13 +57,25 @@ def test_flow_sweeps_evaluates_registers_then_hits_the_ingest_cache(prefect_harn
     assert second["model_uri"] == "models:/food-classifier/2"
     assert len(client.search_model_versions("name='food-classifier'")) == 2
 
-    async def artifact_keys() -> set[str]:
+    async def artifacts() -> dict[str, list]:
         async with get_client() as prefect:
-            return {artifact.key for artifact in await prefect.read_artifacts()}
+            found: dict[str, list] = {}
+            for artifact in await prefect.read_artifacts():
+                found.setdefault(artifact.key, []).append(artifact)
+            return found
 
     import asyncio
+    import base64
+    import re
 
-    assert {"train-food-summary", "sweep-trials", "confusion-matrix-png"} <= asyncio.run(artifact_keys())
+    found = asyncio.run(artifacts())
+    assert {"train-food-summary", "sweep-trials"} <= set(found)
+    # The plots are inline PNGs (the UI cannot open file:// links): the newest summary embeds this run's files.
+    summary = max(found["train-food-summary"], key=lambda artifact: artifact.created).data
+    embedded = dict(re.findall(r"!\[(\w+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", summary))
+    assert set(embedded) == set(second["plots"]) and "file://" not in summary
+    for role, encoded in embedded.items():
+        assert base64.b64decode(encoded) == Path(second["plots"][role]).read_bytes()
 
 
 @pytest.mark.slow

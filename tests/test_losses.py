@@ -171,7 +171,7 @@ def _lam0_ddp_worker(rank: int, world: int, init_method: str, out_dir: str) -> N
     torch.manual_seed(0)  # same initial weights on both ranks (DDP also broadcasts them)
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
     try:
-        model = build_model(ModelConfig(arch="resnet18", feat_dim=8), num_classes=3, head="linear")
+        model = build_model(ModelConfig(arch="resnet18", pretrained=False, feat_dim=8), num_classes=3, head="linear")
         ddp = DistributedDataParallel(model)  # default settings: find_unused_parameters=False
         objective = build_objective(LossConfig(kind="center", lam=0.0, alpha=0.5), num_classes=3, feat_dim=8)
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.01)

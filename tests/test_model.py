@@ -12,7 +12,7 @@ from ray_jobs.config import ModelConfig
 from ray_jobs.errors import UserInputError
 from ray_jobs.model import FoodNet, LGMHead, build_model, head_for_loss
 
-ARCHS = ["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0"]
+ARCHS = ["efficientnet_lite0", "resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0"]
 
 
 # Every backbone with the linear head; the LGM head does not depend on the backbone, one arch is enough.
@@ -20,7 +20,7 @@ ARCHS = ["resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0"]
 def test_each_arch_builds_and_returns_features_and_logits(arch: str, head: str) -> None:
     """Cheap on purpose: 32 px, batch 2, eval mode."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch=arch, feat_dim=16), num_classes=5, head=head).eval()
+    model = build_model(ModelConfig(arch=arch, pretrained=False, feat_dim=16), num_classes=5, head=head).eval()
     assert isinstance(model, FoodNet)
     assert isinstance(model.head, LGMHead if head == "lgm" else torch.nn.Linear)
     with torch.no_grad():

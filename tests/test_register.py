@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from flows.cli import main
-from ray_jobs.data import ParquetImageDataset, eval_transform
+from ray_jobs.data import IMAGENET, ParquetImageDataset
 from ray_jobs.errors import UserInputError
-from ray_jobs.predict import load_model, model_from_checkpoint
+from ray_jobs.predict import eval_preprocessing, load_model, model_from_checkpoint
 from tasks.evaluate import EvaluationReport
 from tasks.register import (
     RegisterConfig,
@@ -109,11 +109,12 @@ def test_alias_loads_the_same_model_as_the_checkpoint(registry, trained_checkpoi
     served = load_model("models:/food-classifier@champion", registry["uri"])
     reference = model_from_checkpoint(trained_checkpoint)
     assert served.classes == reference.classes and served.image_size == reference.config.data.image_size == 32
-    split = ParquetImageDataset(tiny_dataset, "test", eval_transform(image_size=32), limit=16)
+    split = ParquetImageDataset(tiny_dataset, "test", eval_preprocessing(served.config), limit=16)
     images, _ = next(iter(DataLoader(split, batch_size=16)))
     with torch.no_grad():
         torch.testing.assert_close(served.module(images), reference.net(images)[1], rtol=1e-5, atol=1e-5)
     assert served.metadata["head"] == "linear" and served.metadata["arch"] == "resnet18"
+    assert served.metadata["mean"] == list(IMAGENET.mean) and served.metadata["std"] == list(IMAGENET.std)
 
 
 class _Payload:

@@ -23,7 +23,7 @@ def tiny_config(dataset: str, storage: Path | str, *, workers: int, epochs: int 
     return TrainConfig(
         data=DataConfig(dataset=dataset, image_size=32, batch_size=overrides.pop("batch_size", 16), loader_workers=0,
                         limit_per_split=overrides.pop("limit", 64)),
-        model=ModelConfig(arch="resnet18", feat_dim=32),
+        model=ModelConfig(arch="resnet18", pretrained=False, feat_dim=32),
         loss=overrides.pop("loss", LossConfig(kind="center", lam=0.01, alpha=0.5)),
         optim=OptimConfig(name="sgd", lr=overrides.pop("lr", 0.05), epochs=epochs, warmup_epochs=0),
         scaling=ScalingConfig(num_workers=workers, cpus_per_worker=overrides.pop("cpus_per_worker", 1.0),
@@ -258,3 +258,24 @@ def test_centers_identical_on_ray_workers_and_equal_to_one_process(ray_cluster, 
     assert outcome["max_rank_gap"] == 0.0
     torch.testing.assert_close(torch.tensor(outcome["centers"]), reference.centers, rtol=0, atol=1e-6)
     assert reference.centers[-1].abs().sum() == 0 and reference.centers[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize(("pretrained", "override", "expected"), [(True, None, 0.1), (False, None, 1.0), (True, 0.5, 0.5)])
+def test_backbone_learns_at_a_fraction_of_the_new_layers_lr(pretrained, override, expected):
+    from ray_jobs.model import build_model
+    from ray_jobs.train import build_optimizer, build_scheduler, parameter_groups
+
+    cfg = TrainConfig(data=DataConfig(dataset="unused"), model=ModelConfig(pretrained=pretrained, feat_dim=8),
+                      optim=OptimConfig(lr=0.002, backbone_lr_scale=override, epochs=2, warmup_epochs=0))
+    assert cfg.backbone_lr_scale == expected
+    model = build_model(cfg.model.model_copy(update={"pretrained": False}), num_classes=3, head="linear")
+    optimizer = build_optimizer(cfg.optim, parameter_groups(model, cfg.optim.lr, cfg.backbone_lr_scale))
+    new_layers, backbone = optimizer.param_groups
+    assert {id(p) for p in backbone["params"]} == {id(p) for p in model.backbone.parameters()}
+    assert {id(p) for p in new_layers["params"]} == {id(p) for p in [*model.embedding.parameters(), *model.head.parameters()]}
+    assert new_layers["lr"] == pytest.approx(0.002) and backbone["lr"] == pytest.approx(0.002 * expected)
+    scheduler = build_scheduler(cfg.optim, optimizer, steps_per_epoch=4)
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+    assert backbone["lr"] / new_layers["lr"] == pytest.approx(expected), "the schedule scales both groups alike"
