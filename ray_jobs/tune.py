@@ -23,7 +23,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray_jobs.checkpoint import best_checkpoint
 from ray_jobs.config import SweepConfig, TrainConfig, absolute
 from ray_jobs.errors import UserInputError
-from ray_jobs.train import RunInputs, build_trainer, new_run_name, prepare_driver
+from ray_jobs.train import RunInputs, build_trainer, fit_retrying_start, new_run_name, prepare_driver
 from ray_jobs.tune_report import write_sweep_outputs
 
 METRIC = "val_acc1"
@@ -38,7 +38,8 @@ def _trial(config: dict[str, Any]) -> None:
     cfg = TrainConfig.model_validate(train)
     context = tune.get_context()
     name = trial_run_name(context.get_experiment_name(), context.get_trial_id())
-    outcome = build_trainer(cfg, RunInputs(**config["run"]), name, callbacks=[TuneReportCallback()]).fit().return_value
+    trainer = build_trainer(cfg, RunInputs(**config["run"]), name, callbacks=[TuneReportCallback()])
+    outcome = fit_retrying_start(trainer, name).return_value
     if (outcome or {}).get("status") == "bad_input":
         raise UserInputError(outcome["error"])
 

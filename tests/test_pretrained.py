@@ -73,3 +73,14 @@ def test_a_state_dict_of_another_shape_is_refused() -> None:
         _by_position({"x": torch.zeros(2), "y": torch.zeros(4)}, target, "weights.pth")
     with pytest.raises(UserInputError, match="1 tensors"):
         _by_position({"x": torch.zeros(2)}, target, "weights.pth")
+
+
+def test_the_default_model_sees_inputs_scaled_to_minus_one_one() -> None:
+    """Train, evaluate, predict and serve all preprocess with the weights' own normalisation."""
+    from ray_jobs.config import DataConfig, TrainConfig
+    from ray_jobs.predict import eval_preprocessing
+
+    preprocess = eval_preprocessing(TrainConfig(data=DataConfig(dataset="unused", image_size=32)))
+    white = preprocess(torch.full((3, 40, 40), 255, dtype=torch.uint8))
+    black = preprocess(torch.zeros((3, 40, 40), dtype=torch.uint8))
+    assert torch.allclose(white, torch.ones_like(white)) and torch.allclose(black, -torch.ones_like(black))
