@@ -6,7 +6,7 @@ set -euo pipefail
 BIN=${BIN:-.venv/bin}
 WORKSPACE=${WORKSPACE:-$PWD/workspace}
 PORT=${PREFECT_PORT:-4200}
-EPOCHS=${EPOCHS:-3}
+EPOCHS=${EPOCHS:-6}
 export PREFECT_HOME="$WORKSPACE/prefect"
 export PREFECT_API_URL="http://127.0.0.1:$PORT/api"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
@@ -47,7 +47,7 @@ deployed() { "$BIN/prefect" deployment inspect train-food/train-food >/dev/null 
 wait_for 90 "the deployment" deployed
 
 "$BIN/prefect" deployment run train-food/train-food --watch \
-  -p workspace="$WORKSPACE" -p epochs="$EPOCHS" -p image_size=64 -p workers=1 -p sweep=false
+  -p workspace="$WORKSPACE" -p epochs="$EPOCHS" -p image_size=112 -p workers=1 -p cpus_per_worker=2 -p sweep=false
 
 echo
 cat "$WORKSPACE/latest_summary.txt"

@@ -51,8 +51,9 @@ class LossConfig(_Frozen):
     """The objective: softmax baseline, softmax + center loss, or L-GM."""
 
     kind: Literal["softmax", "center", "lgm"] = "center"
-    lam: float = Field(default=0.003, ge=0.0, description="Weight of the center (or likelihood) term.")
-    alpha: float = Field(default=0.5, ge=0.0, le=1.0, description="Center learning rate (paper's alpha).")
+    # Defaults: the best of bench/tune_efficiency.py's grid on the pretrained backbone (docs/results.md).
+    lam: float = Field(default=0.1, ge=0.0, description="Weight of the center (or likelihood) term.")
+    alpha: float = Field(default=0.1, ge=0.0, le=1.0, description="Center learning rate (paper's alpha).")
     margin: float = Field(default=0.1, ge=0.0, description="L-GM classification margin m.")
 
 

@@ -46,7 +46,7 @@ def trained_checkpoint(tiny_dataset: str, tmp_path_factory: pytest.TempPathFacto
         data=DataConfig(dataset=tiny_dataset, image_size=32, batch_size=16, loader_workers=0, limit_per_split=64),
         model=ModelConfig(arch="resnet18", pretrained=False, feat_dim=16),
         loss=LossConfig(kind="center", lam=0.01, alpha=0.5),
-        optim=OptimConfig(name="sgd", lr=0.05, epochs=2, warmup_epochs=0),
+        optim=OptimConfig(name="sgd", lr=0.05, weight_decay=1e-4, epochs=2, warmup_epochs=0),
         scaling=ScalingConfig(num_workers=0),
         run=RunConfig(storage_path=str(tmp_path_factory.mktemp("runs")), name="tiny-eval", seed=0),
     )
