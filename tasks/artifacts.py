@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import base64
 import math
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd

@@ -187,11 +187,10 @@ def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def _example_input(report: EvaluationReport) -> np.ndarray:
-    """One real image of the evaluated split, preprocessed: float32 NCHW (batch of 1)."""
+def _example_input(report: EvaluationReport, config: TrainConfig) -> np.ndarray:
+    """One real image of the evaluated split, preprocessed as `config`'s net expects: float32 NCHW (batch of 1)."""
     try:
-        preprocessing = eval_preprocessing(TrainConfig.model_validate(report.train_config))
-        split = ParquetImageDataset(report.dataset, report.split, preprocessing, limit=1)
+        split = ParquetImageDataset(report.dataset, report.split, eval_preprocessing(config), limit=1)
         return split[0][0].unsqueeze(0).numpy().astype(np.float32)
     except (UserInputError, OSError, IndexError) as err:
         log.warning("register: dataset %s unreadable (%s); using a blank example input", report.dataset, err)
@@ -293,7 +292,7 @@ def _log_run(
     from mlflow.models import Model, infer_signature
 
     serving = LogitsModel(loaded.net).eval()
-    example = _example_input(report)
+    example = _example_input(report, loaded.config)
     with torch.no_grad():
         logits = serving(torch.from_numpy(example)).numpy()
     with mlflow.start_run(experiment_id=experiment_id, run_name=cfg.run_name or f"register-{report.train_run}",

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from ray_jobs.data import IMAGENET, ParquetImageDataset, SeededShardSampler, eval_transform, train_transform
+from ray_jobs.data import IMAGENET, Normalization, ParquetImageDataset, SeededShardSampler, eval_transform, train_transform
 
 
 class _Sized(torch.utils.data.Dataset):
@@ -76,11 +76,5 @@ def test_crop_strength_is_a_parameter():
 
 def test_eval_transform_uses_the_given_normalisation():
     grey = torch.full((3, 40, 40), 128, dtype=torch.uint8)
-    half = eval_transform(image_size=32, norm=v2_norm(0.5, 0.5))(grey)
+    half = eval_transform(image_size=32, norm=Normalization(mean=(0.5,) * 3, std=(0.5,) * 3))(grey)
     assert torch.allclose(half, torch.full_like(half, (128 / 255 - 0.5) / 0.5), atol=1e-5)
-
-
-def v2_norm(mean: float, std: float):
-    from ray_jobs.data import Normalization
-
-    return Normalization(mean=(mean,) * 3, std=(std,) * 3)
