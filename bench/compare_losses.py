@@ -10,7 +10,7 @@ are mean ± sample sd over seeds. Compactness = mean distance of a feature to it
 mean distance between class means (lower = more compact), from empirical class means.
 
     python bench/compare_losses.py --recipe pretrained [--epochs 4] [--image-size 128] [--seeds 0 1 2]
-    python bench/compare_losses.py --recipe scratch [--epochs 10] [--image-size 48] [--seeds 0 1 2]
+    python bench/compare_losses.py --recipe scratch [--epochs 10] [--image-size 48] [--seeds 0 1 2] [--losses softmax center]
 """
 
 from __future__ import annotations
@@ -124,17 +124,21 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per loss and seed")
+    parser.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES))
     parser.add_argument("--out", default=None, help="write the markdown table here")
     parser.add_argument("--json", default=None, help="write every run's figures here")
     args = parser.parse_args()
+    if "softmax" not in args.losses:
+        parser.error("--losses must include softmax: the compactness column is relative to it")
 
-    runs: dict[str, list[dict]] = {name: [] for name in LOSSES}
+    runs: dict[str, list[dict]] = {name: [] for name in args.losses}
     plain: list[float] = []
     with tempfile.TemporaryDirectory(prefix="compare-losses-") as tmp:
         max_side = round(args.image_size * 256 / 224) * 2
         dataset = ingest(IngestConfig(src=args.source, out=f"{tmp}/data", max_side=max_side)).out
         for seed in args.seeds:
-            for name, loss in LOSSES.items():
+            for name in args.losses:
+                loss = LOSSES[name]
                 cfg = train_config(args.recipe, dataset, args, loss, seed, f"{tmp}/runs")
                 start = time.perf_counter()
                 result = fit(cfg)

@@ -50,7 +50,7 @@ class PipelineConfig(BaseModel):
     loss: Literal["softmax", "center", "lgm"] = "center"
     lam: float = Field(default=LossConfig().lam, ge=0.0, description="Used when the sweep is off.")
     alpha: float = Field(default=LossConfig().alpha, ge=0.0, le=1.0, description="Used when the sweep is off.")
-    lr: float = Field(default=OptimConfig().lr, gt=0.0, description="AdamW lr of the new layers; the backbone's is 0.1x.")
+    lr: float = Field(default=OptimConfig().lr, gt=0.0, description="AdamW lr of the new layers; the backbone's is 0.3x.")
     sweep: bool = Field(default=False, description="Tune lambda and alpha instead of one training run.")
     sweep_samples: int = Field(default=4, ge=1)
     workers: int = Field(default=1, ge=0, description="Ray Train workers per run or trial; 0 = in-process.")

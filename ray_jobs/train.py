@@ -265,9 +265,7 @@ def _train(cfg: TrainConfig, run: RunInputs) -> dict[str, Any]:
     # [2] model (same init on every rank), objective, optimizer; resume if there is a checkpoint
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model, len(classes), head_for_loss(cfg.loss.kind))
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
     torch.manual_seed(_rank_seed(cfg.run.seed, rank))
     objective = build_objective(cfg.loss, len(classes), cfg.model.feat_dim, device)
     optimizer = build_optimizer(cfg.optim, parameter_groups(_unwrap(model), cfg.optim.lr, cfg.backbone_lr_scale))

@@ -262,7 +262,7 @@ def test_centers_identical_on_ray_workers_and_equal_to_one_process(ray_cluster, 
     assert reference.centers[-1].abs().sum() == 0 and reference.centers[0].abs().sum() > 0
 
 
-@pytest.mark.parametrize(("pretrained", "override", "expected"), [(True, None, 0.1), (False, None, 1.0), (True, 0.5, 0.5)])
+@pytest.mark.parametrize(("pretrained", "override", "expected"), [(True, None, 0.3), (False, None, 1.0), (True, 0.5, 0.5)])
 def test_backbone_learns_at_a_fraction_of_the_new_layers_lr(pretrained, override, expected):
     from ray_jobs.model import build_model
     from ray_jobs.train import build_optimizer, build_scheduler, parameter_groups
