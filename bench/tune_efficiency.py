@@ -5,8 +5,8 @@ softmax run gets the same per-trial budget. Reports the epochs trained and the w
 sweep, the ratios ASHA / full, whether ASHA's best setting is the full grid's best, and that best
 setting's val top-1 against softmax.
 
-    python bench/tune_efficiency.py [--source ../shared/data/food101_mini10] [--epochs 6] [--image-size 64]
-                                    [--lams 0.001 0.01 0.1] [--alphas 0.1 0.5]
+    python bench/tune_efficiency.py [--source ../shared/data/food101_mini10] [--epochs 10] [--image-size 64]
+                                    [--lams 0.01 0.1 1] [--alphas 0.1 0.5] [--grace-period 2] [--reduction-factor 4]
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default=str(REPO.parent / "shared" / "data" / "food101_mini10"))
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--lams", type=float, nargs="+", default=[0.001, 0.01, 0.1])
+    parser.add_argument("--lams", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.5])
-    parser.add_argument("--reduction-factor", type=float, default=3.0)
+    parser.add_argument("--grace-period", type=int, default=SweepConfig.model_fields["grace_period"].default)
+    parser.add_argument("--reduction-factor", type=float, default=SweepConfig.model_fields["reduction_factor"].default)
     parser.add_argument("--cpus-per-worker", type=float, default=0.99, help="0.99: two trials (and their 0.01-CPU drivers) fit on 2 CPUs")
     args = parser.parse_args()
 
@@ -48,7 +49,7 @@ def main() -> None:
         rows = {}
         for scheduler in ("none", "asha"):
             cfg = SweepConfig(train=train, name=f"bench-{scheduler}", grid_lams=tuple(args.lams),
-                              grid_alphas=tuple(args.alphas), scheduler=scheduler, grace_period=1,
+                              grid_alphas=tuple(args.alphas), scheduler=scheduler, grace_period=args.grace_period,
                               reduction_factor=args.reduction_factor, report_dir=str(workdir / "sweeps"))
             start = time.perf_counter()
             result = run_sweep(cfg)
@@ -65,7 +66,7 @@ def main() -> None:
 
     trials = len(args.lams) * len(args.alphas)
     print(f"\n{trials} grid trials x {args.epochs} epochs, pretrained efficientnet_lite0, {args.image_size} px, "
-          f"1 worker per trial, ASHA grace 1 / reduction {args.reduction_factor:g}")
+          f"1 worker per trial, ASHA grace {args.grace_period} / reduction {args.reduction_factor:g}")
     print(f"{'scheduler':<10} {'epochs':>7} {'stopped':>8} {'wall s':>8} {'best (lam, alpha)':>20} {'val top-1':>10}")
     for scheduler, row in rows.items():
         best = f"({row['best'][0]:g}, {row['best'][1]:g})"

@@ -150,8 +150,12 @@ class SweepConfig(_Frozen):
     grid_lams: tuple[float, ...] | None = Field(default=None, description="Grid mode: these lambda values ...")
     grid_alphas: tuple[float, ...] | None = Field(default=None, description="... crossed with these alphas.")
     scheduler: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(default=1, ge=1, description="ASHA: epochs every trial gets before a stop.")
-    reduction_factor: float = Field(default=2.0, gt=1.0, description="ASHA: keep 1/this of trials per rung.")
+    grace_period: int = Field(
+        default=2, ge=1,
+        description="ASHA: epochs every trial gets before a stop. 2 gets past the warm-up epoch, after which a "
+                    "strong center term (the grid's best) still ranks last (bench/tune_efficiency.py).",
+    )
+    reduction_factor: float = Field(default=4.0, gt=1.0, description="ASHA: keep 1/this of trials per rung.")
     max_concurrent_trials: int | None = Field(
         default=None, ge=1, description="None: as many as the cluster's CPUs (or GPUs) hold."
     )
