@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,10 +62,12 @@ def inspect_image(job: tuple[int, str], max_side: int | None = None, spool_dir: 
     if not data:
         return Inspected(sha256=digest, error="empty file (0 bytes)")
     try:
-        image = open_image(data)
-        source_format = image.format
-        reason = reencode_reason(image, data)
-        pixels = upright_rgb(image)
+        with warnings.catch_warnings():  # Pillow warns about odd metadata: the outcome below is what counts
+            warnings.simplefilter("ignore")
+            image = open_image(data)
+            source_format = image.format
+            reason = reencode_reason(image, data)
+            pixels = upright_rgb(image)
     except TooManyPixels as err:
         return Inspected(sha256=digest, error=str(err))
     except UnidentifiedImageError:
