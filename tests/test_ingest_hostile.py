@@ -263,7 +263,9 @@ def test_a_huge_file_is_quarantined_by_its_size_without_being_read(tmp_path: Pat
     # the limit is an option: sample photos (~5 kB) are over a 1 kB limit, 8 px PNGs are not
     for seed, class_name in enumerate(CLASSES[:2]):
         (src / class_name / "tiny.png").write_bytes(hostile.encode(hostile.picture(8, 8, seed=seed), "PNG"))
-    limited = run(src, tmp_path / "out-limited", max_file_bytes=1000).manifest
+    assert main(["ingest", str(src), "--out", str(tmp_path / "out-limited"), "--max-file-bytes", "1000",
+                 "--workers", "1"]) == 0
+    limited = read_manifest(tmp_path / "out-limited")
     assert limited["rows_written"] == 2 and limited["quarantined"] == 7
     assert all(reason.startswith("too large") for reason in quarantine_reasons(limited).values())
 
