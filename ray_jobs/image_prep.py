@@ -76,10 +76,10 @@ def check_pixel_limit(data: bytes) -> None:
 
 def reencode_reason(image: Image.Image, data: bytes) -> str | None:
     """Why training's decoder would not see what Pillow sees in `data` (None: store the bytes as they are)."""
-    if image.format not in _AS_IS_FORMATS:
-        return f"format {image.format}"
     if getattr(image, "is_animated", False):
         return "animated (first frame kept)"
+    if image.format not in _AS_IS_FORMATS:
+        return f"format {image.format}"
     if image.mode not in _AS_IS_MODES:
         return f"mode {image.mode}"
     if "transparency" in image.info:

@@ -147,10 +147,10 @@ def _read_code_version() -> str:
     version (it decodes and re-encodes images)."""
     digest = sha256(f"schema {store.SCHEMA_VERSION}; pillow {PILLOW_VERSION}".encode())
     here = Path(__file__).parent
-    modules = sorted(here.glob("ingest*.py")) + [here.parent / "ray_jobs" / "image_prep.py"]
-    if len(modules) < 2:
+    ingest_modules = sorted(here.glob("ingest*.py"))
+    if not ingest_modules:
         raise RuntimeError(f"cannot find the ingest sources next to {__file__}")
-    for path in modules:
+    for path in [*ingest_modules, here.parent / "ray_jobs" / "image_prep.py"]:
         digest.update(f"\n{path.name}\0".encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -206,7 +206,7 @@ def ingest(cfg: IngestConfig) -> IngestResult:
     source = _hash_source(tree, cfg.options())
     expected = cfg.expected_fingerprint
     if expected is not None and source.fingerprint != expected:
-        raise UserInputError(f"source folder {tree.root} changed after it was fingerprinted "
+        raise UserInputError(f"source folder {printable(str(tree.root))} changed after it was fingerprinted "
                              f"({short_fingerprint(expected)} then, {short_fingerprint(source.fingerprint)} now: "
                              "a file was added, removed or rewritten); run again once the source is stable")
     fs, dest = store.open_output(cfg.out)
@@ -415,7 +415,7 @@ def _stored_bytes(image: _Image, root: Path, max_file_bytes: int) -> bytes:
     except (FileTooLarge, OSError):
         data = b""
     if sha256(data).hexdigest() != image.sha256:
-        raise UserInputError(f"{root / image.rel_path} changed while it was being ingested; run again")
+        raise UserInputError(f"{printable(str(root / image.rel_path))} changed while it was being ingested; run again")
     return data
 
 
