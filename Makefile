@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 WORKSPACE ?= $(CURDIR)/workspace
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench clean clean-datasets clean-registry
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,5 +28,13 @@ bench: $(INSTALLED)
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/tune_efficiency.py
 
+# Only ever inside $(CURDIR)/workspace; datasets and the MLflow registry only when named.
 clean:
-	rm -rf $(WORKSPACE) .pytest_cache
+	bash infra/clean.sh scratch "$(WORKSPACE)"
+	rm -rf .pytest_cache
+
+clean-datasets:
+	bash infra/clean.sh datasets
+
+clean-registry:
+	bash infra/clean.sh registry

@@ -59,9 +59,10 @@ def time_ingest(src: Path, out: Path, workers: int, max_side: int | None) -> tup
 
 def image_paths(src: Path) -> list[str]:
     """The files ingest would decode (same scan, problems excluded)."""
+    from tasks.ingest import IngestConfig
     from tasks.ingest_scan import scan_source
 
-    tree, _listing = scan_source(src)
+    tree = scan_source(src, IngestConfig(src=src, out="unused").max_file_bytes)
     return [str(tree.root / f.rel_path) for f in tree.files if not f.problem]
 
 

@@ -215,6 +215,8 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, metavar="N", help="seed of the split and of the row shuffle")
     p.add_argument("--max-side", type=int, metavar="N",
                    help="re-encode (JPEG q90) images whose longest side exceeds N")
+    p.add_argument("--max-file-bytes", type=int, metavar="N",
+                   help="quarantine larger files without reading them (default 64 MiB)")
     p.add_argument("--shard-rows", type=int, metavar="N", help="at most N rows per Parquet file")
     p.add_argument("--workers", type=int, metavar="N", help="decode processes (default: CPU count)")
     p.add_argument("--force", action="store_true",

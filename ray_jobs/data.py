@@ -23,9 +23,9 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import torch
 from torch.utils.data import Dataset, DistributedSampler
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
+from ray_jobs.decode import decode_rgb
 from ray_jobs.errors import UserInputError
 
 SPLITS = ("train", "val", "test")
@@ -92,11 +92,19 @@ def load_manifest(dataset_uri: str) -> dict:
 
 
 def _split_dataset(dataset_uri: str, split: str) -> pads.Dataset:
+    """The split's shards as the manifest lists them: files it does not list are never read.
+
+    Publishing to an object store puts the new shards next to the old ones before the new
+    manifest replaces the old one (see `tasks.ingest_store`), so listing the split folder could
+    mix two builds; the manifest names exactly one.
+    """
     fs, root = filesystem(dataset_uri)
-    split_dir = f"{root.rstrip('/')}/{split}"
-    if fs.get_file_info(split_dir).type != pafs.FileType.Directory:
-        raise UserInputError(f"dataset {dataset_uri!r} has no {split!r} split at {split_dir}")
-    return pads.dataset(split_dir, format="parquet", filesystem=fs)
+    shards = load_manifest(dataset_uri).get("shards", {}).get(split)
+    if not shards:
+        raise UserInputError(f"dataset {dataset_uri!r} has no {split!r} split in its manifest")
+    if any(not isinstance(s, str) or s.startswith("/") or ".." in s.split("/") for s in shards):
+        raise UserInputError(f"dataset {dataset_uri!r}: manifest lists shards outside the dataset folder")
+    return pads.dataset([f"{root.rstrip('/')}/{shard}" for shard in shards], format="parquet", filesystem=fs)
 
 
 def read_split(dataset_uri: str, split: str, limit: int | None = None) -> pa.Table:
@@ -154,8 +162,7 @@ class ParquetImageDataset(Dataset):
         index, seed = key if isinstance(key, tuple) else (key, None)
         if self._images is None:
             self._images = read_split(self.dataset_uri, self.split, self.limit).column("image").combine_chunks()
-        encoded = bytearray(self._images[index].as_py())  # writable copy: torch refuses read-only buffers
-        pixels = decode_image(torch.frombuffer(encoded, dtype=torch.uint8), mode=ImageReadMode.RGB)
+        pixels = decode_rgb(self._images[index].as_py(), f"dataset {self.dataset_uri} split {self.split} row {index}")
         if seed is None:
             return self.transform(pixels), int(self.labels[index])
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched

@@ -13,6 +13,21 @@ from pydantic import ValidationError
 class UserInputError(Exception):
     """Bad input (missing path, wrong value, unschedulable request): fix the input and rerun."""
 
+    def __init__(self, message: str = "") -> None:
+        super().__init__(_own_line(message))
+
+
+_LOADER_WRAPPED = "Caught UserInputError in DataLoader worker"
+
+
+def _own_line(message: str) -> str:
+    """A DataLoader worker re-raises an error as `type("Caught ... Original Traceback: ...")`; keep
+    only the error's own line, so bad data found while decoding is still reported as one line."""
+    if not message.startswith(_LOADER_WRAPPED):
+        return message
+    _, found, own = message.rpartition(f"{__name__}.UserInputError: ")
+    return own.strip() if found else message.splitlines()[0]
+
 
 def invalid_options(err: ValidationError, flag: Callable[[tuple[Any, ...]], str] | None = None) -> UserInputError:
     """One line naming each bad option as typed on the command line: `--image-size: <why> (got 8)`.

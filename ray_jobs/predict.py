@@ -12,7 +12,6 @@ registration need exactly the same rebuild.
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -23,13 +22,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from ray_jobs.checkpoint import UNSAFE_LOAD_ERRORS, load_checkpoint, load_error_line
 from ray_jobs.config import TrainConfig
 from ray_jobs.data import eval_transform
+from ray_jobs.decode import decode_rgb
 from ray_jobs.errors import UserInputError
+from ray_jobs.image_prep import MAX_FILE_BYTES, TooManyPixels, open_image, reencode_reason, upright_rgb
 from ray_jobs.model import FoodNet, build_model, head_for_loss, input_normalization
 
 DEFAULT_MODEL_URI = "models:/food-classifier@champion"
@@ -234,30 +234,45 @@ def _env_default(key: str, value: str) -> Iterator[None]:
 
 
 def read_image(path: str | Path) -> Tensor:
-    """Decode a file as uint8 RGB CHW; `UserInputError` (one line, naming the file) if it is not an image.
+    """Decode a file as uint8 RGB CHW, as training saw the ingested copy of such a file.
 
-    torchvision's decoder first (the one training used on the ingested bytes), Pillow for other formats.
+    A file ingestion would store as it is goes through the training decoder; any other one (BMP,
+    TIFF, an animation, a rotated phone photo, transparency, 16-bit) is converted the way ingestion
+    converts it. `UserInputError` (one line, naming the file) for a file that is too large, holds
+    too many pixels or is not a readable image.
     """
+    data = _read_limited(Path(path))
+    from PIL import UnidentifiedImageError
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
     try:
-        data = Path(path).read_bytes()
+        image = open_image(data)
+        if reencode_reason(image, data) is None:
+            return decode_rgb(data, str(path))
+        return pil_to_tensor(upright_rgb(image))
+    except TooManyPixels as err:
+        raise UserInputError(f"{path}: {err}") from None
+    except UnidentifiedImageError:
+        raise UserInputError(f"{path}: not a readable image (unknown format or corrupt header)") from None
+    except UserInputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any decoder failure means "not a readable image"
+        raise UserInputError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+
+
+def _read_limited(path: Path) -> bytes:
+    """The file's bytes, refusing before reading one that is larger than `MAX_FILE_BYTES`."""
+    try:
+        with path.open("rb") as stream:
+            size = os.fstat(stream.fileno()).st_size
+            if size > MAX_FILE_BYTES:
+                raise UserInputError(f"{path}: too large to be a photo ({size:,} bytes, limit {MAX_FILE_BYTES:,})")
+            data = stream.read(MAX_FILE_BYTES + 1)
     except OSError as err:
         raise UserInputError(f"{path}: cannot read file: {err.strerror or err}") from None
     if not data:
         raise UserInputError(f"{path}: empty file")
-    try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError:
-        pass
-    from PIL import Image, UnidentifiedImageError
-    from torchvision.transforms.v2.functional import pil_to_tensor
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return pil_to_tensor(image.convert("RGB"))
-    except UnidentifiedImageError:
-        raise UserInputError(f"{path}: not a readable image (unknown format or corrupt header)") from None
-    except Exception as err:  # noqa: BLE001 - any decoder failure means "not a readable image"
-        raise UserInputError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+    return data
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,16 @@
 Training reads images many times; decoding and checking every file once, up front, means a
 corrupt JPEG is found here (and listed) instead of crashing epoch 7 on a cluster. The steps:
 
-1. scan   - list SRC, detect the layout (flat or pre-split) and the classes (`ingest_scan`)
+1. scan   - list SRC without following links, detect the layout (flat or pre-split) and the
+            classes; links, special files, oversized files and odd names are quarantined (`ingest_scan`)
 2. hash   - fingerprint the build: every file's bytes, every folder, the options, the code version
 3. skip?  - if DIR holds this build (same fingerprint), stop; if it holds another build, refuse
-4. decode - fully decode every file in a process pool; bad files go to quarantine (`ingest_decode`)
+4. decode - fully decode every file in a process pool; bad files go to quarantine, files training's
+            decoder could not read as they are are re-encoded (`ingest_decode`)
 5. plan   - drop exact duplicates, carve missing splits, shuffle each split (`ingest_plan`)
 6. write  - Parquet shards + manifest.json in a temp dir, then publish atomically (`ingest_store`)
+
+Every entry listed is accounted for: files seen = rows written + quarantined + duplicates dropped.
 
 A dataset is immutable: `ingest` never replaces a dataset of another build (other source
 content, options or ingest code), and `--force` only rebuilds the same one.
@@ -24,6 +28,7 @@ import multiprocessing
 import os
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -38,19 +43,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tqdm import tqdm
 
 from ray_jobs.errors import UserInputError, invalid_options
+from ray_jobs.image_prep import MAX_FILE_BYTES
 from tasks import ingest_store as store
 from tasks.ingest_decode import Inspected, inspect_image
+from tasks.ingest_files import FileTooLarge, printable, read_regular
 from tasks.ingest_plan import SplitPlan, drop_duplicates, plan_splits, small_classes
-from tasks.ingest_scan import (
-    SPLITS,
-    SourceTree,
-    check_source_dir,
-    fingerprint,
-    hash_files,
-    list_dirs,
-    list_files,
-    scan_source,
-)
+from tasks.ingest_scan import SPLITS, SourceTree, fingerprint, hash_files, scan_source
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +67,8 @@ class IngestConfig(BaseModel):
     test_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, description="Share of each class carved into test.")
     seed: int = Field(default=0, description="Seeds the split and the row shuffle.")
     max_side: int | None = Field(default=None, ge=1, description="Re-encode images whose longest side is larger.")
+    max_file_bytes: int = Field(default=MAX_FILE_BYTES, ge=1,
+                                description="Quarantine larger files unread (a stray video, a disk image).")
     shard_rows: int = Field(default=2048, ge=1, description="At most this many rows per Parquet file.")
     shard_bytes: int = Field(default=64 * 2**20, ge=1, description="About this many image bytes per Parquet file.")
     workers: int | None = Field(default=None, ge=1, description="Decode processes; None = os.cpu_count().")
@@ -91,7 +91,7 @@ class IngestConfig(BaseModel):
 
     def options(self) -> dict[str, Any]:
         """The options that change the output (fingerprinted and stored in the manifest)."""
-        return self.model_dump(include={"val_fraction", "test_fraction", "seed", "max_side",
+        return self.model_dump(include={"val_fraction", "test_fraction", "seed", "max_side", "max_file_bytes",
                                         "shard_rows", "shard_bytes"})
 
 
@@ -106,11 +106,13 @@ def parse_config(options: Mapping[str, Any]) -> IngestConfig:
 
 @dataclass(frozen=True)
 class IngestResult:
-    """Where the dataset is, its manifest, and whether this run skipped all work."""
+    """Where the dataset is, its manifest, whether this run skipped all work, and temporary folders
+    that interrupted runs left next to a local DIR."""
 
     out: str
     manifest: dict[str, Any]
     skipped: bool
+    leftovers: tuple[str, ...] = ()
 
     def summary(self) -> str:
         """A few human-readable lines: the file accounting, split sizes and warnings."""
@@ -123,21 +125,32 @@ class IngestResult:
         sizes = ", ".join(f"{split} {sum(m['counts'][split].values())}" for split in SPLITS)
         carved = "".join(f"; {split} carved from {src}" for split, src in m["splits_carved"].items())
         lines.append(f"  {len(m['classes'])} classes; rows: {sizes}{carved}")
+        if m.get("reencoded"):
+            reasons = ", ".join(f"{count} {reason}" for reason, count in m["reencoded"].items())
+            lines.append(f"  re-encoded for the training decoder: {reasons}")
+        if m.get("links_not_followed"):
+            lines.append(f"  {m['links_not_followed']} symbolic link(s) not followed (quarantined: see manifest.json)")
+        for item in m.get("skipped_folders", []):
+            lines.append(f"  skipped folder {item['path']}: {item['reason']}")
         for item in m["small_classes"]:
             lines.append(f"  warning: class {item['class_name']!r} ({item['images']} images) "
                          f"is missing from {', '.join(item['missing_from'])}")
+        for path in self.leftovers:
+            lines.append(f"  warning: {path} was left by an interrupted ingest; delete it once no ingest is running")
         lines.append(f"  dataset: {self.out}")
         return "\n".join(lines)
 
 
 def _read_code_version() -> str:
-    """sha256 of the ingest code as loaded: the tasks/ingest*.py sources, the dataset schema version
-    and the Pillow version (it re-encodes images for --max-side)."""
+    """sha256 of the ingest code as loaded: the tasks/ingest*.py sources, ray_jobs/image_prep.py (what
+    is stored as it is and how the rest is converted), the dataset schema version and the Pillow
+    version (it decodes and re-encodes images)."""
     digest = sha256(f"schema {store.SCHEMA_VERSION}; pillow {PILLOW_VERSION}".encode())
-    modules = sorted(Path(__file__).parent.glob("ingest*.py"))
-    if not modules:
+    here = Path(__file__).parent
+    ingest_modules = sorted(here.glob("ingest*.py"))
+    if not ingest_modules:
         raise RuntimeError(f"cannot find the ingest sources next to {__file__}")
-    for path in modules:
+    for path in [*ingest_modules, here.parent / "ray_jobs" / "image_prep.py"]:
         digest.update(f"\n{path.name}\0".encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -157,20 +170,19 @@ class _SourceHash:
     digests: dict[str, str]  # relative path -> sha256 of its bytes (UNREADABLE if it could not be read)
 
 
-def _hash_source(root: Path, listing: Iterable[tuple[str, int, int]], options: Mapping[str, object]) -> _SourceHash:
-    digests = hash_files(root, (rel_path for rel_path, _size, _mtime in listing))
-    return _SourceHash(fingerprint(digests, list_dirs(root), options, ingest_code_version()), digests)
+def _hash_source(tree: SourceTree, options: Mapping[str, object]) -> _SourceHash:
+    digests = hash_files(tree)
+    return _SourceHash(fingerprint(digests, tree.dirs, options, ingest_code_version()), digests)
 
 
 def source_fingerprint(src: str | os.PathLike[str], options: Mapping[str, object]) -> str:
     """The fingerprint of the build `ingest` would make from SRC with these options (64 hex).
 
     sha256 over every file's relative path and the sha256 of its bytes, every folder (an empty
-    class folder counts), the options and `ingest_code_version()`. Reads every file (in chunks).
-    Equal fingerprints mean equal datasets, so it names the dataset folder in the flow.
+    class folder counts), the options and `ingest_code_version()`. Reads every file it could ingest
+    (in chunks). Equal fingerprints mean equal datasets, so it names the dataset folder in the flow.
     """
-    root = check_source_dir(src)
-    return _hash_source(root, list_files(root), options).fingerprint
+    return _hash_source(scan_source(src, int(options["max_file_bytes"])), options).fingerprint
 
 
 def short_fingerprint(fingerprint: str | None) -> str:
@@ -190,18 +202,18 @@ def ingest(cfg: IngestConfig) -> IngestResult:
 
     Raises `UserInputError` if DIR holds another build, or if SRC changes while it is read.
     """
-    tree, listing = scan_source(cfg.src)
-    source = _hash_source(tree.root, listing, cfg.options())
+    tree = scan_source(cfg.src, cfg.max_file_bytes)
+    source = _hash_source(tree, cfg.options())
     expected = cfg.expected_fingerprint
     if expected is not None and source.fingerprint != expected:
-        raise UserInputError(f"source folder {tree.root} changed after it was fingerprinted "
+        raise UserInputError(f"source folder {printable(str(tree.root))} changed after it was fingerprinted "
                              f"({short_fingerprint(expected)} then, {short_fingerprint(source.fingerprint)} now: "
                              "a file was added, removed or rewritten); run again once the source is stable")
     fs, dest = store.open_output(cfg.out)
     existing = _existing_build(fs, dest, cfg.out, source.fingerprint)
     if existing is not None and not cfg.force:
         log.info("ingest: %s is up to date, skipping", cfg.out)
-        return IngestResult(cfg.out, existing, skipped=True)
+        return IngestResult(cfg.out, existing, skipped=True, leftovers=tuple(store.leftovers(fs, dest)))
     if existing is not None:
         log.info("ingest: --force: rebuilding %s (same build, fingerprint %s)", cfg.out,
                  short_fingerprint(source.fingerprint))
@@ -213,7 +225,7 @@ def ingest(cfg: IngestConfig) -> IngestResult:
         manifest = _manifest(tree, cfg, source.fingerprint, plan, quarantine, duplicates)
         manifest = _write_dataset(fs, dest, cfg.out, plan, tree, cfg, manifest)
     _log_warnings(manifest)
-    return IngestResult(cfg.out, manifest, skipped=False)
+    return IngestResult(cfg.out, manifest, skipped=False, leftovers=tuple(store.leftovers(fs, dest)))
 
 
 def _existing_build(fs: FileSystem, dest: str, uri: str, source_hash: str) -> dict[str, Any] | None:
@@ -238,10 +250,12 @@ class _Image:
     rel_path: str
     class_name: str
     source_split: str | None
-    sha256: str
+    sha256: str  # of the source file
+    content_sha256: str  # of the bytes stored
     width: int
     height: int
     reencoded_path: str | None
+    reencode_reason: str | None
 
 
 def _decode_all(tree: SourceTree, cfg: IngestConfig, spool: str,
@@ -254,19 +268,22 @@ def _decode_all(tree: SourceTree, cfg: IngestConfig, spool: str,
     quarantine = [{"path": f.rel_path, "reason": f.problem} for f in tree.files if f.problem]
     candidates = [f for f in tree.files if not f.problem]
     jobs = [(i, str(tree.root / f.rel_path)) for i, f in enumerate(candidates)]
-    decode = partial(inspect_image, max_side=cfg.max_side, spool_dir=spool)
+    decode = partial(inspect_image, max_side=cfg.max_side, spool_dir=spool, max_file_bytes=cfg.max_file_bytes)
     images = []
     results = _map_with_progress(decode, jobs, cfg.workers)
     for file, found in zip(candidates, results, strict=True):
         if found.sha256 != digests[file.rel_path]:
-            raise UserInputError(f"{tree.root / file.rel_path} changed while it was being ingested (its bytes differ "
-                                 "from when the source was fingerprinted); run again once the source is stable")
+            raise UserInputError(f"{printable(str(tree.root / file.rel_path))} changed while it was being ingested "
+                                 "(its bytes differ from when the source was fingerprinted); run again once the "
+                                 "source is stable")
         if found.error:
             quarantine.append({"path": file.rel_path, "reason": found.error})
         else:
             images.append(_Image(file.rel_path, file.class_name, file.source_split, found.sha256,
-                                 found.width, found.height, found.reencoded_path))
-    return images, sorted(quarantine, key=lambda q: q["path"])
+                                 found.content_sha256, found.width, found.height, found.reencoded_path,
+                                 found.reencode_reason))
+    shown = [{"path": printable(q["path"]), "reason": q["reason"]} for q in quarantine]
+    return images, sorted(shown, key=lambda q: q["path"])
 
 
 def _map_with_progress(fn: Callable[[tuple[int, str]], Inspected], jobs: list[tuple[int, str]],
@@ -312,11 +329,13 @@ def _manifest(tree: SourceTree, cfg: IngestConfig, source_hash: str, plan: Split
             counts[split][image.class_name] += 1
     rows_written = sum(len(rows) for rows in plan.rows.values())
     _check_accounting(len(tree.files), rows_written, len(quarantine), len(duplicates))
+    reencoded = Counter(image.reencode_reason for rows in plan.rows.values() for image in rows
+                        if image.reencode_reason)
     return {
         "format": store.FORMAT,
         "schema_version": store.SCHEMA_VERSION,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": str(tree.root),
+        "source": printable(str(tree.root)),
         "layout": tree.layout,
         "source_split_folders": tree.split_dirs,
         "classes": list(tree.classes),
@@ -328,6 +347,9 @@ def _manifest(tree: SourceTree, cfg: IngestConfig, source_hash: str, plan: Split
         "small_classes": small_classes(plan.rows, tree.classes),
         "quarantine": quarantine,
         "duplicates": duplicates,
+        "reencoded": dict(sorted(reencoded.items())),
+        "links_not_followed": sum(file.kind == "link" for file in tree.files),
+        "skipped_folders": list(tree.skipped_folders),
         "files_seen": len(tree.files),
         "rows_written": rows_written,
         "quarantined": len(quarantine),
@@ -355,7 +377,7 @@ def _write_dataset(fs: FileSystem, dest: str, uri: str, plan: SplitPlan, tree: S
         manifest = {**manifest, "shards": shards}
         store.write_manifest(fs, tmp, manifest)
         _existing_build(fs, dest, uri, manifest["fingerprint"])  # another build may have landed meanwhile
-        store.publish(fs, tmp, dest)
+        manifest = store.publish(fs, tmp, dest, manifest)
     except BaseException:
         store.remove_quietly(fs, tmp)
         raise
@@ -367,13 +389,13 @@ def _write_split(fs: FileSystem, root: str, split: str, images: list[_Image], tr
     labels = {name: i for i, name in enumerate(tree.classes)}
     writer = store.ShardWriter(fs, root, split, cfg.shard_rows, cfg.shard_bytes)
     for image in images:
-        writer.add(_row(image, split, labels[image.class_name], tree.root))
+        writer.add(_row(image, split, labels[image.class_name], tree.root, cfg.max_file_bytes))
     return writer.close()
 
 
-def _row(image: _Image, split: str, label: int, root: Path) -> dict[str, Any]:
+def _row(image: _Image, split: str, label: int, root: Path, max_file_bytes: int) -> dict[str, Any]:
     return {
-        "image": _stored_bytes(image, root),
+        "image": _stored_bytes(image, root, max_file_bytes),
         "label": label,
         "class_name": image.class_name,
         "split": split,
@@ -384,13 +406,16 @@ def _row(image: _Image, split: str, label: int, root: Path) -> dict[str, Any]:
     }
 
 
-def _stored_bytes(image: _Image, root: Path) -> bytes:
-    """The re-encoded JPEG if there is one, else the source bytes (checked against the hash)."""
+def _stored_bytes(image: _Image, root: Path, max_file_bytes: int) -> bytes:
+    """The re-encoded image if there is one, else the source bytes (checked against the hash)."""
     if image.reencoded_path:
         return Path(image.reencoded_path).read_bytes()
-    data = (root / image.rel_path).read_bytes()
+    try:
+        data = read_regular(root / image.rel_path, max_file_bytes)
+    except (FileTooLarge, OSError):
+        data = b""
     if sha256(data).hexdigest() != image.sha256:
-        raise UserInputError(f"{root / image.rel_path} changed while it was being ingested; run again")
+        raise UserInputError(f"{printable(str(root / image.rel_path))} changed while it was being ingested; run again")
     return data
 
 

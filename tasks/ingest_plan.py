@@ -24,7 +24,7 @@ class _Image(Protocol):
     @property
     def source_split(self) -> str | None: ...
     @property
-    def sha256(self) -> str: ...
+    def content_sha256(self) -> str: ...
 
 
 ImageT = TypeVar("ImageT", bound=_Image)
@@ -39,17 +39,19 @@ class SplitPlan:
 
 
 def drop_duplicates(images: list[ImageT]) -> tuple[list[ImageT], list[dict[str, str]]]:
-    """Keep the first copy of each content hash in (train, val, test, path) order.
+    """Keep the first copy of each stored content hash in (train, val, test, path) order.
 
-    Dropping before splitting guarantees one picture never lands in two splits. Returns the kept
-    images and one record per dropped copy naming the copy that was kept.
+    Dropping before splitting guarantees one picture never lands in two splits. The hash is of the
+    bytes that will be stored, so the same pixels in two containers (a BMP and a TIFF, both stored
+    as the same PNG) are duplicates too. Returns the kept images and one record per dropped copy
+    naming the copy that was kept.
     """
     kept: dict[str, ImageT] = {}
     dropped = []
     for image in sorted(images, key=_dedup_order):
-        first = kept.setdefault(image.sha256, image)
+        first = kept.setdefault(image.content_sha256, image)
         if first is not image:
-            dropped.append({"path": image.rel_path, "kept": first.rel_path, "sha256": image.sha256})
+            dropped.append({"path": image.rel_path, "kept": first.rel_path, "sha256": image.content_sha256})
     return list(kept.values()), dropped
 
 

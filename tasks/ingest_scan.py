@@ -1,12 +1,25 @@
-"""List an ImageFolder source: its layout, its classes and one record per file; fingerprint it.
+"""List an ImageFolder source: its layout, its classes and one record per entry; fingerprint it.
 
-Listing only stats files (no decoding). Every file under SRC becomes a `SourceFile`, including
-files that can never be ingested (hidden files, files outside a class folder): those carry a
-`problem` and go straight to the quarantine list, so that no file silently vanishes.
+Listing only stats (no decoding, no reading). Every entry under SRC that is not a folder ingest
+walks into becomes a `SourceFile` ("files seen"), including those that can never be ingested:
+those carry a `problem` and go straight to the quarantine list, so that nothing silently vanishes.
+
+The walk is safe on trees a user scraped, synced or unzipped:
+- symbolic links are never followed, to files or folders: a link loop cannot make the listing
+  endless, a link cannot pull in files from outside SRC, and a folder link cannot relabel a class
+  with another class's images. Each link is one quarantined entry that names its target;
+- FIFOs, sockets and devices are quarantined unread (reading a FIFO would block forever);
+- files larger than the size limit are quarantined from their size alone;
+- names that are not UTF-8 are quarantined (a label and a manifest entry must be text), shown
+  with `\\xNN` escapes;
+- a folder holding a train-food dataset, or a temporary folder of an interrupted ingest, is an
+  ingest output, not photos: it is skipped whole and reported, so an output folder inside SRC
+  never becomes a class and never changes the fingerprint.
 
 The fingerprint identifies a build: it hashes every file's bytes (not its size or mtime, which
 can stay the same when the bytes change), every folder (an empty class folder counts), the
-options and the ingest code version. Reading about 100 MB takes well under a second.
+options and the ingest code version. Files quarantined from their listing alone are fingerprinted
+by their path and problem: their bytes never reach the dataset.
 """
 
 from __future__ import annotations
@@ -14,104 +27,145 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from ray_jobs.errors import UserInputError
+from tasks.ingest_files import is_utf8, printable, sha256_regular
+from tasks.ingest_store import output_folder_reason
 
 SPLITS = ("train", "val", "test")
 # Split folder names users commonly use, mapped to the canonical split.
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 Layout = Literal["flat", "presplit"]
+EntryKind = Literal["file", "link", "special", "unreadable folder"]
 
 
 @dataclass(frozen=True)
 class SourceFile:
-    """One file under SRC, as listed (not yet decoded)."""
+    """One entry under SRC, as listed (not yet decoded)."""
 
-    rel_path: str  # POSIX path relative to SRC
-    size: int  # -1 when the file could not be stat'ed
+    rel_path: str  # POSIX path relative to SRC, as the OS gives it (bytes that are not UTF-8 as surrogates)
+    size: int
     mtime_ns: int
+    kind: EntryKind = "file"
     class_name: str | None = None
     source_split: str | None = None  # canonical split of a pre-split source, None for a flat one
-    problem: str | None = None  # why the file cannot be ingested, decided from its path alone
+    problem: str | None = None  # why the entry cannot be ingested, decided from its listing alone
 
 
 @dataclass(frozen=True)
 class SourceTree:
-    """What `scan_source` found: the layout, sorted classes and every file sorted by path."""
+    """What `scan_source` found: the layout, sorted classes, every entry and folder sorted by path."""
 
     root: Path
     layout: Layout
     split_dirs: dict[str, str]  # canonical split -> folder name in SRC ("val" -> "valid")
     classes: tuple[str, ...]
     files: tuple[SourceFile, ...]
+    dirs: tuple[str, ...]  # every folder walked into, relative to SRC
+    skipped_folders: tuple[dict[str, str], ...]  # ingest outputs inside SRC: {"path", "reason"}
 
 
 def check_source_dir(src: str | os.PathLike[str]) -> Path:
-    """Return SRC as an absolute path, or raise `UserInputError` if it is missing or empty."""
+    """Return SRC as an absolute path, or raise `UserInputError` if it is missing, unreadable or empty."""
     root = Path(src).expanduser().absolute()
     if not root.exists():
-        raise UserInputError(f"source folder {root} does not exist")
+        raise UserInputError(f"source folder {printable(str(root))} does not exist")
     if not root.is_dir():
-        raise UserInputError(f"source {root} is not a folder")
-    if not any(root.iterdir()):
-        raise UserInputError(f"source folder {root} is empty")
+        raise UserInputError(f"source {printable(str(root))} is not a folder")
+    try:
+        empty = not any(root.iterdir())
+    except OSError as err:
+        raise UserInputError(f"cannot read source folder {printable(str(root))}: {err.strerror or err}") from None
+    if empty:
+        raise UserInputError(f"source folder {printable(str(root))} is empty")
     return root
 
 
-def list_files(root: Path) -> list[tuple[str, int, int]]:
-    """(relative POSIX path, size, mtime_ns) of every file under root, sorted by path.
-
-    Sorting makes everything downstream independent of the file system's listing order.
-    """
-    listing = []
-    for path in _walk_files(root):
-        try:
-            st = path.stat()
-            size, mtime_ns = st.st_size, st.st_mtime_ns
-        except OSError:  # broken link, no permission: the decoder reports the reason
-            size, mtime_ns = -1, 0
-        listing.append((path.relative_to(root).as_posix(), size, mtime_ns))
-    return sorted(listing)
+@dataclass(frozen=True)
+class _Walk:
+    entries: list[SourceFile]
+    dirs: list[str]
+    skipped_folders: list[dict[str, str]]
 
 
-def _walk_files(root: Path):
-    """Yield every file path under root (following folder links, like torchvision's ImageFolder)."""
-    for dirpath, _dirnames, filenames in os.walk(root, followlinks=True):
-        for name in filenames:
-            yield Path(dirpath) / name
+def _walk(root: Path) -> _Walk:
+    """List every entry under root without following links, pruning ingest outputs."""
+    entries, dirs, skipped = [], [], []
+
+    def unreadable(err: OSError) -> None:
+        rel = Path(err.filename).relative_to(root).as_posix()
+        entries.append(SourceFile(rel, -1, 0, "unreadable folder", problem=f"unreadable folder: {err.strerror or err}"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):  # followlinks=False
+        here = Path(dirpath)
+        walked = []
+        for name in dirnames:
+            path = here / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():  # os.walk lists a link to a folder as a folder; never enter it
+                entries.append(_entry(root, path))
+            elif reason := output_folder_reason(path):
+                skipped.append({"path": printable(rel), "reason": reason})
+            else:
+                walked.append(name)
+                dirs.append(rel)
+        dirnames[:] = walked
+        entries.extend(_entry(root, here / name) for name in filenames)
+    return _Walk(sorted(entries, key=lambda e: e.rel_path), sorted(dirs),
+                 sorted(skipped, key=lambda s: s["path"]))
 
 
-def list_dirs(root: Path) -> list[str]:
-    """Relative POSIX path of every folder under root (root itself excluded), sorted."""
-    found = []
-    for dirpath, dirnames, _filenames in os.walk(root, followlinks=True):
-        found.extend((Path(dirpath) / name).relative_to(root).as_posix() for name in dirnames)
-    return sorted(found)
-
-
-UNREADABLE = ""  # the digest recorded for a file that cannot be read (broken link, no permission)
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in chunks (never the whole file at once); UNREADABLE on error."""
+def _entry(root: Path, path: Path) -> SourceFile:
+    """One listed entry: a regular file, a link (with its target) or something else, from lstat alone."""
+    rel = path.relative_to(root).as_posix()
     try:
-        with open(path, "rb") as stream:
-            return hashlib.file_digest(stream, "sha256").hexdigest()
-    except OSError:
-        return UNREADABLE
+        st = path.lstat()
+    except OSError as err:  # vanished while listing
+        return SourceFile(rel, -1, 0, "special", problem=f"unreadable: {err.strerror or err}")
+    if stat.S_ISLNK(st.st_mode):
+        target = printable(os.readlink(path))
+        return SourceFile(rel, st.st_size, st.st_mtime_ns, "link",
+                          problem=f"symbolic link to {target!r}, not followed (only regular files inside SRC "
+                                  "are ingested)")
+    if not stat.S_ISREG(st.st_mode):
+        return SourceFile(rel, st.st_size, st.st_mtime_ns, "special",
+                          problem=f"not a regular file ({_special_kind(st.st_mode)}), not read")
+    return SourceFile(rel, st.st_size, st.st_mtime_ns)
 
 
-def hash_files(root: Path, rel_paths: Iterable[str]) -> dict[str, str]:
-    """{relative path: sha256 of its bytes} for files under root."""
-    return {rel: file_sha256(root / rel) for rel in rel_paths}
+def _special_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder")):
+        if test(mode):
+            return name
+    return "unknown type"
 
 
-def fingerprint(digests: Mapping[str, str], dirs: Iterable[str], options: Mapping[str, object],
+UNREADABLE = ""  # the digest recorded for a file that cannot be read (no permission, vanished)
+
+
+def hash_files(tree: SourceTree) -> dict[str, str]:
+    """{relative path: sha256 of its bytes} for every entry; entries with a listing problem are
+    never read: their path and problem stand in for their bytes."""
+    digests = {}
+    for file in tree.files:
+        if file.problem:
+            digests[file.rel_path] = f"not read: {file.problem}"
+            continue
+        try:
+            digests[file.rel_path] = sha256_regular(tree.root / file.rel_path)
+        except OSError:
+            digests[file.rel_path] = UNREADABLE
+    return digests
+
+
+def fingerprint(digests: Mapping[str, str], dirs: tuple[str, ...] | list[str], options: Mapping[str, object],
                 code_version: str) -> str:
     """sha256 over every file's path and content hash, every folder, the options and the code version.
 
@@ -121,83 +175,103 @@ def fingerprint(digests: Mapping[str, str], dirs: Iterable[str], options: Mappin
     header = {"code_version": code_version, "options": dict(options)}
     digest.update(json.dumps(header, sort_keys=True).encode())
     for rel_path in sorted(dirs):
-        digest.update(f"\nD\0{rel_path}".encode())
+        digest.update(_encode(f"\nD\0{rel_path}"))
     for rel_path in sorted(digests):
-        digest.update(f"\nF\0{rel_path}\0{digests[rel_path] or 'unreadable'}".encode())
+        digest.update(_encode(f"\nF\0{rel_path}\0{digests[rel_path] or 'unreadable'}"))
     return digest.hexdigest()
 
 
-def scan_source(src: str | os.PathLike[str]) -> tuple[SourceTree, list[tuple[str, int, int]]]:
-    """Detect the layout and classes of SRC and classify every file; return the tree and raw listing."""
+def _encode(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")  # file names as the OS gave them, byte for byte
+
+
+def scan_source(src: str | os.PathLike[str], max_file_bytes: int) -> SourceTree:
+    """Detect the layout and classes of SRC and classify every entry (files over `max_file_bytes`
+    are quarantined unread)."""
     root = check_source_dir(src)
-    layout, split_dirs = _detect_layout(root)
-    classes = _find_classes(root, split_dirs)
-    listing = list_files(root)
+    walk = _walk(root)
+    layout, split_dirs = _detect_layout(root, walk.dirs)
+    classes = _find_classes(root, walk.dirs, split_dirs)
     folder_to_split = {folder: split for split, folder in split_dirs.items()}
-    files = tuple(_classify(rel, size, mtime, layout, folder_to_split) for rel, size, mtime in listing)
-    return SourceTree(root, layout, split_dirs, classes, files), listing
+    files = tuple(_classify(entry, layout, folder_to_split, max_file_bytes) for entry in walk.entries)
+    return SourceTree(root, layout, split_dirs, classes, files, tuple(walk.dirs), tuple(walk.skipped_folders))
 
 
-def _visible_dirs(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _visible_dirs(dirs: list[str], parent: str | None = None) -> list[str]:
+    """Names of the non-hidden folders directly inside `parent` (SRC itself when None)."""
+    prefix = f"{parent}/" if parent else ""
+    names = [d[len(prefix):] for d in dirs if d.startswith(prefix)]
+    return sorted(name for name in names if "/" not in name and not name.startswith("."))
 
 
-def _detect_layout(root: Path) -> tuple[Layout, dict[str, str]]:
+def _detect_layout(root: Path, dirs: list[str]) -> tuple[Layout, dict[str, str]]:
     """`presplit` when every top-level folder is a split name (train/val/valid/validation/test)."""
-    top = _visible_dirs(root)
+    top = _visible_dirs(dirs)
+    shown = printable(str(root))
     if not top:
-        raise UserInputError(f"source folder {root} has no class folders (expected SRC/<class>/<image>)")
+        raise UserInputError(f"source folder {shown} has no class folders (expected SRC/<class>/<image>)")
     split_named = [name for name in top if name.lower() in SPLIT_ALIASES]
     if not split_named:
         return "flat", {}
     if len(split_named) != len(top):
-        others = sorted(set(top) - set(split_named))
+        others = sorted(printable(name) for name in set(top) - set(split_named))
         raise UserInputError(
-            f"source folder {root} mixes split folders {split_named} with other folders {others}; "
+            f"source folder {shown} mixes split folders {split_named} with other folders {others}; "
             "use either SRC/<class>/<image> or SRC/<split>/<class>/<image>"
         )
     split_dirs: dict[str, str] = {}
     for name in split_named:
         split = SPLIT_ALIASES[name.lower()]
         if split in split_dirs:
-            raise UserInputError(f"source folder {root} has two folders for split {split!r}: "
+            raise UserInputError(f"source folder {shown} has two folders for split {split!r}: "
                                  f"{split_dirs[split]}/ and {name}/")
         split_dirs[split] = name
     if "train" not in split_dirs:
-        raise UserInputError(f"source folder {root} is split ({', '.join(top)}) but has no train/ folder")
+        raise UserInputError(f"source folder {shown} is split ({', '.join(top)}) but has no train/ folder")
     return "presplit", split_dirs
 
 
-def _find_classes(root: Path, split_dirs: dict[str, str]) -> tuple[str, ...]:
-    """Class names are folder names: top-level for a flat source, the union across splits otherwise."""
+def _find_classes(root: Path, dirs: list[str], split_dirs: dict[str, str]) -> tuple[str, ...]:
+    """Class names are folder names (UTF-8 only: they become labels): top-level for a flat source,
+    the union across splits otherwise."""
     if not split_dirs:
-        classes = set(_visible_dirs(root))
+        found = set(_visible_dirs(dirs))
     else:
-        classes = set()
+        found = set()
         for folder in split_dirs.values():
-            classes.update(_visible_dirs(root / folder))
-        if not classes:
-            raise UserInputError(f"source folder {root} has no class folders inside its split folders "
-                                 "(expected SRC/<split>/<class>/<image>)")
+            found.update(_visible_dirs(dirs, folder))
+        if not found:
+            raise UserInputError(f"source folder {printable(str(root))} has no class folders inside its split "
+                                 "folders (expected SRC/<split>/<class>/<image>)")
+    classes = {name for name in found if is_utf8(name)}
     if len(classes) < 2:
-        raise UserInputError(f"source folder {root} has only one class folder ({', '.join(classes)}); "
-                             "a classifier needs at least two")
+        not_text = sorted(printable(name) for name in found - classes)
+        note = f"; folder names that are not UTF-8 are not classes: {', '.join(not_text)}" if not_text else ""
+        count = "only one class folder" if classes else "no class folders"
+        raise UserInputError(f"source folder {printable(str(root))} has {count} ({', '.join(sorted(classes))}); "
+                             f"a classifier needs at least two{note}")
     return tuple(sorted(classes))
 
 
-def _classify(rel_path: str, size: int, mtime_ns: int, layout: Layout,
-              folder_to_split: dict[str, str]) -> SourceFile:
-    """Attach class and split to a listed file, or the reason it cannot be ingested."""
-    parts = rel_path.split("/")
-    record = SourceFile(rel_path, size, mtime_ns)
+def _classify(entry: SourceFile, layout: Layout, folder_to_split: dict[str, str],
+              max_file_bytes: int) -> SourceFile:
+    """Attach class and split to a listed entry, or the reason it cannot be ingested."""
+    if entry.problem:
+        return entry
+    parts = entry.rel_path.split("/")
+    if not is_utf8(entry.rel_path):
+        return replace(entry, problem="name is not valid UTF-8 (shown with \\x escapes); rename it to ingest it")
     if any(part.startswith(".") for part in parts):
-        return replace(record, problem="hidden file (name starts with '.'), not ingested")
+        return replace(entry, problem="hidden file (name starts with '.'), not ingested")
+    if entry.size > max_file_bytes:
+        return replace(entry, problem=f"too large: {entry.size:,} bytes, over the limit of {max_file_bytes:,} "
+                                      "(--max-file-bytes); not read")
     if layout == "presplit":
         if parts[0] not in folder_to_split:
-            return replace(record, problem="not inside a split folder")
+            return replace(entry, problem="not inside a split folder")
         split, parts = folder_to_split[parts[0]], parts[1:]
     else:
         split = None
     if len(parts) < 2:
-        return replace(record, problem="not inside a class folder")
-    return replace(record, class_name=parts[0], source_split=split)
+        return replace(entry, problem="not inside a class folder")
+    return replace(entry, class_name=parts[0], source_split=split)

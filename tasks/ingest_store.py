@@ -2,15 +2,18 @@
 
 All I/O goes through `pyarrow.fs`, so the output can be a local folder or any URI pyarrow
 understands (`s3://bucket/prefix`, `gs://...`, `hdfs://...`). A dataset is first written to a
-`DIR.tmp-<uuid>` sibling and only then moved to DIR, so readers never see half a dataset.
+`DIR.tmp-<uuid>` sibling and only then published to DIR, so readers never see half a dataset, and
+a previous dataset at DIR stays whole until the new one is complete (see `publish`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -18,10 +21,15 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from ray_jobs.errors import UserInputError
+from tasks.ingest_files import read_regular
 
 FORMAT = "train-food-dataset"  # the schema marker that identifies a directory as ours
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+# Folders ingestion makes next to or inside DIR: `DIR.tmp-<hex>` (being written), `DIR.old-<hex>`
+# (the previous dataset while a local swap runs) and `DIR/gen-<hex>` (shards published to an object store).
+_TEMP_NAME = re.compile(r".+\.(tmp|old)-[0-9a-f]{32}")
+_GENERATION_NAME = re.compile(r"gen-[0-9a-f]{32}")
 
 SCHEMA = pa.schema([
     pa.field("image", pa.binary()),  # encoded image bytes (JPEG, PNG, ... as stored)
@@ -63,19 +71,52 @@ def existing_dataset(fs: pafs.FileSystem, path: str, uri: str) -> dict[str, Any]
     """Manifest of the dataset already at the output, None if the output is absent or empty.
 
     Raises `UserInputError` for anything else there, so ingestion never overwrites foreign data.
+    Shards left by an interrupted first publish to an object store (`gen-<hex>/` folders and no
+    manifest) count as empty: they are ours, and the next publish deletes them.
     """
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         return None
     if info.type != pafs.FileType.Directory:
         raise UserInputError(f"output {uri} exists and is not a folder")
-    if not fs.get_file_info(pafs.FileSelector(path)):
+    entries = fs.get_file_info(pafs.FileSelector(path))
+    if all(entry.type == pafs.FileType.Directory and _GENERATION_NAME.fullmatch(entry.base_name)
+           for entry in entries):
         return None
     try:
         return load_manifest(fs, path, uri)
     except UserInputError as err:
         raise UserInputError(f"output {uri} exists, is not empty and is not a train-food dataset "
                              f"({err}); choose another --out or remove it") from None
+
+
+def output_folder_reason(folder: Path) -> str | None:
+    """Why a local folder is an ingest output rather than photos (None: it is not one).
+
+    Ingesting SRC into a DIR inside SRC must not make DIR (or its temporary siblings) a class on
+    the next run, nor change SRC's fingerprint.
+    """
+    if _TEMP_NAME.fullmatch(folder.name):
+        return "temporary folder of an ingest (interrupted or still running), not photos"
+    try:
+        head = read_regular(folder / MANIFEST_NAME, 2**20)[:4096]
+    except Exception:  # noqa: BLE001 - no readable manifest: an ordinary folder
+        return None
+    return "a train-food dataset (an ingest output), not photos" if f'"format": "{FORMAT}"'.encode() in head else None
+
+
+def leftovers(fs: pafs.FileSystem, dest: str) -> list[str]:
+    """Temporary siblings of a local DIR that an interrupted ingest left behind (none are listed
+    for object stores, where listing the parent could mean listing a whole bucket)."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return []
+    parent, name = os.path.split(dest.rstrip("/"))
+    try:
+        siblings = os.listdir(parent)
+    except OSError:
+        return []
+    return sorted(os.path.join(parent, s) for s in siblings
+                  if s.startswith(f"{name}.") and _TEMP_NAME.fullmatch(s))
 
 
 def write_shard(fs: pafs.FileSystem, path: str, rows: list[dict[str, Any]]) -> None:
@@ -143,17 +184,19 @@ def remove_quietly(fs: pafs.FileSystem, path: str) -> None:
         pass
 
 
-def publish(fs: pafs.FileSystem, tmp: str, dest: str) -> None:
-    """Move the finished dataset from tmp to dest, replacing an older dataset there."""
+def publish(fs: pafs.FileSystem, tmp: str, dest: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Move the finished dataset from tmp to dest, replacing an older dataset there only once the
+    new one is complete. Returns the manifest as published (its shard paths may change)."""
     if isinstance(fs, pafs.LocalFileSystem):
         _swap_local(tmp, dest)
-    else:
-        _copy_manifest_last(fs, tmp, dest)
+        return manifest
+    return _publish_by_copy(fs, tmp, dest, manifest)
 
 
 def _swap_local(tmp: str, dest: str) -> None:
     """Directory renames are atomic on a local file system; an old dataset is moved aside first
-    and restored if the final rename fails."""
+    and restored if the final rename fails. (Killed between the two renames, the old dataset
+    stays whole in `DIR.old-<hex>`, and `leftovers` reports it.)"""
     if os.path.isdir(dest) and not os.listdir(dest):
         os.rmdir(dest)
     if not os.path.exists(dest):
@@ -169,22 +212,30 @@ def _swap_local(tmp: str, dest: str) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
-def _copy_manifest_last(fs: pafs.FileSystem, tmp: str, dest: str) -> None:
-    """Object stores cannot rename folders: move file by file, the manifest last.
+def _publish_by_copy(fs: pafs.FileSystem, tmp: str, dest: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Object stores cannot rename folders, so the new dataset goes in beside the old one:
 
-    The old manifest is deleted first and the new one arrives last, so a reader (which always
-    starts from the manifest, see `read_manifest`) never accepts a partial dataset.
+    1. the new shards move to `dest/gen-<hex>/`, names no older manifest lists;
+    2. the new manifest, listing them, replaces the old one in a single write: readers (which read
+       only the shards their manifest lists) switch from the whole old dataset to the whole new one;
+    3. only then is everything the new manifest does not list deleted (the old shards, and shards
+       of publishes that were interrupted before step 2).
+    A failure before step 2 leaves the old dataset untouched.
     """
-    if fs.get_file_info(dest).type == pafs.FileType.Directory:
-        old_manifest = f"{dest}/{MANIFEST_NAME}"
-        if fs.get_file_info(old_manifest).type == pafs.FileType.File:
-            fs.delete_file(old_manifest)
-        fs.delete_dir_contents(dest)
-    files = [info.path for info in fs.get_file_info(pafs.FileSelector(tmp, recursive=True))
-             if info.type == pafs.FileType.File]
-    manifest = f"{tmp}/{MANIFEST_NAME}"
-    for path in sorted(files, key=lambda p: p == manifest):
-        target = f"{dest}/{path[len(tmp) + 1:]}"
+    generation = f"gen-{uuid.uuid4().hex}"
+    for rel in (rel for shards in manifest["shards"].values() for rel in shards):
+        target = f"{dest}/{generation}/{rel}"
         fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-        fs.move(path, target)
+        fs.move(f"{tmp}/{rel}", target)
+    published = {**manifest, "shards": {split: [f"{generation}/{rel}" for rel in shards]
+                                         for split, shards in manifest["shards"].items()}}
+    write_manifest(fs, dest, published)
+    for entry in fs.get_file_info(pafs.FileSelector(dest)):
+        if entry.base_name not in (MANIFEST_NAME, generation):
+            if entry.type == pafs.FileType.Directory:
+                fs.delete_dir(entry.path)
+            else:
+                fs.delete_file(entry.path)
     remove_quietly(fs, tmp)
+    return published
+

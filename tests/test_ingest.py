@@ -108,8 +108,14 @@ def test_split_is_deterministic_per_seed(tmp_path: Path) -> None:
 def test_split_ignores_file_system_listing_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = make_tree(tmp_path / "src", {c: 12 for c in CLASSES[:3]})
     run(src, tmp_path / "listed")
-    walk = scan_module._walk_files
-    monkeypatch.setattr(scan_module, "_walk_files", lambda root: reversed(list(walk(root))))
+    real_walk = os.walk
+
+    def reversed_walk(top, **kwargs):
+        for dirpath, dirnames, filenames in real_walk(top, **kwargs):
+            dirnames.reverse()
+            yield dirpath, dirnames, filenames[::-1]
+
+    monkeypatch.setattr(scan_module.os, "walk", reversed_walk)
     run(src, tmp_path / "reversed")
     assert read_rows(tmp_path / "listed") == read_rows(tmp_path / "reversed")
 
@@ -202,7 +208,7 @@ def make_bad_files(src: Path) -> dict[str, str]:
         f"{c}/truncated.jpg": "truncated", f"{c}/corrupt.jpg": "corrupt", f"{c}/zero.jpg": "empty",
         f"{c}/notes.txt": "not an image", f"{c}/text_named.jpg": "not an image",
         f"{c}/.DS_Store": "hidden", "README.txt": "not inside a class folder",
-        f"{c}/broken_link.jpg": "unreadable",
+        f"{c}/broken_link.jpg": "symbolic link",
     }
 
 
@@ -376,7 +382,7 @@ def test_fingerprint_changes_with_every_option(tmp_path: Path) -> None:
     src = make_tree(tmp_path / "src", {c: 3 for c in CLASSES[:2]})
     base = source_fingerprint(src, _options(src))
     for change in ({"seed": 1}, {"max_side": 64}, {"val_fraction": 0.2}, {"test_fraction": 0.2},
-                   {"shard_rows": 7}, {"shard_bytes": 1000}):
+                   {"shard_rows": 7}, {"shard_bytes": 1000}, {"max_file_bytes": 1000}):
         assert source_fingerprint(src, _options(src, **change)) != base, change
     assert source_fingerprint(src, _options(src, workers=1, force=True)) == base  # these do not change the output
 
