@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 SHARED = "/mnt/train-food"  # where every node mounts the shared volume
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-AUTH_SECRETS = {"RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI"}
+WORKER_ENV = {"RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI"}  # a Prefect worker passes its own to each flow run
 
 # Ray's CLI module imports Ray Serve, whose config models use a form pydantic deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`:DeprecationWarning")
@@ -211,7 +211,7 @@ def test_prefect_deployment_runs_the_flow_on_the_shared_volume():
     assert config["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": SHARED}}]
     # `prefect deploy` would freeze its own environment into these; they come from the worker's.
     env = deployment["work_pool"].get("job_variables", {}).get("env", {})
-    assert not AUTH_SECRETS & set(env)
+    assert not WORKER_ENV & set(env)
 
 
 def _readme_commands() -> list[list[str]]:
