@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 SHARED = "/mnt/train-food"  # where every node mounts the shared volume
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-WORKER_ENV = {"RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI"}  # a Prefect worker passes its own to each flow run
+# A Prefect process worker passes its own values of these to each flow run.
+WORKER_ENV = {"RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI"}
 
 # Ray's CLI module imports Ray Serve, whose config models use a form pydantic deprecates.
 pytestmark = pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`:DeprecationWarning")
