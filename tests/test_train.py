@@ -56,13 +56,19 @@ def test_local_mode_trains_and_writes_self_describing_checkpoint(tiny_dataset, t
 
 
 def test_local_mode_returns_the_best_validation_checkpoint_not_the_last(tiny_dataset, tmp_path):
-    # On 32 images val top-1 wanders; with this seed and crop scale it peaks in epoch 2 of 4 (0.031, 0.156, 0.031, 0.031).
-    result = fit(tiny_config(tiny_dataset, tmp_path, workers=0, epochs=4, limit=32, keep_checkpoints=1,
-                             min_crop_scale=0.08))
-    scores = [row["val_acc1"] for row in result.history]
-    assert max(scores) > scores[-1], f"precondition: this run's best epoch must not be the last ({scores})"
+    # On 32 images val top-1 wanders, but which seed peaks before the last epoch moves with any numeric
+    # change (kernels, memory format): the case under test is the first seed that does.
+    for seed in range(6):
+        storage = tmp_path / f"seed-{seed}"
+        result = fit(tiny_config(tiny_dataset, storage, workers=0, epochs=4, limit=32, keep_checkpoints=1,
+                                 min_crop_scale=0.08, lr=0.1, seed=seed))
+        scores = [row["val_acc1"] for row in result.history]
+        if max(scores) > scores[-1]:
+            break
+    else:
+        pytest.fail(f"precondition: no seed in 0-5 gave a run whose best epoch is not the last (last: {scores})")
     assert_true_best(result)
-    kept = sorted(p.name for p in (tmp_path / result.name).glob("checkpoint_epoch_*"))
+    kept = sorted(p.name for p in (storage / result.name).glob("checkpoint_epoch_*"))
     assert len(kept) == 2, f"keep_checkpoints=1 keeps the best and the latest (to resume from): {kept}"
 
 
