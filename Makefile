@@ -26,6 +26,7 @@ test-fast: $(INSTALLED)
 bench: $(INSTALLED)
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/cpu_speed.py
 	$(BIN)/python bench/tune_efficiency.py
 
 # Only ever inside $(CURDIR)/workspace; datasets and the MLflow registry only when named.

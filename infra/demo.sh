@@ -47,7 +47,7 @@ deployed() { "$BIN/prefect" deployment inspect train-food/train-food >/dev/null 
 wait_for 90 "the deployment" deployed
 
 "$BIN/prefect" deployment run train-food/train-food --watch \
-  -p workspace="$WORKSPACE" -p epochs="$EPOCHS" -p image_size=144 -p max_side=165 -p workers=1 -p cpus_per_worker=2 -p sweep=false
+  -p workspace="$WORKSPACE" -p epochs="$EPOCHS" -p image_size=144 -p workers=1 -p cpus_per_worker=2 -p sweep=false
 
 echo
 cat "$WORKSPACE/latest_summary.txt"
