@@ -152,8 +152,8 @@ class SweepConfig(_Frozen):
     scheduler: Literal["asha", "none"] = "asha"
     grace_period: int = Field(
         default=2, ge=1,
-        description="ASHA: epochs every trial gets before a stop. 2 gets past the warm-up epoch, after which a "
-                    "strong center term (the grid's best) still ranks last (bench/tune_efficiency.py).",
+        description="ASHA: epochs every trial gets before a stop; 2 gets past the warm-up epoch, where the "
+                    "ranking is noise (what it saves and misses: bench/tune_efficiency.py).",
     )
     reduction_factor: float = Field(default=4.0, gt=1.0, description="ASHA: keep 1/this of trials per rung.")
     max_concurrent_trials: int | None = Field(
