@@ -59,10 +59,10 @@ def time_ingest(src: Path, out: Path, workers: int, max_side: int | None) -> tup
 
 def image_paths(src: Path) -> list[str]:
     """The files ingest would decode (same scan, problems excluded)."""
-    from tasks.ingest import IngestConfig
+    from ray_jobs.image_prep import MAX_FILE_BYTES
     from tasks.ingest_scan import scan_source
 
-    tree = scan_source(src, IngestConfig(src=src, out="unused").max_file_bytes)
+    tree = scan_source(src, MAX_FILE_BYTES)  # ingest's default limit
     return [str(tree.root / f.rel_path) for f in tree.files if not f.problem]
 
 

@@ -114,7 +114,7 @@ class TrainConfig(_Frozen):
     def backbone_lr_scale(self) -> float:
         """Fine-tuning moves pretrained weights ~3x slower than the new layers; from scratch, all at `lr`.
 
-        0.3 is from the recipe probes in docs/results.md (food101_mini10, 224 px).
+        0.3 is from one recipe probe (food101_mini10, 224 px), described in docs/results.md.
         """
         if self.optim.backbone_lr_scale is not None:
             return self.optim.backbone_lr_scale
