@@ -123,6 +123,8 @@ def predict(
         features.append(batch_features.float().cpu())
         logits.append(batch_logits.float().cpu())
         labels.append(batch_labels.cpu())
+    if not labels:  # an empty share (more workers than rows): nothing to join
+        return torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.long)
     return torch.cat(features), torch.cat(logits), torch.cat(labels)
 
 

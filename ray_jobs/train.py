@@ -115,11 +115,17 @@ def _build_loaders(cfg: TrainConfig, rank: int, world: int) -> tuple[DataLoader,
     loader_kwargs: dict[str, Any] = {"batch_size": data.batch_size, "num_workers": data.loader_workers}
     if data.loader_workers > 0:
         loader_kwargs |= {"multiprocessing_context": "forkserver", "persistent_workers": True}
-    sampler = SeededShardSampler(train_set, rank, world, cfg.run.seed)
+    sampler = SeededShardSampler(train_set.blocks, rank, world, cfg.run.seed)
     drop_last = sampler.num_samples >= data.batch_size * 2
     train_loader = DataLoader(train_set, sampler=sampler, drop_last=drop_last, **loader_kwargs)
-    val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), max(world, 1))), **loader_kwargs)
+    val_loader = DataLoader(Subset(val_set, contiguous_share(len(val_set), rank, world)), **loader_kwargs)
     return train_loader, val_loader
+
+
+def contiguous_share(rows: int, rank: int, world: int) -> range:
+    """This rank's consecutive rows of a split (so it reads only its own row groups); shares may be empty."""
+    size = math.ceil(rows / max(world, 1))
+    return range(min(rank * size, rows), min((rank + 1) * size, rows))
 
 
 def _rank_seed(seed: int, rank: int) -> int:

@@ -1,37 +1,81 @@
-"""The training sampler: equal steps on every rank, order and crops a pure function of (seed, epoch, sample)."""
+"""The training data path: equal steps on every rank, order and crops a pure function of (seed,
+epoch, sample), each rank reading its own row groups, and a reader whose memory is bounded."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms import v2
 
-from ray_jobs.data import IMAGENET, Normalization, ParquetImageDataset, SeededShardSampler, eval_transform, train_transform
+from ray_jobs.data import (
+    IMAGENET,
+    Block,
+    Normalization,
+    ParquetImageDataset,
+    SeededShardSampler,
+    eval_transform,
+    read_split,
+    train_transform,
+)
 
 
-class _Sized(torch.utils.data.Dataset):
-    def __init__(self, n: int) -> None:
-        self.n = n
+def _blocks(rows: int, per_block: int, block_bytes: int = 100) -> list[Block]:
+    return [Block(start, min(per_block, rows - start), block_bytes) for start in range(0, rows, per_block)]
 
-    def __len__(self) -> int:
-        return self.n
+
+def _shares(blocks: list[Block], world: int, seed: int = 7, epoch: int = 3, window_bytes: int = 250) -> list[list[int]]:
+    shares = []
+    for rank in range(world):
+        sampler = SeededShardSampler(blocks, rank, world, seed, window_bytes=window_bytes)
+        sampler.set_epoch(epoch)
+        shares.append([index for index, _ in sampler])
+    return shares
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 64, 255, 256, 257])
-def test_every_rank_gets_the_same_number_of_samples_and_all_rows_are_covered(world, rows):
-    shares = []
-    for rank in range(world):
-        sampler = SeededShardSampler(_Sized(rows), rank, world, seed=7)
-        sampler.set_epoch(3)
-        shares.append([index for index, _ in sampler])
+@pytest.mark.parametrize("per_block", [1, 7, 64])
+def test_every_rank_gets_the_same_number_of_samples_and_all_rows_are_covered(world, rows, per_block):
+    shares = _shares(_blocks(rows, per_block), world)
     assert len({len(share) for share in shares}) == 1, "unequal shares would hang the per-step all-reduce"
     assert set().union(*shares) == set(range(rows))
+    loaders = [DataLoader(range(rows), sampler=SeededShardSampler(_blocks(rows, per_block), r, world, 7), batch_size=4)
+               for r in range(world)]
+    assert len({len(loader) for loader in loaders}) == 1, "every rank runs the same number of steps"
+
+
+def test_a_split_within_one_window_gets_distributed_samplers_order():
+    """Single-worker runs see exactly the order of the whole-split reader the figures were made with."""
+    class Sized(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 100
+
+    for seed, epoch in ((0, 0), (3, 5)):
+        reference = DistributedSampler(Sized(), num_replicas=1, rank=0, shuffle=True, seed=seed)
+        reference.set_epoch(epoch)
+        sampler = SeededShardSampler([Block(0, 60, 10), Block(60, 40, 10)], 0, 1, seed)
+        sampler.set_epoch(epoch)
+        assert [index for index, _ in sampler] == list(reference)
+
+
+def test_each_rank_reads_only_its_own_row_groups():
+    blocks = _blocks(300, per_block=10)  # 30 row groups; windows of 2 (250 bytes)
+    for world in (2, 3):
+        touched = [{index // 10 for index in share} for share in _shares(blocks, world)]
+        for mine in touched:
+            assert len(mine) <= 30 // world + 2, f"a rank read {len(mine)} of 30 row groups"
+        assert sum(len(mine) for mine in touched) <= 30 + 2 * (world - 1), "ranks only share boundary windows"
 
 
 def test_order_follows_the_seed_and_the_epoch_and_ranks_never_share_a_stream():
     def keys(seed: int, epoch: int, rank: int) -> list[tuple[int, int]]:
-        sampler = SeededShardSampler(_Sized(100), rank, 2, seed=seed)
+        sampler = SeededShardSampler(_blocks(100, 10), rank, 2, seed=seed, window_bytes=250)
         sampler.set_epoch(epoch)
         return list(sampler)
 
@@ -40,6 +84,42 @@ def test_order_follows_the_seed_and_the_epoch_and_ranks_never_share_a_stream():
     rank0, rank1 = keys(0, 1, 0), keys(0, 1, 1)
     assert not {seed for _, seed in rank0} & {seed for _, seed in rank1}
     assert not {index for index, _ in rank0} & {index for index, _ in rank1}
+
+
+def write_split(root: Path, rows: list[bytes], rows_per_group: int, rows_per_shard: int) -> str:
+    """A minimal ingested dataset (manifest + train shards) with the given image bytes, label = row % 3."""
+    shards = []
+    (root / "train").mkdir(parents=True)
+    for first in range(0, len(rows), rows_per_shard):
+        chunk = rows[first:first + rows_per_shard]
+        table = pa.table({"image": pa.array(chunk, pa.binary()),
+                          "label": pa.array([(first + i) % 3 for i in range(len(chunk))], pa.int32())})
+        name = f"train/part-{len(shards):05d}.parquet"
+        pq.write_table(table, root / name, row_group_size=rows_per_group, compression="none")
+        shards.append(name)
+    manifest = {"classes": ["a", "b", "c"], "shards": {"train": shards}, "counts": {"train": {"a": len(rows)}}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return str(root)
+
+
+def test_the_reader_returns_every_row_and_caches_a_bounded_number_of_row_groups(tmp_path, monkeypatch):
+    import ray_jobs.data as data
+
+    rows = [f"row {i:04d} ".encode() * 100 for i in range(200)]  # 1 KB each
+    dataset_uri = write_split(tmp_path / "ds", rows, rows_per_group=8, rows_per_shard=50)
+    monkeypatch.setattr(data, "READ_WINDOW_BYTES", 20_000)  # about 2.5 row groups
+    dataset = ParquetImageDataset(dataset_uri, "train", transform=None)
+    assert len(dataset.blocks) == 4 * 7  # 50-row shards in row groups of 8: 8*6 + 2
+    sampler = SeededShardSampler(dataset.blocks, 0, 1, seed=0, window_bytes=data.READ_WINDOW_BYTES)
+    for index, _ in sampler:
+        assert dataset.image_bytes(index) == rows[index]
+    assert dataset.labels.tolist() == [i % 3 for i in range(200)]
+    assert 0 < dataset.cache.peak_bytes <= dataset.cache.budget_bytes < 40_000, "cache grew with the split"
+    limited = ParquetImageDataset(dataset_uri, "train", transform=None, limit=57)
+    assert len(limited) == 57 and limited.image_bytes(56) == rows[56]
+    with pytest.raises(IndexError):
+        limited.image_bytes(57)
+    assert read_split(dataset_uri, "train").column("image").to_pylist() == rows
 
 
 def test_a_sample_is_augmented_the_same_way_whatever_ran_before(tiny_dataset):
