@@ -55,6 +55,8 @@ class PipelineConfig(BaseModel):
     sweep_samples: int = Field(default=4, ge=1)
     workers: int = Field(default=1, ge=0, description="Ray Train workers per run or trial; 0 = in-process.")
     cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    placement: Literal["pack", "spread"] = Field(default=ScalingConfig().placement,
+                                                 description="spread: Ray Train workers on different nodes.")
     use_gpu: bool = False
     ray_address: str | None = Field(default=None, description="Ray cluster; None: RAY_ADDRESS, else local.")
     mlflow_uri: str | None = Field(default=None, description="MLflow server; None: workspace SQLite.")
@@ -89,7 +91,7 @@ class PipelineConfig(BaseModel):
             loss=LossConfig(kind=self.loss, lam=self.lam, alpha=self.alpha),
             optim=OptimConfig(lr=self.lr, epochs=self.epochs, warmup_epochs=min(1, self.epochs - 1)),
             scaling=ScalingConfig(num_workers=self.workers, use_gpu=self.use_gpu,
-                                  cpus_per_worker=self.cpus_per_worker),
+                                  cpus_per_worker=self.cpus_per_worker, placement=self.placement),
             run=RunConfig(name=run_name, storage_path=str(self.root / "ray_results"), seed=self.seed,
                           ray_address=self.ray_address),
         )

