@@ -26,7 +26,7 @@ import pyarrow.fs as pafs
 import torch
 
 from ray_jobs.config import absolute
-from ray_jobs.data import filesystem
+from ray_jobs.storage import filesystem, is_uri, join
 from ray_jobs.errors import UserInputError
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -115,7 +115,7 @@ def stored_checkpoints(run_dir: str) -> list[StoredCheckpoint]:
             continue  # being written, or half deleted
         with fs.open_input_stream(f"{info.path}/{METRICS_FILE}") as stream:
             metrics = json.loads(stream.read())
-        path = info.path if "://" not in run_dir else f"{run_dir.rstrip('/')}/{info.base_name}"
+        path = join(run_dir, info.base_name) if is_uri(run_dir) else info.path
         found.append(StoredCheckpoint(path=path, epoch=int(metrics.get("epoch") or 0), metrics=metrics))
     return sorted(found, key=lambda checkpoint: checkpoint.epoch)
 

@@ -34,6 +34,7 @@ from torchvision.transforms import v2
 
 from ray_jobs.decode import decode_rgb
 from ray_jobs.errors import UserInputError
+from ray_jobs.storage import filesystem
 
 SPLITS = ("train", "val", "test")
 
@@ -79,14 +80,6 @@ def eval_transform(*, image_size: int, norm: Normalization) -> v2.Compose:
             v2.Normalize(norm.mean, norm.std),
         ]
     )
-
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The file system and path of a URI (`s3://...`) or of a local path."""
-    try:
-        return pafs.FileSystem.from_uri(uri)
-    except (pa.ArrowInvalid, ValueError):
-        return pafs.LocalFileSystem(), uri
 
 
 def load_manifest(dataset_uri: str) -> dict:

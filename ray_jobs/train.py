@@ -44,6 +44,7 @@ from ray_jobs.engine import NonFiniteLossError, evaluate, train_one_epoch
 from ray_jobs.errors import UserInputError
 from ray_jobs.losses import build_objective, distributed
 from ray_jobs.model import FoodNet, build_model, head_for_loss, input_normalization
+from ray_jobs.storage import filesystem, is_uri, join
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 START_ATTEMPTS = 3
@@ -428,6 +429,8 @@ def build_trainer(
     storage = cfg.run.storage_path
     if scaling.num_workers == 0:
         run = replace(run, local_dir=f"{storage}/{name}")
+    # Ray takes a URI's options (an S3 endpoint, ...) as a file system object, not in the path.
+    filesystem_, storage = filesystem(storage) if is_uri(storage) else (None, storage)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.model_dump(mode="json"), "run": asdict(run)},
@@ -438,6 +441,7 @@ def build_trainer(
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage,
+            storage_filesystem=filesystem_,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.run.keep_checkpoints,
                 checkpoint_score_attribute="val_acc1",
@@ -453,6 +457,9 @@ def prepare_driver(cfg: TrainConfig, *, uses_ray: bool) -> tuple[TrainConfig, Ru
     """On the driver, once: absolute paths, the dataset's classes and fingerprint, and (when the work
     runs on Ray workers) a cluster that can hold the request, with the worker start timeout set."""
     cfg = cfg.with_absolute_paths()
+    if cfg.scaling.num_workers == 0 and is_uri(cfg.run.storage_path):
+        raise UserInputError(f"--storage-path {cfg.run.storage_path}: in-process runs (--workers 0) keep checkpoints "
+                             "on local disk; use a local path, or Ray workers (--workers 1 or more)")
     info = dataset_info(cfg.data.dataset)
     if uses_ray:
         ensure_ray(cfg.run.ray_address)
@@ -466,7 +473,7 @@ def fit(cfg: TrainConfig, fault: FaultInjection | None = None) -> TrainResult:
     cfg, run = prepare_driver(cfg, uses_ray=cfg.scaling.num_workers > 0)
     name = cfg.run.name or new_run_name()
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
-    run_dir = f"{cfg.run.storage_path}/{name}"
+    run_dir = join(cfg.run.storage_path, name)
     if fault is not None:
         run = replace(run, fault=asdict(fault))
     result = fit_retrying_start(build_trainer(cfg, run, name), name)

@@ -35,6 +35,7 @@ from ray_jobs.engine import predict
 from ray_jobs.errors import UserInputError, invalid_options
 from ray_jobs.metrics import compactness, topk_correct
 from ray_jobs.predict import default_device, eval_preprocessing, model_from_checkpoint
+from ray_jobs.storage import local_checkpoint
 from tasks.evaluate_plots import plot_confusion_matrix, plot_projection
 
 REPORT_FILE = "report.json"
@@ -250,7 +251,7 @@ def _write_csv(matrix: np.ndarray, classes: list[str], path: Path) -> None:
 def evaluate_checkpoint(cfg: EvaluateConfig) -> EvaluationReport:
     """Evaluate `cfg.checkpoint` on `cfg.split` of `cfg.dataset` and write the report folder."""
     device = torch.device(cfg.device) if cfg.device else default_device()
-    checkpoint = Path(cfg.checkpoint).resolve()
+    checkpoint = local_checkpoint(cfg.checkpoint, cache=Path(cfg.reports).resolve() / "checkpoint")
     dataset = cfg.dataset if "://" in cfg.dataset else str(Path(cfg.dataset).resolve())
     loaded = model_from_checkpoint(checkpoint, device)
     info = dataset_info(dataset, required_splits=(cfg.split,))

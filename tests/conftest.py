@@ -26,12 +26,18 @@ def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out)
 
 
+# What the local S3 server of tests/test_object_storage.py accepts; every Ray worker of the session gets them.
+S3_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "train-food-test", "AWS_SECRET_ACCESS_KEY": "train-food-test",
+                       "AWS_EC2_METADATA_DISABLED": "true"}
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real local Ray cluster of 2 CPUs; the dashboard stays on (Train's cleanup needs the State API)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             runtime_env={"env_vars": S3_TEST_CREDENTIALS})
     yield ray
     ray.shutdown()
 
