@@ -280,16 +280,17 @@ def _write_per_image_csv(logits: Tensor, labels: Tensor, classes: list[str], sco
                          path: Path) -> None:
     """One row per scored image (`row` = its index in the split); open-set columns empty without a calibration."""
     probability, predicted = logits.float().softmax(dim=1).max(dim=1)
-    columns = [labels.tolist(), predicted.tolist(), probability.tolist()]
-    if scores is not None:
-        columns += [scores.nearest.tolist(), scores.distance.tolist(), scores.threshold.tolist(), scores.unknown.tolist()]
+    if scores is None:
+        open_set = [["", "", "", ""]] * len(labels)
+    else:
+        open_set = [[classes[n], f"{d:.6f}", f"{t:.6f}", str(u).lower()] for n, d, t, u in zip(
+            scores.nearest.tolist(), scores.distance.tolist(), scores.threshold.tolist(), scores.unknown.tolist(),
+            strict=True)]
+    rows = zip(labels.tolist(), predicted.tolist(), probability.tolist(), open_set, strict=True)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["row", "label", "predicted", "probability", "nearest", "distance", "threshold", "unknown"])
-        for row, values in enumerate(zip(*columns, strict=True)):
-            label, guess, prob, *open_set = values
-            cells = ([classes[open_set[0]], f"{open_set[1]:.6f}", f"{open_set[2]:.6f}", str(open_set[3]).lower()]
-                     if open_set else ["", "", "", ""])
+        for row, (label, guess, prob, cells) in enumerate(rows):
             writer.writerow([row, classes[label], classes[guess], f"{prob:.6f}", *cells])
 
 
