@@ -6,7 +6,8 @@ nearest center is a natural "none of them" signal: a photo farther from its near
 that class's own validation photos usually are is flagged `unknown`.
 
 Centers by loss: center loss uses its trained centers (the objective's state), L-GM its learned
-means (the head's `means`), softmax the class means of the validation features (it keeps none).
+means (the head's `means`), softmax the class means of the validation features (it keeps none;
+those means come from the same images as its thresholds, so its thresholds are a little tight).
 
 Thresholds are calibrated on the validation split, per class: the smallest distance that accepts
 at least `accept_share` of that class's own val images (an order statistic, so exactly
