@@ -256,6 +256,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cross-dataset", action="store_true",
                    help="evaluate on a dataset other than the one the checkpoint trained on (the report says so)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--accept-share", type=float, metavar="S",
+                   help="open set: share of known val images the distance thresholds accept (default: 0.95)")
     p.set_defaults(handler=_run_evaluate)
 
 
@@ -268,6 +270,12 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         f"{s}: {report.counts['images']} images, acc1 {m[f'{s}_acc1']:.4f}, acc5 {m[f'{s}_acc5']:.4f}, "
         f"macro F1 {m[f'{s}_macro_f1']:.4f}, compactness {m[f'{s}_compactness']:.4f}\nreport: {report.path}"
     )
+    if report.open_set is None:
+        print("open set: the checkpoint has no calibration (no val split of its own dataset); nothing flagged unknown")
+    else:
+        o = report.open_set
+        print(f"open set: {o.accepted} of {report.counts['images']} images ({o.accepted_share:.1%}) within their "
+              f"nearest class's distance threshold (set to accept {o.accept_share:.0%} of val images)")
     if report.cross_dataset:
         print(f"note: cross-dataset evaluation (trained on dataset {report.train_dataset_fingerprint[:12] or 'unknown'}, "
               f"scored on {report.dataset_fingerprint[:12]})")
@@ -344,6 +352,9 @@ def _run_predict(args: argparse.Namespace) -> int:
 
         tracking_uri = resolve_tracking_uri(args.tracking_uri, args.workspace, create=False)
     model = load_model(args.model, tracking_uri)
+    if model.calibration is None:
+        print(f"train-food predict: note: model {model.source} has no open-set calibration (evaluate the checkpoint "
+              "to add one): no photo is flagged unknown", file=sys.stderr)
     predictions, failures = predict_files(model, args.images, top_k=args.top_k)
     for prediction in predictions:
         print(format_prediction(prediction))

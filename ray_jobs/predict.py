@@ -8,6 +8,11 @@ read with `torch.load(weights_only=True)`, so loading a model never runs code fr
 file that needs more than tensors and plain values is refused. MLflow is imported lazily and only
 for MLflow sources. Rebuilding a model from a checkpoint lives here too, because evaluation and
 registration need exactly the same rebuild.
+
+A model may come with an open-set calibration (`calibration.json` next to the checkpoint or in the
+registered model's folder, see `ray_jobs.calibration_store`): then each prediction also names the
+nearest class center, its distance and whether the photo is `unknown` (farther than that class's
+threshold). Without one, predictions carry no distance and nothing is flagged unknown.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.transforms import v2
 
+from ray_jobs.calibration_store import read_calibration
 from ray_jobs.checkpoint import UNSAFE_LOAD_ERRORS, load_checkpoint, load_error_line
 from ray_jobs.config import TrainConfig
 from ray_jobs.data import eval_transform
@@ -31,6 +37,7 @@ from ray_jobs.decode import decode_rgb
 from ray_jobs.errors import UserInputError
 from ray_jobs.image_prep import MAX_FILE_BYTES, TooManyPixels, open_image, reencode_reason, upright_rgb
 from ray_jobs.model import FoodNet, build_model, head_for_loss, input_normalization
+from ray_jobs.open_set import Calibration, open_set_scores
 
 DEFAULT_MODEL_URI = "models:/food-classifier@champion"
 MODEL_WEIGHTS = "weights.pt"  # a registered model's state dict, next to its MLmodel file
@@ -62,10 +69,16 @@ class LoadedModel:
     config: TrainConfig  # the training config: image size, arch (so normalisation), loss
     source: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    calibration: Calibration | None = None  # open-set centers and thresholds; None: never "unknown"
 
     @property
     def image_size(self) -> int:
         return self.config.data.image_size
+
+    @property
+    def net(self) -> FoodNet:
+        """The FoodNet behind `module`: images -> (features, logits)."""
+        return self.module.net
 
 
 @dataclass(frozen=True)
@@ -127,6 +140,7 @@ def load_model(source: str | None = None, tracking_uri: str | None = None) -> Lo
             classes=loaded.classes,
             config=loaded.config,
             source=str(source),
+            calibration=read_calibration(source, loaded.classes, loaded.config.model.feat_dim, loaded.state.get("epoch")),
         )
     if not source.startswith(_MLFLOW_SCHEMES):
         raise UserInputError(f"--model {source!r} is neither an existing checkpoint path nor an MLflow model URI")
@@ -217,6 +231,7 @@ def model_from_folder(folder: Path, source: str, device: torch.device) -> Loaded
         config=config,
         source=source,
         metadata=dict(metadata),
+        calibration=read_calibration(folder, classes, config.model.feat_dim),
     )
 
 
@@ -277,10 +292,18 @@ def _read_limited(path: Path) -> bytes:
 
 @dataclass(frozen=True)
 class Prediction:
-    """The top-k classes of one image, most probable first."""
+    """The top-k classes of one image, most probable first, and the open-set verdict.
+
+    `nearest`, `distance` and `threshold` are None when the model has no calibration; `unknown` is
+    then always False.
+    """
 
     path: str
     top: list[tuple[str, float]]
+    unknown: bool = False  # farther from the nearest class center than that class's threshold
+    nearest: str | None = None  # class whose center is nearest to the image's features
+    distance: float | None = None  # Euclidean distance to that center
+    threshold: float | None = None  # that class's calibrated threshold
 
 
 @dataclass(frozen=True)
@@ -294,15 +317,66 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
+def _check_top_k(top_k: int) -> None:
+    if top_k < 1:
+        raise UserInputError(f"--top-k must be at least 1, got {top_k}")
+
+
 @torch.no_grad()
+def _predict_preprocessed(
+    model: LoadedModel, items: Sequence[tuple[str, Tensor]], top_k: int, batch_size: int
+) -> list[Prediction]:
+    """(name, preprocessed image) pairs -> predictions, `batch_size` images per forward pass."""
+    device = next(model.module.parameters()).device
+    k = min(top_k, len(model.classes))
+    predictions: list[Prediction] = []
+    for batch in _batches(items, batch_size):
+        images = torch.stack([image for _, image in batch]).to(device)
+        features, logits = model.net(images)
+        values, indices = logits.float().softmax(dim=1).cpu().topk(k, dim=1)
+        verdicts = _verdicts(model, features.float().cpu(), len(batch))
+        for (name, _), vals, idxs, verdict in zip(batch, values.tolist(), indices.tolist(), verdicts, strict=True):
+            top = [(model.classes[i], v) for i, v in zip(idxs, vals, strict=True)]
+            predictions.append(Prediction(name, top, **verdict))
+    return predictions
+
+
+def _verdicts(model: LoadedModel, features: Tensor, count: int) -> list[dict[str, Any]]:
+    """Prediction's open-set fields per image (none without a calibration)."""
+    if model.calibration is None:
+        return [{}] * count
+    scores = open_set_scores(features, model.calibration)
+    return [
+        {"unknown": unknown, "nearest": model.classes[nearest], "distance": distance, "threshold": threshold}
+        for nearest, distance, threshold, unknown in zip(scores.nearest.tolist(), scores.distance.tolist(),
+                                                         scores.threshold.tolist(), scores.unknown.tolist(), strict=True)
+    ]
+
+
+def predict_tensors(
+    model: LoadedModel, images: Sequence[Tensor], names: Sequence[str] | None = None, top_k: int = 5,
+    batch_size: int = 32,
+) -> list[Prediction]:
+    """Predictions for already-decoded images (uint8 RGB CHW, any size, as `read_image` returns them).
+
+    For callers that decode themselves (a Ray Serve replica reading request bodies); `names` fill
+    `Prediction.path` (default: the image's index).
+    """
+    _check_top_k(top_k)
+    names = list(names) if names is not None else [str(index) for index in range(len(images))]
+    if len(names) != len(images):
+        raise ValueError(f"{len(images)} images but {len(names)} names")
+    transform = eval_preprocessing(model.config)
+    return _predict_preprocessed(model, [(name, transform(image)) for name, image in zip(names, images, strict=True)],
+                                 top_k, batch_size)
+
+
 def predict_files(
     model: LoadedModel, paths: Sequence[str], top_k: int = 5, batch_size: int = 32
 ) -> tuple[list[Prediction], list[PredictionFailure]]:
     """Top-k (class, probability) per readable image; unreadable files are reported, not raised."""
-    if top_k < 1:
-        raise UserInputError(f"--top-k must be at least 1, got {top_k}")
+    _check_top_k(top_k)
     transform = eval_preprocessing(model.config)
-    device = next(model.module.parameters()).device
     good: list[tuple[str, Tensor]] = []
     failures: list[PredictionFailure] = []
     for path in paths:
@@ -310,19 +384,22 @@ def predict_files(
             good.append((path, transform(read_image(path))))
         except UserInputError as err:
             failures.append(PredictionFailure(path, str(err)))
-    predictions: list[Prediction] = []
-    k = min(top_k, len(model.classes))
-    for batch in _batches(good, batch_size):
-        images = torch.stack([image for _, image in batch]).to(device)
-        probs = model.module(images).float().softmax(dim=1).cpu()
-        values, indices = probs.topk(k, dim=1)
-        for (path, _), vals, idxs in zip(batch, values.tolist(), indices.tolist(), strict=True):
-            predictions.append(Prediction(path, [(model.classes[i], v) for i, v in zip(idxs, vals, strict=True)]))
-    return predictions, failures
+    return _predict_preprocessed(model, good, top_k, batch_size), failures
+
+
+def open_set_verdict(prediction: Prediction) -> str:
+    """`unknown (nearest: pizza, distance 3.20 > 2.90)` or `known (nearest: ..., distance 2.10 <= 2.90)`; "" uncalibrated."""
+    if prediction.distance is None:
+        return ""
+    word, sign = ("unknown", ">") if prediction.unknown else ("known", "<=")
+    return f"{word} (nearest: {prediction.nearest}, distance {prediction.distance:.2f} {sign} {prediction.threshold:.2f})"
 
 
 def format_prediction(prediction: Prediction) -> str:
-    """`path` then one indented `rank. class  probability` line per class."""
+    """`path` then one indented `rank. class  probability` line per class; the open-set verdict ends the first one."""
     lines = [prediction.path]
     lines += [f"  {rank}. {name:<24} {prob:.4f}" for rank, (name, prob) in enumerate(prediction.top, start=1)]
+    verdict = open_set_verdict(prediction)
+    if verdict and len(lines) > 1:
+        lines[1] += f"   {verdict}"
     return "\n".join(lines)

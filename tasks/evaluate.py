@@ -3,10 +3,17 @@
 Plain functions (no Prefect import): the flow wraps `evaluate_checkpoint` as a task and turns the
 PNGs into artifacts. Everything lands in one reports directory:
 
-    report.json               metrics, per-class table, file names (+ sha256), lineage
+    report.json               metrics, per-class table, open-set summary, file names (+ sha256), lineage
     confusion_matrix.csv      counts, class names as header and index (rows = true class)
     confusion_matrix.png      the same, labelled and annotated
     projection.png            2-D PCA of the split's features, coloured by class
+    per_image.csv             per image: label, prediction, nearest class center, distance, threshold, unknown
+
+Open set: before scoring, the checkpoint gets an open-set calibration (`ray_jobs.calibrate`: per-class
+distance thresholds from the val split of its own dataset, stored as `calibration.json` next to
+the checkpoint) unless it already has one with the same `accept_share`. The report then says
+which share of the scored images would be accepted as known dishes. A cross-dataset evaluation
+never calibrates (its val split is not the model's); it uses an existing calibration or none.
 
 Files are staged in a hidden temp folder and renamed into place with report.json last (and any
 older report.json removed first), so a report.json on disk always matches the files next to it.
@@ -30,11 +37,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from ray_jobs.calibrate import calibrate_checkpoint
+from ray_jobs.calibration_store import calibration_path, read_calibration
 from ray_jobs.data import ParquetImageDataset, dataset_info
 from ray_jobs.engine import predict
 from ray_jobs.errors import UserInputError, invalid_options
 from ray_jobs.metrics import compactness, topk_correct
-from ray_jobs.predict import default_device, eval_preprocessing, model_from_checkpoint
+from ray_jobs.open_set import DEFAULT_ACCEPT_SHARE, Calibration, OpenSetResult, open_set_scores
+from ray_jobs.predict import CheckpointModel, default_device, eval_preprocessing, model_from_checkpoint
 from ray_jobs.storage import local_checkpoint
 from tasks.evaluate_plots import plot_confusion_matrix, plot_projection
 
@@ -43,10 +53,11 @@ FILES = {
     "confusion_matrix_csv": "confusion_matrix.csv",
     "confusion_matrix_png": "confusion_matrix.png",
     "projection_png": "projection.png",
+    "per_image_csv": "per_image.csv",
 }
 
-__all__ = ["ClassMetrics", "EvaluateConfig", "EvaluationReport", "evaluate_checkpoint", "load_report",
-           "parse_config", "summarize"]
+__all__ = ["ClassMetrics", "EvaluateConfig", "EvaluationReport", "OpenSetSummary", "evaluate_checkpoint",
+           "load_report", "parse_config", "summarize"]
 
 
 class _Frozen(BaseModel):
@@ -69,6 +80,10 @@ class EvaluateConfig(_Frozen):
         description="Allow a dataset other than the one the checkpoint was trained on (the report says so).",
     )
     device: str | None = Field(default=None, description="torch device; None = cuda if available, else cpu.")
+    accept_share: float = Field(
+        default=DEFAULT_ACCEPT_SHARE, gt=0.0, le=1.0,
+        description="Open set: share of known val images the per-class distance thresholds accept.",
+    )
 
 
 class ClassMetrics(_Frozen):
@@ -79,6 +94,19 @@ class ClassMetrics(_Frozen):
     recall: float
     f1: float
     support: int
+
+
+class OpenSetSummary(_Frozen):
+    """How the calibration next to the checkpoint judged the scored images (unknown = too far from every center)."""
+
+    calibration_sha256: str  # of calibration.json as used: registration carries exactly this file
+    accept_share: float
+    center_kind: str
+    thresholds: dict[str, float]
+    fallback_classes: list[str]  # classes with too few val images, given the global threshold
+    val_images: int
+    accepted: int  # scored images within their nearest class's threshold
+    accepted_share: float
 
 
 class EvaluationReport(_Frozen):
@@ -101,6 +129,7 @@ class EvaluationReport(_Frozen):
     per_class: list[ClassMetrics]
     confusion_matrix: list[list[int]]
     projection: dict[str, Any]
+    open_set: OpenSetSummary | None = None  # None: the checkpoint has no calibration (see module docstring)
     checkpoint_metrics: dict[str, float]
     train_config: dict[str, Any]
     files: dict[str, str]
@@ -248,6 +277,53 @@ def _write_csv(matrix: np.ndarray, classes: list[str], path: Path) -> None:
             writer.writerow([name, *row])
 
 
+def _write_per_image_csv(logits: Tensor, labels: Tensor, classes: list[str], scores: OpenSetResult | None,
+                         path: Path) -> None:
+    """One row per scored image (`row` = its index in the split); open-set columns empty without a calibration."""
+    probability, predicted = logits.float().softmax(dim=1).max(dim=1)
+    if scores is None:
+        open_set = [["", "", "", ""]] * len(labels)
+    else:
+        open_set = [[classes[n], f"{d:.6f}", f"{t:.6f}", str(u).lower()] for n, d, t, u in zip(
+            scores.nearest.tolist(), scores.distance.tolist(), scores.threshold.tolist(), scores.unknown.tolist(),
+            strict=True)]
+    rows = zip(labels.tolist(), predicted.tolist(), probability.tolist(), open_set, strict=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["row", "label", "predicted", "probability", "nearest", "distance", "threshold", "unknown"])
+        for row, (label, guess, prob, cells) in enumerate(rows):
+            writer.writerow([row, classes[label], classes[guess], f"{prob:.6f}", *cells])
+
+
+def _calibration(cfg: EvaluateConfig, checkpoint: Path, loaded: CheckpointModel, dataset: str, own_dataset: bool,
+                 val_rows: int, device: torch.device) -> Calibration | None:
+    """The checkpoint's calibration at `cfg.accept_share`: the stored one, else a new one from its own val split.
+
+    Another dataset's val split says nothing about this model's classes, so a cross-dataset
+    evaluation takes the stored calibration as it is (or none).
+    """
+    stored = read_calibration(checkpoint, loaded.classes, loaded.config.model.feat_dim, loaded.state.get("epoch"))
+    if not own_dataset or val_rows == 0 or (stored is not None and stored.accept_share == cfg.accept_share):
+        return stored
+    return calibrate_checkpoint(checkpoint, dataset, cfg.accept_share, cfg.batch_size, cfg.loader_workers, device,
+                                loaded=loaded)
+
+
+def _open_set_summary(checkpoint: Path, calibration: Calibration, scores: OpenSetResult,
+                      classes: list[str]) -> OpenSetSummary:
+    accepted = int((~scores.unknown).sum())
+    return OpenSetSummary(
+        calibration_sha256=_sha256(calibration_path(checkpoint)),
+        accept_share=calibration.accept_share,
+        center_kind=calibration.center_kind,
+        thresholds=dict(zip(classes, calibration.thresholds.tolist(), strict=True)),
+        fallback_classes=[classes[index] for index in calibration.fallback_classes],
+        val_images=sum(calibration.val_counts),
+        accepted=accepted,
+        accepted_share=accepted / max(len(scores.unknown), 1),
+    )
+
+
 def evaluate_checkpoint(cfg: EvaluateConfig) -> EvaluationReport:
     """Evaluate `cfg.checkpoint` on `cfg.split` of `cfg.dataset` and write the report folder."""
     device = torch.device(cfg.device) if cfg.device else default_device()
@@ -265,6 +341,12 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> EvaluationReport:
     features, logits, labels = predict(loaded.net, loader, device)
     metrics, per_class, matrix = summarize(features, logits, labels, loaded.classes, prefix=cfg.split)
     points, explained = pca_2d(features)
+    calibration = _calibration(cfg, checkpoint, loaded, dataset, trained_on == info.fingerprint,
+                               info.rows.get("val", 0), device)
+    scores = open_set_scores(features, calibration) if calibration is not None else None
+    open_set = _open_set_summary(checkpoint, calibration, scores, loaded.classes) if scores is not None else None
+    if open_set is not None:
+        metrics[f"{cfg.split}_accepted_share"] = open_set.accepted_share
 
     reports = Path(cfg.reports).resolve()
     reports.mkdir(parents=True, exist_ok=True)
@@ -272,6 +354,7 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> EvaluationReport:
     try:
         title = f"{cfg.split} split, {len(labels)} images, top-1 {metrics[f'{cfg.split}_acc1']:.3f}"
         _write_csv(matrix, loaded.classes, staging / FILES["confusion_matrix_csv"])
+        _write_per_image_csv(logits, labels, loaded.classes, scores, staging / FILES["per_image_csv"])
         plot_confusion_matrix(
             matrix, loaded.classes, staging / FILES["confusion_matrix_png"], f"Confusion matrix: {title}"
         )
@@ -304,6 +387,7 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> EvaluationReport:
             per_class=per_class,
             confusion_matrix=matrix.tolist(),
             projection={"method": "pca", "explained_variance_ratio": explained},
+            open_set=open_set,
             checkpoint_metrics={
                 k: float(v) for k, v in (state.get("metrics") or {}).items() if isinstance(v, (int, float))
             },

@@ -6,6 +6,9 @@ scalar metrics, report.json and its figures (artifacts under `evaluation/`) and 
 `MLmodel` file without any flavour whose metadata holds what `ray_jobs.predict` needs to rebuild
 the net (training config, classes, image size, normalisation, arch, head) and whose signature
 comes from a real test image. Nothing is pickled, so loading never runs code from the registry.
+The checkpoint's open-set calibration (`calibration.json`, plain JSON) goes into `model/` too when
+the report was made with it (same sha256), so a registered model flags unknown dishes as the
+checkpoint does.
 
 Whether the new version may take the alias is `tasks.champion` (compare only like with like).
 Logging, creating the version, reading the champion, deciding and moving the alias happen under
@@ -39,6 +42,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ray_jobs.calibration_store import CALIBRATION_FILE, calibration_path
 from ray_jobs.config import TrainConfig
 from ray_jobs.data import ParquetImageDataset
 from ray_jobs.errors import UserInputError, invalid_options
@@ -208,6 +212,18 @@ def _check_same_checkpoint(state: dict[str, Any], report: EvaluationReport, chec
         )
 
 
+def _report_calibration(report: EvaluationReport, checkpoint: Path) -> bytes | None:
+    """The bytes of the calibration the report was scored with (None if it had none); refused if it changed since."""
+    if report.open_set is None:
+        return None
+    path = calibration_path(checkpoint)
+    data = path.read_bytes() if path.is_file() else b""
+    if hashlib.sha256(data).hexdigest() != report.open_set.calibration_sha256:
+        raise UserInputError(f"{path} is missing or changed since report {report.path} was made: evaluate this "
+                             "checkpoint again")
+    return data
+
+
 def _model_metadata(loaded: CheckpointModel, report: EvaluationReport) -> dict[str, Any]:
     """What `ray_jobs.predict` needs to rebuild the net, and a consumer to preprocess inputs and read outputs."""
     norm = input_normalization(loaded.config.model.arch)
@@ -226,6 +242,7 @@ def _model_metadata(loaded: CheckpointModel, report: EvaluationReport) -> dict[s
         "feat_dim": loaded.config.model.feat_dim,
         "head": head_for_loss(loaded.config.loss.kind),
         "dataset_fingerprint": report.dataset_fingerprint,
+        "open_set_calibration": CALIBRATION_FILE if report.open_set else None,
     }
 
 
@@ -285,7 +302,8 @@ def _finished_run_with_key(client: Any, experiment_id: str, key: str) -> str | N
 
 
 def _log_run(
-    cfg: RegisterConfig, report: EvaluationReport, loaded: CheckpointModel, experiment_id: str, tags: dict[str, str]
+    cfg: RegisterConfig, report: EvaluationReport, loaded: CheckpointModel, experiment_id: str, tags: dict[str, str],
+    calibration: bytes | None,
 ) -> str:
     """One MLflow run: params, metrics, the evaluation's files and the model (state dict + MLmodel)."""
     import mlflow
@@ -305,6 +323,8 @@ def _log_run(
             mlflow.log_artifact(str(report.file(role)), artifact_path="evaluation")
         with tempfile.TemporaryDirectory(prefix="train-food-model-") as folder:
             torch.save(loaded.net.state_dict(), Path(folder) / MODEL_WEIGHTS)
+            if calibration is not None:
+                (Path(folder) / CALIBRATION_FILE).write_bytes(calibration)
             Model(artifact_path="model", run_id=run.info.run_id, signature=infer_signature(example, logits),
                   metadata=_model_metadata(loaded, report)).save(Path(folder) / "MLmodel")
             mlflow.log_artifacts(folder, artifact_path="model")
@@ -340,6 +360,7 @@ def register_model(
     value = float(report.metrics[cfg.metric])
     loaded = model_from_checkpoint(checkpoint)
     _check_same_checkpoint(loaded.state, report, checkpoint)
+    calibration = _report_calibration(report, checkpoint)
     key = idempotency_key(cfg, report, checkpoint)
     tags = {**_lineage(cfg, report, checkpoint, value), **champion.comparability_tags(report), IDEMPOTENCY_TAG: key}
 
@@ -355,7 +376,7 @@ def register_model(
         else:
             experiment_id = ensure_experiment(client, cfg.experiment, uri, cfg.workspace)
             run_id = _finished_run_with_key(client, experiment_id, key) or _log_run(
-                cfg, report, loaded, experiment_id, tags)
+                cfg, report, loaded, experiment_id, tags, calibration)
             version = _create_version(client, cfg.model_name, run_id, tags)
         current = champion.current_champion(client, cfg.model_name, cfg.alias, cfg.metric)
         if current is not None and current.version == version:  # an earlier try moved the alias, then failed

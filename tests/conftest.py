@@ -44,7 +44,9 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def trained_checkpoint(tiny_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One tiny model trained once in local mode (32 px, 16-d features, 64 images per split, 2 epochs)."""
+    """One tiny model trained once in local mode (32 px, 16-d features, 64 images per split, 2 epochs),
+    with its open-set calibration (as `evaluate` leaves it), so every test sees the same files."""
+    from ray_jobs.calibrate import calibrate_checkpoint
     from ray_jobs.config import DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig
     from ray_jobs.train import fit
 
@@ -58,6 +60,7 @@ def trained_checkpoint(tiny_dataset: str, tmp_path_factory: pytest.TempPathFacto
     )
     result = fit(cfg)
     assert result.best_checkpoint is not None
+    calibrate_checkpoint(result.best_checkpoint, tiny_dataset)
     return result.best_checkpoint
 
 

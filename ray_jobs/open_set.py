@@ -1,0 +1,190 @@
+"""Open-set rejection: is a photo one of the trained dishes, or none of them?
+
+A classifier's softmax always picks one of its classes, even for a dish it never saw. Center loss
+keeps one center per class in feature space, so the distance from a photo's features to the
+nearest center is a natural "none of them" signal: a photo farther from its nearest center than
+that class's own validation photos usually are is flagged `unknown`.
+
+Centers by loss: center loss uses its trained centers (the objective's state), L-GM its learned
+means (the head's `means`), softmax the class means of the validation features (it keeps none;
+those means come from the same images as its thresholds, so its thresholds are a little tight).
+
+Thresholds are calibrated on the validation split, per class: the smallest distance that accepts
+at least `accept_share` of that class's own val images (an order statistic, so exactly
+`ceil(share * n) / n` of them when distances are distinct). A class with fewer than
+`min_class_images` val images gets the global threshold instead (the same statistic over every
+val image's distance to its own class center): a quantile of a handful of points is mostly noise,
+and with 0.95 and fewer than 20 images it is just their maximum.
+
+Pure torch and plain values (no data loading, no files): `ray_jobs.calibrate` feeds it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+CenterKind = Literal["center_loss", "val_means", "lgm_means"]
+CENTER_KINDS: tuple[str, ...] = ("center_loss", "val_means", "lgm_means")
+DEFAULT_ACCEPT_SHARE = 0.95
+DEFAULT_MIN_CLASS_IMAGES = 10
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Class centers and per-class distance thresholds, and how they were made."""
+
+    centers: Tensor  # C x D, float32
+    thresholds: Tensor  # C, float32: Euclidean distance accepted as "known" for each class
+    accept_share: float  # share of known val images the thresholds were set to accept
+    center_kind: str  # one of CENTER_KINDS
+    val_counts: list[int]  # val images per class the thresholds were computed from
+    fallback_classes: list[int]  # classes that got the global threshold (too few val images)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists and numbers (JSON-safe; float32 values survive the round trip exactly)."""
+        return {
+            "centers": self.centers.tolist(),
+            "thresholds": self.thresholds.tolist(),
+            "accept_share": self.accept_share,
+            "center_kind": self.center_kind,
+            "val_counts": list(self.val_counts),
+            "fallback_classes": list(self.fallback_classes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Calibration:
+        """Inverse of `to_dict`; `ValueError` naming the problem for anything malformed."""
+        try:
+            centers = torch.tensor(data["centers"], dtype=torch.float32)
+            thresholds = torch.tensor(data["thresholds"], dtype=torch.float32)
+            calibration = cls(
+                centers=centers,
+                thresholds=thresholds,
+                accept_share=float(data["accept_share"]),
+                center_kind=str(data["center_kind"]),
+                val_counts=[int(n) for n in data["val_counts"]],
+                fallback_classes=[int(c) for c in data["fallback_classes"]],
+            )
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"malformed open-set calibration ({type(err).__name__}: {err})") from None
+        calibration.check()
+        return calibration
+
+    def check(self, num_classes: int | None = None, feat_dim: int | None = None) -> None:
+        """`ValueError` unless shapes agree with each other (and with the model, when given)."""
+        c = len(self.thresholds)
+        if self.centers.dim() != 2 or self.thresholds.dim() != 1 or self.centers.shape[0] != c:
+            raise ValueError(f"calibration centers {tuple(self.centers.shape)} and thresholds "
+                             f"{tuple(self.thresholds.shape)} do not describe the same classes")
+        if num_classes is not None and c != num_classes:
+            raise ValueError(f"calibration has {c} classes, the model {num_classes}")
+        if feat_dim is not None and self.centers.shape[1] != feat_dim:
+            raise ValueError(f"calibration centers are {self.centers.shape[1]}-d, the model's features {feat_dim}-d")
+        if self.center_kind not in CENTER_KINDS or not 0.0 < self.accept_share <= 1.0:
+            raise ValueError(f"calibration center_kind {self.center_kind!r} / accept_share {self.accept_share}")
+
+
+@dataclass(frozen=True)
+class OpenSetResult:
+    """Per image: nearest class, distance to its center, that class's threshold, and the verdict."""
+
+    nearest: Tensor  # N, long
+    distance: Tensor  # N, float32
+    threshold: Tensor  # N, float32
+    unknown: Tensor  # N, bool: distance > threshold
+
+
+def center_distances(features: Tensor, centers: Tensor) -> Tensor:
+    """N x C Euclidean distances; a class whose center is NaN (no val images to average) is at +inf."""
+    x, c = features.double(), centers.double()
+    d = torch.cdist(x, torch.nan_to_num(c, nan=0.0), compute_mode="donot_use_mm_for_euclid_dist")
+    d[:, torch.isnan(c).any(dim=1)] = math.inf
+    return d.float()
+
+
+def class_means(features: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """C x D mean feature per class (the softmax model's centers); NaN rows for classes with no images."""
+    x = features.double()
+    sums = torch.zeros(num_classes, x.shape[1], dtype=torch.float64).index_add_(0, labels.long(), x)
+    counts = torch.bincount(labels.long(), minlength=num_classes).double().unsqueeze(1)
+    return (sums / counts).float()  # 0/0 = NaN for an absent class
+
+
+def accept_threshold(distances: Tensor, accept_share: float) -> float:
+    """The smallest value accepting at least `accept_share` of `distances` (`<=` accepts)."""
+    if len(distances) == 0:
+        raise ValueError("no distances to calibrate a threshold on")
+    k = min(max(math.ceil(accept_share * len(distances) - 1e-9), 1), len(distances))
+    return float(distances.double().sort().values[k - 1])
+
+
+def calibrate(
+    features: Tensor,
+    labels: Tensor,
+    centers: Tensor,
+    center_kind: str,
+    accept_share: float = DEFAULT_ACCEPT_SHARE,
+    min_class_images: int = DEFAULT_MIN_CLASS_IMAGES,
+) -> Calibration:
+    """Per-class thresholds from known (validation) features; see the module docstring for the rule."""
+    if not 0.0 < accept_share <= 1.0:
+        raise ValueError(f"accept_share must be in (0, 1], got {accept_share}")
+    num_classes = centers.shape[0]
+    labels = labels.long()
+    own = center_distances(features, centers).gather(1, labels.unsqueeze(1)).squeeze(1)
+    global_threshold = accept_threshold(own[torch.isfinite(own)], accept_share)
+    counts = torch.bincount(labels, minlength=num_classes).tolist()
+    thresholds, fallback = [], []
+    for cls, count in enumerate(counts):
+        if count < min_class_images:
+            thresholds.append(global_threshold)
+            fallback.append(cls)
+        else:
+            thresholds.append(accept_threshold(own[labels == cls], accept_share))
+    calibration = Calibration(
+        centers=centers.detach().float().cpu().clone(),
+        thresholds=torch.tensor(thresholds, dtype=torch.float32),
+        accept_share=float(accept_share),
+        center_kind=center_kind,
+        val_counts=counts,
+        fallback_classes=fallback,
+    )
+    calibration.check()
+    return calibration
+
+
+def open_set_scores(features: Tensor, calibration: Calibration) -> OpenSetResult:
+    """Nearest class, its distance and threshold, and `unknown` = distance > threshold, per image."""
+    distance, nearest = center_distances(features, calibration.centers).min(dim=1)
+    threshold = calibration.thresholds[nearest]
+    return OpenSetResult(nearest=nearest, distance=distance, threshold=threshold, unknown=distance > threshold)
+
+
+def max_softmax_probability(logits: Tensor) -> Tensor:
+    """Baseline "known" score (Hendrycks & Gimpel 2017): higher = more likely a trained class."""
+    return logits.float().softmax(dim=1).max(dim=1).values
+
+
+def max_logit(logits: Tensor) -> Tensor:
+    """Baseline "known" score (Hendrycks et al. 2022): the largest raw logit."""
+    return logits.float().max(dim=1).values
+
+
+def auroc(known_scores: Tensor, unknown_scores: Tensor) -> float:
+    """Probability that a known image scores higher than an unknown one (ties count half).
+
+    Scores must grow with "known": pass `-distance` for distances.
+    """
+    n_known, n_unknown = len(known_scores), len(unknown_scores)
+    if n_known == 0 or n_unknown == 0:
+        return math.nan
+    scores = torch.cat([known_scores.double(), unknown_scores.double()])
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    mean_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2  # 1-based, ties share their mean rank
+    wins = mean_rank[inverse][:n_known].sum() - n_known * (n_known + 1) / 2  # Mann-Whitney U
+    return float(wins / (n_known * n_unknown))
