@@ -1,7 +1,7 @@
 """The model a server answers with, switched to a new version without dropping a request.
 
-Why polling inside the replica (and not a redeploy): a redeploy needs someone to trigger it, and
-Serve replaces replicas one by one, so capacity drops while a new replica loads. Here each replica
+Why polling inside the replica (and not a redeploy with a new `user_config`): a redeploy needs
+whatever moves the alias (a flow, a person in the MLflow UI) to redeploy as well. Here each replica
 checks the alias every `poll_s` seconds in a background thread; when it has moved, the thread
 loads the new version completely *beside* the old one and then rebinds one attribute. A request
 takes `current` once (a `Served`: model, name, version) and uses that snapshot to the end, so a

@@ -29,13 +29,19 @@ MODEL = "food-classifier"
 
 @pytest.fixture(scope="module")
 def registry(evaluation, trained_checkpoint, tmp_path_factory) -> str:
-    """Version 1 (champion) and version 2 (scored lower, so not promoted) of the tiny checkpoint."""
+    """Versions 1 (champion), 2 and 3 (scored lower, so not promoted) of the tiny checkpoint;
+    version 3's weights file is then overwritten with bytes that are not a tensor file."""
+    from mlflow import MlflowClient
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
     workspace = tmp_path_factory.mktemp("serve-workspace")
     uri = default_tracking_uri(workspace)
     cfg = RegisterConfig(tracking_uri=uri, workspace=str(workspace))
-    for score in (0.30, 0.10):
+    for score in (0.30, 0.10, 0.05):
         report = evaluation.model_copy(update={"metrics": {**evaluation.metrics, "test_acc1": score}})
         register_model(cfg, report, trained_checkpoint)
+    broken = MlflowClient(uri, uri).get_model_version(MODEL, "3").source
+    (Path(local_file_uri_to_path(broken)) / "weights.pt").write_bytes(b"not a tensor file")
     return uri
 
 
@@ -238,3 +244,14 @@ def _wait_for(condition, what: str, timeout_s: float = 90.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_an_alias_moved_to_a_version_that_does_not_load_keeps_the_old_one_serving(server, registry, photos):
+    from mlflow import MlflowClient
+
+    MlflowClient(registry, registry).set_registered_model_alias(MODEL, "champion", "3")
+    time.sleep(3.0)  # six alias checks, each refusing version 3 (the first one tries to load it)
+    response = httpx.post(f"{server}/predict", content=photos[0].read_bytes(), timeout=30)
+    assert response.status_code == 200 and response.json()["version"] == "2"
+    assert httpx.get(f"{server}/health", timeout=30).json()["version"] == "2"
