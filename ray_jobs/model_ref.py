@@ -27,10 +27,6 @@ class ModelRef:
     alias: str | None = None  # set: follow this alias
     version: str | None = None  # set: a pinned registry version
 
-    @property
-    def in_registry(self) -> bool:
-        return self.alias is not None or self.version is not None
-
     def uri_of(self, version: str) -> str:
         return f"models:/{self.name}/{version}"
 

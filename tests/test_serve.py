@@ -77,17 +77,17 @@ def server(ray_cluster, registry) -> str:
 
 def test_model_sources_are_parsed_into_registry_name_alias_and_version():
     alias = parse_model_ref("models:/food-classifier@champion")
-    assert (alias.name, alias.alias, alias.version, alias.in_registry) == (MODEL, "champion", None, True)
+    assert (alias.name, alias.alias, alias.version) == (MODEL, "champion", None)
     pinned = parse_model_ref("models:/food-classifier/7")
     assert (pinned.name, pinned.alias, pinned.version) == (MODEL, None, "7") and pinned.uri_of("8").endswith("/8")
     path = parse_model_ref("/runs/x/checkpoint_epoch_0002")
-    assert (path.name, path.in_registry) == ("/runs/x/checkpoint_epoch_0002", False)
+    assert (path.name, path.alias, path.version) == ("/runs/x/checkpoint_epoch_0002", None, None)
 
 
 def test_deployment_carries_the_configured_batching_and_autoscaling_bounds():
     cfg = ServeConfig(min_replicas=2, max_replicas=5, max_batch_size=4, replica_cpus=0.25)
     deployment = classifier_deployment(cfg)
-    scaling = deployment._deployment_config.autoscaling_config
+    scaling = deployment._deployment_config.autoscaling_config  # Deployment has no public accessor for it
     assert (scaling.min_replicas, scaling.max_replicas) == (2, 5)
     assert deployment.max_ongoing_requests == 8 and deployment.ray_actor_options["num_cpus"] == 0.25
 
