@@ -10,7 +10,9 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ray_jobs.errors import UserInputError, invalid_options
 
@@ -363,9 +365,76 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    """`train-food serve`: the champion (or any model) behind HTTP with Ray Serve, until interrupted."""
+    from flows.config_args import add_flat_arguments
+    from ray_jobs.serve_config import ServeConfig
+
+    parser = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP with Ray Serve: POST /predict (raw image bytes), GET /health",
+        description="Loads models:/food-classifier@champion unless --model names another; follows the "
+        "alias to new versions every --alias-poll-s seconds. Example: curl --data-binary @photo.jpg "
+        "http://127.0.0.1:8000/predict. Unset options take the ServeConfig defaults (ray_jobs/serve_config.py).",
+    )
+    add_flat_arguments(parser, ServeConfig)
+    parser.add_argument("--workspace", default="workspace", metavar="DIR", help="workspace of the default store")
+    parser.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                        help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
+    parser.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from ray_jobs.model_ref import check_model_source, parse_model_ref
+
+    cfg = _serve_config(args)
+    serving = check_model_source(parse_model_ref(cfg.model), cfg.tracking_uri)
+
+    from ray import serve
+
+    from ray_jobs.serve_app import start
+    from ray_jobs.train import ensure_ray
+
+    ensure_ray(args.ray_address)
+    start(cfg)
+    print(f"serving {serving} at http://{cfg.host}:{cfg.port}/predict (health: /health); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        serve.delete(cfg.app_name)
+    return 0
+
+
+def _serve_config(args: argparse.Namespace) -> Any:
+    """The validated ServeConfig with what replicas need absolute (they run in another cwd):
+    a checkpoint path, or the resolved MLflow store of a model URI."""
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from ray_jobs.serve_config import ServeConfig
+
+    options = {key: value for key, value in vars(args).items() if key in ServeConfig.model_fields}
+    try:
+        cfg = ServeConfig(**options)
+    except ValidationError as err:
+        raise invalid_options(err) from None
+    if Path(cfg.model).exists():
+        return cfg.model_copy(update={"model": str(Path(cfg.model).resolve())})
+    if ":" not in cfg.model:  # neither a path nor a URI: check_model_source says so
+        return cfg
+    from tasks.register import resolve_tracking_uri
+
+    return cfg.model_copy(update={"tracking_uri": resolve_tracking_uri(cfg.tracking_uri, args.workspace, create=False)})
+
+
 # Subcommand registrars: each adds one subparser and sets `handler`.
 _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_run, _add_deploy, _add_ingest, _add_train, _add_tune, _add_evaluate, _add_register, _add_predict
+    _add_run, _add_deploy, _add_ingest, _add_train, _add_tune, _add_evaluate, _add_register, _add_predict,
+    _add_serve,
 ]
 
 

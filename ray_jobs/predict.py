@@ -251,28 +251,37 @@ def _env_default(key: str, value: str) -> Iterator[None]:
 def read_image(path: str | Path) -> Tensor:
     """Decode a file as uint8 RGB CHW, as training saw the ingested copy of such a file.
 
-    A file ingestion would store as it is goes through the training decoder; any other one (BMP,
-    TIFF, an animation, a rotated phone photo, transparency, 16-bit) is converted the way ingestion
-    converts it. `UserInputError` (one line, naming the file) for a file that is too large, holds
-    too many pixels or is not a readable image.
+    `UserInputError` (one line, naming the file) for a file that is too large, holds too many
+    pixels or is not a readable image.
     """
-    data = _read_limited(Path(path))
+    return decode_photo(_read_limited(Path(path)), str(path))
+
+
+def decode_photo(data: bytes, where: str) -> Tensor:
+    """Decode image bytes as uint8 RGB CHW, the way ingestion stores them and training decodes them.
+
+    Bytes ingestion would store as they are go through the training decoder; any others (BMP,
+    TIFF, an animation, a rotated phone photo, transparency, 16-bit) are converted the way
+    ingestion converts them. Shared by `predict` (files) and the Serve app (request bodies), so a
+    photo looks the same to the model in both. `UserInputError` naming `where` for too many pixels
+    or bytes that are not a readable image.
+    """
     from PIL import UnidentifiedImageError
     from torchvision.transforms.v2.functional import pil_to_tensor
 
     try:
         image = open_image(data)
         if reencode_reason(image, data) is None:
-            return decode_rgb(data, str(path))
+            return decode_rgb(data, where)
         return pil_to_tensor(upright_rgb(image))
     except TooManyPixels as err:
-        raise UserInputError(f"{path}: {err}") from None
+        raise UserInputError(f"{where}: {err}") from None
     except UnidentifiedImageError:
-        raise UserInputError(f"{path}: not a readable image (unknown format or corrupt header)") from None
+        raise UserInputError(f"{where}: not a readable image (unknown format or corrupt header)") from None
     except UserInputError:
         raise
     except Exception as err:  # noqa: BLE001 - any decoder failure means "not a readable image"
-        raise UserInputError(f"{path}: not a readable image ({type(err).__name__}: {err})") from None
+        raise UserInputError(f"{where}: not a readable image ({type(err).__name__}: {err})") from None
 
 
 def _read_limited(path: Path) -> bytes:
@@ -376,15 +385,20 @@ def predict_files(
 ) -> tuple[list[Prediction], list[PredictionFailure]]:
     """Top-k (class, probability) per readable image; unreadable files are reported, not raised."""
     _check_top_k(top_k)
-    transform = eval_preprocessing(model.config)
-    good: list[tuple[str, Tensor]] = []
+    predictions: list[Prediction] = []
     failures: list[PredictionFailure] = []
-    for path in paths:
-        try:
-            good.append((path, transform(read_image(path))))
-        except UserInputError as err:
-            failures.append(PredictionFailure(path, str(err)))
-    return _predict_preprocessed(model, good, top_k, batch_size), failures
+    for chunk in _batches(paths, batch_size):  # decode one batch at a time: full-size photos are large
+        names: list[str] = []
+        images: list[Tensor] = []
+        for path in chunk:
+            try:
+                images.append(read_image(path))
+                names.append(path)
+            except UserInputError as err:
+                failures.append(PredictionFailure(path, str(err)))
+        if images:
+            predictions += predict_tensors(model, images, names, top_k, batch_size)
+    return predictions, failures
 
 
 def open_set_verdict(prediction: Prediction) -> str:
