@@ -59,6 +59,9 @@ class PipelineConfig(BaseModel):
                                                  description="spread: Ray Train workers on different nodes.")
     use_gpu: bool = False
     ray_address: str | None = Field(default=None, description="Ray cluster; None: RAY_ADDRESS, else local.")
+    storage: str | None = Field(
+        default=None, description="Checkpoints: a path or pyarrow.fs URI every Ray node reads (s3://bucket/prefix?"
+                                  "endpoint_override=host:port); None: <workspace>/ray_results.")
     mlflow_uri: str | None = Field(default=None, description="MLflow server; None: workspace SQLite.")
     model_name: str = "food-classifier"
     limit_per_split: int | None = Field(default=None, ge=1, description="Smoke tests: rows per split.")
@@ -92,7 +95,7 @@ class PipelineConfig(BaseModel):
             optim=OptimConfig(lr=self.lr, epochs=self.epochs, warmup_epochs=min(1, self.epochs - 1)),
             scaling=ScalingConfig(num_workers=self.workers, use_gpu=self.use_gpu,
                                   cpus_per_worker=self.cpus_per_worker, placement=self.placement),
-            run=RunConfig(name=run_name, storage_path=str(self.root / "ray_results"), seed=self.seed,
+            run=RunConfig(name=run_name, storage_path=self.storage or str(self.root / "ray_results"), seed=self.seed,
                           ray_address=self.ray_address),
         )
 

@@ -47,6 +47,7 @@ def train_food(
     placement: Literal["pack", "spread"] = _default("placement"),
     use_gpu: bool = _default("use_gpu"),
     ray_address: str | None = _default("ray_address"),
+    storage: str | None = _default("storage"),
     mlflow_uri: str | None = _default("mlflow_uri"),
     model_name: str = _default("model_name"),
     limit_per_split: int | None = _default("limit_per_split"),

@@ -23,6 +23,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray_jobs.checkpoint import best_checkpoint
 from ray_jobs.config import SweepConfig, TrainConfig, absolute
 from ray_jobs.errors import UserInputError
+from ray_jobs.storage import is_uri
 from ray_jobs.train import RunInputs, build_trainer, fit_retrying_start, new_run_name, prepare_driver
 from ray_jobs.tune_report import write_sweep_outputs
 
@@ -118,6 +119,9 @@ def _trial_row(result: ray.tune.Result, max_epochs: int, storage: str, sweep: st
 
 def run_sweep(cfg: SweepConfig) -> SweepResult:
     """Run (or resume) the sweep and write its table (CSV, Parquet) and plot (PNG) beside it."""
+    if is_uri(cfg.train.run.storage_path):
+        raise UserInputError(f"--storage-path {cfg.train.run.storage_path}: sweeps keep their trials on a path every "
+                             "node reads (a shared volume); object-store URIs are for training runs only")
     train, run = prepare_driver(cfg.train, uses_ray=True)
     storage = train.run.storage_path
     name = cfg.name or new_run_name("sweep")
