@@ -9,7 +9,8 @@ flip, normalise) from the same ingested Parquet shards, with 2 decode processes:
   2 concurrent tasks) -> `iter_torch_batches`, as Ray's TorchTrainer examples feed a worker.
 
 Each path runs in its own fresh process (after one warm-up epoch); memory is the peak, sampled
-every 0.2 s, of the summed resident memory of every process doing the work (the consumer and its
+every 0.2 s, of the summed proportional resident memory (PSS: shared pages split between the
+processes sharing them) of every process doing the work (the consumer and its
 loader workers; for Ray Data the driver and the Ray worker processes of the session), plus Ray's
 object store use. No model: this measures the feeding alone.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,13 +29,11 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
-
 REPO = Path(__file__).resolve().parents[1]
 
 
 class PeakMemory:
-    """Peak summed RSS of this process, its children and (optionally) every `ray::` process, sampled in a thread."""
+    """Peak summed PSS of this process, its children and (optionally) every `ray::` process, sampled in a thread."""
 
     def __init__(self, include_ray_workers: bool) -> None:
         self.include_ray_workers = include_ray_workers
@@ -41,24 +41,42 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _processes(self) -> list[psutil.Process]:
-        me = psutil.Process()
-        found = {p.pid: p for p in [me, *me.children(recursive=True)]}
-        if self.include_ray_workers:
-            for p in psutil.process_iter(["cmdline"]):
-                if any(part.startswith("ray::") for part in (p.info["cmdline"] or [])[:1]):
-                    found[p.pid] = p
-        return list(found.values())
+    def _pids(self) -> set[int]:
+        """This process, its descendants and (optionally) every `ray::` worker, from /proc (Linux)."""
+        parents: dict[int, int] = {}
+        ray_workers: set[int] = set()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+                if self.include_ray_workers and Path(f"/proc/{entry}/cmdline").read_bytes().startswith(b"ray::"):
+                    ray_workers.add(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+        mine = {os.getpid()}
+        grew = True
+        while grew:
+            children = {pid for pid, parent in parents.items() if parent in mine} - mine
+            grew = bool(children)
+            mine |= children
+        return mine | ray_workers
+
+    @staticmethod
+    def _rss(pid: int) -> int:
+        """Proportional set size: shared pages (torch's libraries) split between the processes sharing them."""
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            total = 0
-            for p in self._processes():
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
+            self.peak = max(self.peak, sum(self._rss(pid) for pid in self._pids()))
             time.sleep(0.2)
 
     def __enter__(self) -> PeakMemory:
@@ -95,24 +113,19 @@ def _ray_data_epoch(dataset: str, image_size: int, batch_size: int, epoch: int) 
     import ray
     import torch
 
-    from ray_jobs.data import _shard_paths, augmentation_seed, train_transform
+    from ray_jobs.data import _shard_paths, train_transform
     from ray_jobs.decode import decode_rgb
     from ray_jobs.model import input_normalization
 
     augment = train_transform(image_size=image_size, norm=input_normalization("efficientnet_lite0"), min_crop_scale=0.35)
 
     def decode_and_augment(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = []
-        for row, data in zip(batch["row"], batch["image"]):
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(augmentation_seed(0, epoch, int(row)))
-                images.append(augment(decode_rgb(bytes(data), f"row {row}")).numpy())
+        images = [augment(decode_rgb(bytes(data), "ray data row")).numpy() for data in batch["image"]]
         return {"image": np.stack(images), "label": batch["label"]}
 
     _, paths = _shard_paths(dataset, "train")
-    data = ray.data.read_parquet(paths, columns=["image", "label"])
-    data = data.add_column("row", lambda table: np.arange(len(table)), batch_format="pyarrow")  # row ids for seeds
-    data = data.random_shuffle(seed=epoch).map_batches(decode_and_augment, batch_size=batch_size, concurrency=2)
+    data = ray.data.read_parquet(paths, columns=["image", "label"]).random_shuffle(seed=epoch)
+    data = data.map_batches(decode_and_augment, batch_size=batch_size, concurrency=2)
     seen = 0
     for batch in data.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.float32, "label": torch.long}):
         assert batch["image"].shape[-1] == image_size
@@ -139,7 +152,7 @@ def run_one(path: str, dataset: str, image_size: int, batch_size: int) -> dict[s
 
         store = ray.cluster_resources().get("object_store_memory", 0.0) - ray.available_resources().get("object_store_memory", 0.0)
         ray.shutdown()
-    return {"images": seen, "seconds": seconds, "images_per_s": seen / seconds, "peak_rss_mib": memory.peak / 2**20,
+    return {"images": seen, "seconds": seconds, "images_per_s": seen / seconds, "peak_pss_mib": memory.peak / 2**20,
             "object_store_mib_at_end": store / 2**20}
 
 
@@ -175,10 +188,10 @@ def main() -> None:
 
     print(f"\ntrain split {split_mib:.0f} MiB of encoded images; {args.image_size} px, batch {args.batch_size}, "
           "2 decode processes; mean of 2 fresh processes each\n")
-    print("| path | images/s | peak RSS (MiB) |\n|---|---|---|")
+    print("| path | images/s | peak memory, PSS (MiB) |\n|---|---|---|")
     for path, runs in results.items():
         rate = sum(r["images_per_s"] for r in runs) / len(runs)
-        rss = max(r["peak_rss_mib"] for r in runs)
+        rss = max(r["peak_pss_mib"] for r in runs)
         print(f"| {path} | {rate:.1f} | {rss:.0f} |")
     reader, ray_data = (sum(r["images_per_s"] for r in results[p]) / 2 for p in ("reader", "ray-data"))
     print(f"\nreader / ray-data images/s: {reader / ray_data:.2f}")
