@@ -6,7 +6,7 @@ augment, DDP with the per-step center all-reduce). Throughput is the global imag
 the training epochs after the first (start-up and first-touch costs excluded), runs interleaved
 1/2/1/2 so drift on a noisy machine hits both. Target: 2-worker / 1-worker >= 1.7.
 
-    python bench/scaling.py [--image-size 96] [--batch-size 16] [--rows 256] [--epochs 3] [--repeats 2]
+    python bench/scaling.py [--image-size 128] [--batch-size 32] [--rows 512] [--epochs 3] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def images_per_second(cfg: TrainConfig, workers: int, name: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--batch-size", type=int, default=16, help="per worker")
-    parser.add_argument("--rows", type=int, default=256, help="train rows used (limit_per_split)")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32, help="per worker")
+    parser.add_argument("--rows", type=int, default=512, help="train rows used (limit_per_split)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
