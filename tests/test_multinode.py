@@ -86,8 +86,9 @@ def test_two_workers_on_two_nodes_survive_losing_one_and_match_one_worker(three_
     cluster = three_node_cluster
     storage = tmp_path / "runs"
     run_dir = storage / "spread"
-    # No RAY_AUTH_MODE: `Cluster` nodes run without token auth, and Train would pass it on to its controller.
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_AUTH")} | {"PYTHONUNBUFFERED": "1"}
+    # The environment the cluster was started with, so the driver's token auth matches the nodes'
+    # (adding RAY_AUTH_MODE=token to a cluster without auth stops Train's controller from starting).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [TRAIN_FOOD, "train", *_recipe(tiny_dataset, storage, "spread", workers=2, batch_size=4),
                "--placement", "spread", "--ray-address", cluster.address]
     log = tmp_path / "train.log"

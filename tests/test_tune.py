@@ -20,8 +20,8 @@ from test_train import tiny_config
 pytestmark = pytest.mark.slow
 
 
-def sweep_config(dataset: str, tmp_path: Path, *, epochs: int, lr: float = 0.05, **sweep) -> SweepConfig:
-    train = tiny_config(dataset, tmp_path / "runs", workers=1, epochs=epochs, limit=32, cpus_per_worker=0.5,
+def sweep_config(dataset: str, tmp_path: Path, *, epochs: int, lr: float = 0.05, limit: int = 32, **sweep) -> SweepConfig:
+    train = tiny_config(dataset, tmp_path / "runs", workers=1, epochs=epochs, limit=limit, cpus_per_worker=0.5,
                         loss=LossConfig(kind="center"), lr=lr)
     return SweepConfig(train=train, report_dir=str(tmp_path / "sweeps"), **sweep)
 
@@ -89,12 +89,14 @@ def test_asha_stops_a_weak_trial_early_and_later_trials_still_run(ray_cluster, c
 
 
 def test_sweep_killed_after_first_trial_resumes_without_redoing_it(ray_cluster, tiny_dataset, tmp_path):
+    # 128 rows an epoch: the killed trial's second epoch must outlast Ray's clean-up of the dead
+    # driver's actors (seconds on a loaded machine), or it finishes before it is stopped.
     cfg = sweep_config(tiny_dataset, tmp_path, epochs=2, num_samples=3, scheduler="none",
-                       max_concurrent_trials=1, name="killed")
+                       max_concurrent_trials=1, name="killed", limit=128)
     storage = Path(cfg.train.run.storage_path)
     args = [sys.executable, "-m", "flows.cli", "tune", "--dataset", tiny_dataset, "--name", "killed",
             "--storage-path", str(storage), "--image-size", "32", "--batch-size", "16", "--loader-workers", "0",
-            "--limit-per-split", "32", "--feat-dim", "32", "--warmup-epochs", "0", "--epochs", "2",
+            "--limit-per-split", "128", "--feat-dim", "32", "--warmup-epochs", "0", "--epochs", "2",
             "--cpus-per-worker", "0.5", "--start-timeout-s", "120", "--num-samples", "3", "--scheduler", "none",
             "--max-concurrent-trials", "1", "--report-dir", cfg.report_dir, "--workspace", str(tmp_path / "ws"),
             "--ray-address", ray_cluster.get_runtime_context().gcs_address]
@@ -102,7 +104,7 @@ def test_sweep_killed_after_first_trial_resumes_without_redoing_it(ray_cluster, 
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and sorted(checkpointed_epochs(storage, "killed").values()) != [1, 2]:
         assert driver.poll() is None, "the sweep ended before it could be killed"
-        time.sleep(0.2)
+        time.sleep(0.1)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     before = checkpointed_epochs(storage, "killed")
