@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from conftest import free_port
 
 TINY = dict(image_size=32, batch_size=16, feat_dim=16, max_side=64, limit_per_split=32, loader_workers=0, epochs=1)
 
@@ -98,12 +99,6 @@ def test_run_rejects_bad_parameters_naming_them(capsys):
     assert exited.value.code == 2 and "--loss" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _wait(condition, seconds: float, what: str, logs: Path) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -116,7 +111,7 @@ def _wait(condition, seconds: float, what: str, logs: Path) -> None:
 @pytest.mark.slow
 def test_deployment_runs_on_a_real_prefect_server(tmp_path):
     bin_dir = Path(sys.executable).parent
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_ADDRESS", "MLFLOW_"))}
     env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,

@@ -14,7 +14,6 @@ not depend on its batch, so the two runs differ only by the float order of the g
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from flows.cli import _build_parser
 from flows.config_args import config_from_args
 from ray_jobs.checkpoint import load_checkpoint, stored_checkpoints
@@ -34,12 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 TRAIN_FOOD = str(Path(sys.executable).parent / "train-food")
 EPOCHS = 8
 KILL_AFTER_EPOCH = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _recipe(dataset: str, storage: Path, name: str, workers: int, batch_size: int) -> list[str]:
@@ -70,7 +64,7 @@ def three_node_cluster():
         initialize_head=True,
         connect=False,
         head_node_args={"num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-                        "dashboard_port": _free_port()},
+                        "dashboard_port": free_port()},
     )
     try:
         for _ in range(3):

@@ -9,7 +9,6 @@ the URIs, and evaluation takes the checkpoint's URI.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from conftest import S3_TEST_CREDENTIALS
+from conftest import S3_TEST_CREDENTIALS, free_port
 from ray_jobs.checkpoint import stored_checkpoints
 from ray_jobs.config import DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig
 from ray_jobs.errors import UserInputError
@@ -29,9 +28,7 @@ from tasks.evaluate import EvaluateConfig, evaluate_checkpoint
 @pytest.fixture(scope="module")
 def s3_storage(tmp_path_factory: pytest.TempPathFactory):
     """An empty bucket on a local S3 server, as a storage URI; the server is stopped afterwards."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     log = (tmp_path_factory.mktemp("s3") / "server.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=log, stderr=subprocess.STDOUT)

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import free_port
 import hostile_images as hostile
 from flows.cli import main
 from ray_jobs.image_prep import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
@@ -52,12 +53,6 @@ def photos(sample_dir) -> list[Path]:
     return [sorted(folder.glob("*.jpg"))[0] for folder in folders]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(ray_cluster, registry) -> str:
     """The app serving models:/food-classifier@champion; Serve is shut down after the module, Ray stays."""
@@ -65,7 +60,7 @@ def server(ray_cluster, registry) -> str:
 
     from ray_jobs.serve_app import start
 
-    port = _free_port()
+    port = free_port()
     start(ServeConfig(tracking_uri=registry, port=port, alias_poll_s=0.5, replica_cpus=0.5, max_replicas=1,
                       max_batch_size=8))
     yield f"http://127.0.0.1:{port}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from test_flow import TINY, prefect_harness  # noqa: F401 - prefect_harness is a fixture used below
 
 pytestmark = pytest.mark.slow
@@ -29,12 +29,6 @@ pytestmark = pytest.mark.slow
 MODEL = "food-classifier"
 STARTUP_SECONDS = 300  # import + schema migration: 20-80 s seen here with other jobs on the 2 CPUs
 STOP_SECONDS = 20
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _tail(log: Path, chars: int = 3000) -> str:
@@ -80,7 +74,7 @@ def mlflow_server_process(tmp_path: Path) -> Iterator[MlflowServer]:
     """
     root = tmp_path / "mlflow-server"
     root.mkdir()
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no job-runner processes (GenAI jobs) on 2 CPUs
     command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
