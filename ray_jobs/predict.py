@@ -331,25 +331,6 @@ def _check_top_k(top_k: int) -> None:
         raise UserInputError(f"--top-k must be at least 1, got {top_k}")
 
 
-@torch.no_grad()
-def _predict_preprocessed(
-    model: LoadedModel, items: Sequence[tuple[str, Tensor]], top_k: int, batch_size: int
-) -> list[Prediction]:
-    """(name, preprocessed image) pairs -> predictions, `batch_size` images per forward pass."""
-    device = next(model.module.parameters()).device
-    k = min(top_k, len(model.classes))
-    predictions: list[Prediction] = []
-    for batch in _batches(items, batch_size):
-        images = torch.stack([image for _, image in batch]).to(device)
-        features, logits = model.net(images)
-        values, indices = logits.float().softmax(dim=1).cpu().topk(k, dim=1)
-        verdicts = _verdicts(model, features.float().cpu(), len(batch))
-        for (name, _), vals, idxs, verdict in zip(batch, values.tolist(), indices.tolist(), verdicts, strict=True):
-            top = [(model.classes[i], v) for i, v in zip(idxs, vals, strict=True)]
-            predictions.append(Prediction(name, top, **verdict))
-    return predictions
-
-
 def _verdicts(model: LoadedModel, features: Tensor, count: int) -> list[dict[str, Any]]:
     """Prediction's open-set fields per image (none without a calibration)."""
     if model.calibration is None:
@@ -362,11 +343,13 @@ def _verdicts(model: LoadedModel, features: Tensor, count: int) -> list[dict[str
     ]
 
 
+@torch.no_grad()
 def predict_tensors(
     model: LoadedModel, images: Sequence[Tensor], names: Sequence[str] | None = None, top_k: int = 5,
     batch_size: int = 32,
 ) -> list[Prediction]:
-    """Predictions for already-decoded images (uint8 RGB CHW, any size, as `read_image` returns them).
+    """Predictions for already-decoded images (uint8 RGB CHW, any size, as `read_image` returns them),
+    `batch_size` images per forward pass.
 
     For callers that decode themselves (a Ray Serve replica reading request bodies); `names` fill
     `Prediction.path` (default: the image's index).
@@ -376,8 +359,18 @@ def predict_tensors(
     if len(names) != len(images):
         raise ValueError(f"{len(images)} images but {len(names)} names")
     transform = eval_preprocessing(model.config)
-    return _predict_preprocessed(model, [(name, transform(image)) for name, image in zip(names, images, strict=True)],
-                                 top_k, batch_size)
+    device = next(model.module.parameters()).device
+    k = min(top_k, len(model.classes))
+    predictions: list[Prediction] = []
+    for batch_names, batch_images in zip(_batches(names, batch_size), _batches(images, batch_size), strict=True):
+        batch = torch.stack([transform(image) for image in batch_images]).to(device)
+        features, logits = model.net(batch)
+        values, indices = logits.float().softmax(dim=1).cpu().topk(k, dim=1)
+        verdicts = _verdicts(model, features.float().cpu(), len(batch_names))
+        for name, vals, idxs, verdict in zip(batch_names, values.tolist(), indices.tolist(), verdicts, strict=True):
+            top = [(model.classes[i], v) for i, v in zip(idxs, vals, strict=True)]
+            predictions.append(Prediction(name, top, **verdict))
+    return predictions
 
 
 def predict_files(
