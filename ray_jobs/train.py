@@ -134,16 +134,6 @@ def _rank_seed(seed: int, rank: int) -> int:
     return seed * 100_003 + rank + 1
 
 
-def _rng_states(device: torch.device) -> list[dict[str, Any]]:
-    """Every rank's RNG state, in rank order (gathered so rank 0 can save them all)."""
-    mine = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
-    if not distributed():
-        return [mine]
-    states: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, mine)
-    return states
-
-
 def _restore_rng(states: list[dict[str, Any]], rank: int, world: int) -> None:
     if len(states) != world:  # resumed with another world size: keep the fresh per-rank seeds
         return
@@ -165,20 +155,25 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
-def _worker_states(objective: Any) -> list[dict[str, str]]:
-    """Every rank's Ray node and digest of its centers, in rank order, for rank 0 to save.
+def _rank_states(device: torch.device, objective: Any) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Every rank's RNG state, and its Ray node and digest of its centers, in rank order, for rank 0
+    to save (one collective for both).
 
     The per-step all-reduce must leave all ranks with bit-identical centers; if they ever differ the
     run stops here instead of training on diverged copies.
     """
-    mine = {"node": _node_id(), "objective_sha256": _objective_digest(objective)}
-    if not distributed():
-        return [mine]
-    states: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, mine)
-    if len({state["objective_sha256"] for state in states}) > 1:
-        raise RuntimeError(f"ranks hold different centers: {[state['objective_sha256'][:12] for state in states]}")
-    return states
+    mine = {
+        "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
+        "worker": {"node": _node_id(), "objective_sha256": _objective_digest(objective)},
+    }
+    states: list[Any] = [mine]
+    if distributed():
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, mine)
+    workers = [state["worker"] for state in states]
+    if len({worker["objective_sha256"] for worker in workers}) > 1:
+        raise RuntimeError(f"ranks hold different centers: {[worker['objective_sha256'][:12] for worker in workers]}")
+    return [state["rng"] for state in states], workers
 
 
 def _checkpoint_state(model, objective, optimizer, scheduler, epoch, cfg, run, metrics, rng, workers) -> dict[str, Any]:
@@ -336,7 +331,7 @@ def _train(cfg: TrainConfig, run: RunInputs) -> dict[str, Any]:
             return {"status": "non_finite", "epoch": err.epoch, "step": err.step, "history": history}
         metrics |= evaluate(model, val_loader, device, len(classes))
         metrics |= {"epoch": epoch + 1, "data_order_digest": order}
-        rng, workers = _rng_states(device), _worker_states(objective)
+        rng, workers = _rank_states(device, objective)
         state = (_checkpoint_state(model, objective, optimizer, scheduler, epoch + 1, cfg, run, metrics, rng, workers)
                  if rank == 0 else None)
         _report(metrics, state, local_dir, cfg.run.keep_checkpoints)
