@@ -42,6 +42,7 @@ def checkpoint_dir_name(epoch: int) -> str:
 def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
     """Write `checkpoint.pt` (through a temporary file, so a crash leaves no half file) and `metrics.json`."""
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     path = directory / CHECKPOINT_FILE
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)

@@ -216,20 +216,25 @@ def check_resumable(state: dict[str, Any], cfg: TrainConfig, run: RunInputs, sou
 
 
 def _report(metrics: dict[str, float], state: dict[str, Any] | None, local_dir: Path | None, keep: int) -> None:
-    """Report one epoch; rank 0 attaches the checkpoint (written straight into the run folder in local mode)."""
+    """Report one epoch; rank 0 attaches the checkpoint.
+
+    In local mode the checkpoint is written straight into the run folder. On a Ray worker it is
+    written to a temporary folder that `ray.train.report` copies to storage before it returns (the
+    SYNC upload mode), so the folder is removed afterwards: left behind, it cost a full checkpoint
+    of /tmp per epoch.
+    """
     if state is None:
         ray.train.report(metrics)
         return
     name = checkpoint_dir_name(metrics["epoch"])
-    directory = local_dir / name if local_dir is not None else Path(tempfile.mkdtemp(prefix="train-food-"))
-    directory.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(directory, state)
-    checkpoint = ray.train.Checkpoint.from_directory(str(directory))
     if local_dir is not None:
-        ray.train.report(metrics, checkpoint=checkpoint)
+        save_checkpoint(local_dir / name, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(local_dir / name)))
         prune_checkpoints(local_dir, keep)
-    else:
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        return
+    with tempfile.TemporaryDirectory(prefix="train-food-checkpoint-") as folder:
+        save_checkpoint(folder, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
 
 
 def _progress_line(metrics: dict[str, float], epochs: int) -> str:
