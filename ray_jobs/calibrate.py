@@ -17,7 +17,7 @@ from ray_jobs.calibration_store import calibration_document, write_calibration
 from ray_jobs.data import ParquetImageDataset
 from ray_jobs.engine import predict
 from ray_jobs.errors import UserInputError
-from ray_jobs.open_set import DEFAULT_ACCEPT_SHARE, Calibration, calibrate, class_means
+from ray_jobs.open_set import DEFAULT_ACCEPT_SHARE, DEFAULT_DISTANCE, Calibration, calibrate, class_means
 from ray_jobs.predict import CheckpointModel, default_device, eval_preprocessing, model_from_checkpoint
 
 
@@ -38,6 +38,7 @@ def calibrate_checkpoint(
     checkpoint: str | Path,
     dataset: str,
     accept_share: float = DEFAULT_ACCEPT_SHARE,
+    distance: str = DEFAULT_DISTANCE,
     batch_size: int = 64,
     loader_workers: int = 0,
     device: str | torch.device | None = None,
@@ -54,7 +55,7 @@ def calibrate_checkpoint(
     features, _, labels = predict(loaded.net, DataLoader(split, batch_size=batch_size, num_workers=loader_workers),
                                   device)
     centers, kind = model_centers(loaded, features, labels)
-    calibration = calibrate(features, labels, centers, kind, accept_share)
+    calibration = calibrate(features, centers, kind, accept_share, distance)
     document = calibration_document(calibration, loaded.classes, loaded.state.get("epoch"),
                                     str(loaded.state.get("dataset_fingerprint", "")))
     write_calibration(Path(checkpoint), document)

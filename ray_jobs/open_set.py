@@ -9,12 +9,19 @@ Centers by loss: center loss uses its trained centers (the objective's state), L
 means (the head's `means`), softmax the class means of the validation features (it keeps none;
 those means come from the same images as its thresholds, so its thresholds are a little tight).
 
-Thresholds are calibrated on the validation split, per class: the smallest distance that accepts
-at least `accept_share` of that class's own val images (an order statistic, so exactly
-`ceil(share * n) / n` of them when distances are distinct). A class with fewer than
-`min_class_images` val images gets the global threshold instead (the same statistic over every
-val image's distance to its own class center): a quantile of a handful of points is mostly noise,
-and with 0.95 and fewer than 20 images it is just their maximum.
+Distance: cosine (1 - cos of the angle between features and center) by default, or Euclidean.
+Measured on food101_mini10 (`bench/open_set.py`), an unknown dish's features are mostly *shorter*
+than a known one's, not off to one side, so Euclidean distance puts them close to every center
+(AUROC near or below chance); the angle does not depend on the length.
+
+Thresholds are calibrated on the validation split with the statistic the rule applies: each val
+image's distance to its *nearest* center (labels are not used, so a mislabeled val photo does not
+widen its labeled class's threshold). Per class, a scale: the median of those distances over the
+val images nearest to it (the median of all of them for a class nearest to fewer than
+`min_class_images`). Then one global factor, the smallest that accepts at least `accept_share`
+of all val images when each is compared with factor x its nearest class's scale: an order
+statistic over every val image, so it is well defined even with 15 val photos a class, where a
+per-class 95% order statistic is just the class's largest distance.
 
 Pure torch and plain values (no data loading, no files): `ray_jobs.calibrate` feeds it.
 """
@@ -26,10 +33,14 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 CenterKind = Literal["center_loss", "val_means", "lgm_means"]
 CENTER_KINDS: tuple[str, ...] = ("center_loss", "val_means", "lgm_means")
+Distance = Literal["cosine", "euclidean"]
+DISTANCES: tuple[str, ...] = ("cosine", "euclidean")
+DEFAULT_DISTANCE: Distance = "cosine"
 DEFAULT_ACCEPT_SHARE = 0.95
 DEFAULT_MIN_CLASS_IMAGES = 10
 
@@ -39,11 +50,12 @@ class Calibration:
     """Class centers and per-class distance thresholds, and how they were made."""
 
     centers: Tensor  # C x D, float32
-    thresholds: Tensor  # C, float32: Euclidean distance accepted as "known" for each class
+    thresholds: Tensor  # C, float32: largest distance accepted as "known" for each class
     accept_share: float  # share of known val images the thresholds were set to accept
     center_kind: str  # one of CENTER_KINDS
-    val_counts: list[int]  # val images per class the thresholds were computed from
-    fallback_classes: list[int]  # classes that got the global threshold (too few val images)
+    val_counts: list[int]  # val images nearest to each class, the ones its scale comes from
+    fallback_classes: list[int]  # classes that got the global scale (too few val images nearest to them)
+    distance: str = "euclidean"  # one of DISTANCES; files written before cosine existed are Euclidean
 
     def to_dict(self) -> dict[str, Any]:
         """Plain lists and numbers (JSON-safe; float32 values survive the round trip exactly)."""
@@ -54,6 +66,7 @@ class Calibration:
             "center_kind": self.center_kind,
             "val_counts": list(self.val_counts),
             "fallback_classes": list(self.fallback_classes),
+            "distance": self.distance,
         }
 
     @classmethod
@@ -69,6 +82,7 @@ class Calibration:
                 center_kind=str(data["center_kind"]),
                 val_counts=[int(n) for n in data["val_counts"]],
                 fallback_classes=[int(c) for c in data["fallback_classes"]],
+                distance=str(data.get("distance", "euclidean")),
             )
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"malformed open-set calibration ({type(err).__name__}: {err})") from None
@@ -85,8 +99,9 @@ class Calibration:
             raise ValueError(f"calibration has {c} classes, the model {num_classes}")
         if feat_dim is not None and self.centers.shape[1] != feat_dim:
             raise ValueError(f"calibration centers are {self.centers.shape[1]}-d, the model's features {feat_dim}-d")
-        if self.center_kind not in CENTER_KINDS or not 0.0 < self.accept_share <= 1.0:
-            raise ValueError(f"calibration center_kind {self.center_kind!r} / accept_share {self.accept_share}")
+        if self.center_kind not in CENTER_KINDS or self.distance not in DISTANCES or not 0.0 < self.accept_share <= 1.0:
+            raise ValueError(f"calibration center_kind {self.center_kind!r} / distance {self.distance!r} / "
+                             f"accept_share {self.accept_share}")
 
 
 @dataclass(frozen=True)
@@ -99,11 +114,17 @@ class OpenSetResult:
     unknown: Tensor  # N, bool: distance > threshold
 
 
-def center_distances(features: Tensor, centers: Tensor) -> Tensor:
-    """N x C Euclidean distances; a class whose center is NaN (no val images to average) is at +inf."""
-    x, c = features.double(), centers.double()
-    d = torch.cdist(x, torch.nan_to_num(c, nan=0.0), compute_mode="donot_use_mm_for_euclid_dist")
-    d[:, torch.isnan(c).any(dim=1)] = math.inf
+def center_distances(features: Tensor, centers: Tensor, distance: str = DEFAULT_DISTANCE) -> Tensor:
+    """N x C distances (`distance`: "cosine" or "euclidean"); a class whose center is NaN (no val
+    images to average) is at +inf."""
+    x, c = features.double(), torch.nan_to_num(centers.double(), nan=0.0)
+    if distance == "cosine":
+        d = 1.0 - F.normalize(x, dim=1) @ F.normalize(c, dim=1).T
+    elif distance == "euclidean":
+        d = torch.cdist(x, c, compute_mode="donot_use_mm_for_euclid_dist")
+    else:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    d[:, torch.isnan(centers).any(dim=1)] = math.inf
     return d.float()
 
 
@@ -125,42 +146,60 @@ def accept_threshold(distances: Tensor, accept_share: float) -> float:
 
 def calibrate(
     features: Tensor,
-    labels: Tensor,
     centers: Tensor,
     center_kind: str,
     accept_share: float = DEFAULT_ACCEPT_SHARE,
+    distance: str = DEFAULT_DISTANCE,
     min_class_images: int = DEFAULT_MIN_CLASS_IMAGES,
 ) -> Calibration:
     """Per-class thresholds from known (validation) features; see the module docstring for the rule."""
     if not 0.0 < accept_share <= 1.0:
         raise ValueError(f"accept_share must be in (0, 1], got {accept_share}")
     num_classes = centers.shape[0]
-    labels = labels.long()
-    own = center_distances(features, centers).gather(1, labels.unsqueeze(1)).squeeze(1)
-    global_threshold = accept_threshold(own[torch.isfinite(own)], accept_share)
-    counts = torch.bincount(labels, minlength=num_classes).tolist()
-    thresholds, fallback = [], []
+    nearest_distance, nearest = center_distances(features, centers, distance).double().min(dim=1)
+    finite = torch.isfinite(nearest_distance)
+    if not finite.any():
+        raise ValueError("no val image has a finite distance to any center")
+    nearest_distance, nearest = nearest_distance[finite], nearest[finite]
+    counts = torch.bincount(nearest, minlength=num_classes).tolist()
+    global_scale = _positive(nearest_distance.median())
+    scales, fallback = [], []
     for cls, count in enumerate(counts):
         if count < min_class_images:
-            thresholds.append(global_threshold)
+            scales.append(global_scale)
             fallback.append(cls)
         else:
-            thresholds.append(accept_threshold(own[labels == cls], accept_share))
+            scales.append(_positive(nearest_distance[nearest == cls].median()))
+    scale = torch.tensor(scales, dtype=torch.float64)
+    factor = accept_threshold(nearest_distance / scale[nearest], accept_share)
     calibration = Calibration(
         centers=centers.detach().float().cpu().clone(),
-        thresholds=torch.tensor(thresholds, dtype=torch.float32),
+        thresholds=_round_up_to_float32(factor * scale),
         accept_share=float(accept_share),
         center_kind=center_kind,
         val_counts=counts,
         fallback_classes=fallback,
+        distance=distance,
     )
     calibration.check()
     return calibration
 
 
+def _positive(scale: Tensor) -> float:
+    """A usable scale: 1 where every distance is 0 (the factor then carries the threshold alone)."""
+    return float(scale) if float(scale) > 0 else 1.0
+
+
+def _round_up_to_float32(values: Tensor) -> Tensor:
+    """float32 thresholds never below the float64 ones, so a val image accepted in float64 stays accepted."""
+    rounded = values.float()
+    below = rounded.double() < values
+    return torch.where(below, torch.nextafter(rounded, torch.tensor(math.inf)), rounded)
+
+
 def open_set_scores(features: Tensor, calibration: Calibration) -> OpenSetResult:
     """Nearest class, its distance and threshold, and `unknown` = distance > threshold, per image."""
-    distance, nearest = center_distances(features, calibration.centers).min(dim=1)
+    distance, nearest = center_distances(features, calibration.centers, calibration.distance).min(dim=1)
     threshold = calibration.thresholds[nearest]
     return OpenSetResult(nearest=nearest, distance=distance, threshold=threshold, unknown=distance > threshold)
 

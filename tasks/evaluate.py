@@ -11,7 +11,7 @@ PNGs into artifacts. Everything lands in one reports directory:
 
 Open set: before scoring, the checkpoint gets an open-set calibration (`ray_jobs.calibrate`: per-class
 distance thresholds from the val split of its own dataset, stored as `calibration.json` next to
-the checkpoint) unless it already has one with the same `accept_share`. The report then says
+the checkpoint) unless it already has one with the same `accept_share` and `distance`. The report says
 which share of the scored images would be accepted as known dishes. A cross-dataset evaluation
 never calibrates (its val split is not the model's); it uses an existing calibration or none.
 
@@ -43,7 +43,14 @@ from ray_jobs.data import ParquetImageDataset, dataset_info
 from ray_jobs.engine import predict
 from ray_jobs.errors import UserInputError, invalid_options
 from ray_jobs.metrics import compactness, topk_correct
-from ray_jobs.open_set import DEFAULT_ACCEPT_SHARE, Calibration, OpenSetResult, open_set_scores
+from ray_jobs.open_set import (
+    DEFAULT_ACCEPT_SHARE,
+    DEFAULT_DISTANCE,
+    Calibration,
+    Distance,
+    OpenSetResult,
+    open_set_scores,
+)
 from ray_jobs.predict import CheckpointModel, default_device, eval_preprocessing, model_from_checkpoint
 from ray_jobs.storage import local_checkpoint
 from tasks.evaluate_plots import plot_confusion_matrix, plot_projection
@@ -84,6 +91,7 @@ class EvaluateConfig(_Frozen):
         default=DEFAULT_ACCEPT_SHARE, gt=0.0, le=1.0,
         description="Open set: share of known val images the per-class distance thresholds accept.",
     )
+    distance: Distance = Field(default=DEFAULT_DISTANCE, description="Open set: distance to the class centers.")
 
 
 class ClassMetrics(_Frozen):
@@ -102,8 +110,9 @@ class OpenSetSummary(_Frozen):
     calibration_sha256: str  # of calibration.json as used: registration carries exactly this file
     accept_share: float
     center_kind: str
+    distance: str
     thresholds: dict[str, float]
-    fallback_classes: list[str]  # classes with too few val images, given the global threshold
+    fallback_classes: list[str]  # classes nearest to too few val images, given the global scale
     val_images: int
     accepted: int  # scored images within their nearest class's threshold
     accepted_share: float
@@ -303,10 +312,10 @@ def _calibration(cfg: EvaluateConfig, checkpoint: Path, loaded: CheckpointModel,
     evaluation takes the stored calibration as it is (or none).
     """
     stored = read_calibration(checkpoint, loaded.classes, loaded.config.model.feat_dim, loaded.state.get("epoch"))
-    if not own_dataset or val_rows == 0 or (stored is not None and stored.accept_share == cfg.accept_share):
+    if not own_dataset or val_rows == 0 or (stored is not None and (stored.accept_share, stored.distance) == (cfg.accept_share, cfg.distance)):
         return stored
-    return calibrate_checkpoint(checkpoint, dataset, cfg.accept_share, cfg.batch_size, cfg.loader_workers, device,
-                                loaded=loaded)
+    return calibrate_checkpoint(checkpoint, dataset, cfg.accept_share, cfg.distance, cfg.batch_size,
+                                cfg.loader_workers, device, loaded=loaded)
 
 
 def _open_set_summary(checkpoint: Path, calibration: Calibration, scores: OpenSetResult,
@@ -316,6 +325,7 @@ def _open_set_summary(checkpoint: Path, calibration: Calibration, scores: OpenSe
         calibration_sha256=_sha256(calibration_path(checkpoint)),
         accept_share=calibration.accept_share,
         center_kind=calibration.center_kind,
+        distance=calibration.distance,
         thresholds=dict(zip(classes, calibration.thresholds.tolist(), strict=True)),
         fallback_classes=[classes[index] for index in calibration.fallback_classes],
         val_images=sum(calibration.val_counts),
