@@ -101,7 +101,7 @@ def test_sweep_killed_after_first_trial_resumes_without_redoing_it(ray_cluster, 
             "--max-concurrent-trials", "1", "--report-dir", cfg.report_dir, "--workspace", str(tmp_path / "ws"),
             "--ray-address", ray_cluster.get_runtime_context().gcs_address]
     driver = subprocess.Popen(args, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600  # the second trial's first epoch, on a machine that may be busy
     while time.monotonic() < deadline and sorted(checkpointed_epochs(storage, "killed").values()) != [1, 2]:
         assert driver.poll() is None, "the sweep ended before it could be killed"
         time.sleep(0.1)
