@@ -279,7 +279,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     else:
         o = report.open_set
         print(f"open set: {o.accepted} of {report.counts['images']} images ({o.accepted_share:.1%}) within their "
-              f"nearest class's distance threshold (set to accept {o.accept_share:.0%} of val images)")
+              f"nearest class's {o.distance} distance threshold (set to accept {o.accept_share:.0%} of val images)")
     if report.cross_dataset:
         print(f"note: cross-dataset evaluation (trained on dataset {report.train_dataset_fingerprint[:12] or 'unknown'}, "
               f"scored on {report.dataset_fingerprint[:12]})")

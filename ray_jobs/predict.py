@@ -311,7 +311,7 @@ class Prediction:
     top: list[tuple[str, float]]
     unknown: bool = False  # farther from the nearest class center than that class's threshold
     nearest: str | None = None  # class whose center is nearest to the image's features
-    distance: float | None = None  # Euclidean distance to that center
+    distance: float | None = None  # distance to that center (the calibration's: cosine by default)
     threshold: float | None = None  # that class's calibrated threshold
 
 
@@ -395,11 +395,12 @@ def predict_files(
 
 
 def open_set_verdict(prediction: Prediction) -> str:
-    """`unknown (nearest: pizza, distance 3.20 > 2.90)` or `known (nearest: ..., distance 2.10 <= 2.90)`; "" uncalibrated."""
+    """`unknown (nearest: pizza, distance 0.320 > 0.290)` or `known (nearest: ..., distance 0.210 <= 0.290)`;
+    "" uncalibrated. Three decimals: cosine distances are mostly between 0.1 and 0.5."""
     if prediction.distance is None:
         return ""
     word, sign = ("unknown", ">") if prediction.unknown else ("known", "<=")
-    return f"{word} (nearest: {prediction.nearest}, distance {prediction.distance:.2f} {sign} {prediction.threshold:.2f})"
+    return f"{word} (nearest: {prediction.nearest}, distance {prediction.distance:.3f} {sign} {prediction.threshold:.3f})"
 
 
 def format_prediction(prediction: Prediction) -> str:

@@ -231,7 +231,7 @@ def test_predict_cli_says_unknown_beyond_the_threshold(trained_checkpoint, photo
     expected = predict_files(load_model(checkpoint), photos, top_k=2)[0]
     for block, prediction in zip(range(0, len(lines), 3), expected, strict=True):
         assert lines[block] == prediction.path
-        verdict = f"   {word} (nearest: {prediction.nearest}, distance {prediction.distance:.2f} {sign} {threshold:.2f})"
+        verdict = f"   {word} (nearest: {prediction.nearest}, distance {prediction.distance:.3f} {sign} {threshold:.3f})"
         assert lines[block + 1].startswith("  1. ") and lines[block + 1].endswith(verdict)
         assert prediction.unknown == (word == "unknown")
 
@@ -310,3 +310,18 @@ def test_register_refuses_a_calibration_changed_since_the_report(trained_checkpo
     calibration_path(checkpoint).write_text(json.dumps(document))
     with pytest.raises(UserInputError, match="changed since report .* evaluate this checkpoint again"):
         register_model(RegisterConfig(workspace=str(tmp_path / "ws")), report, checkpoint)
+
+
+def test_evaluating_with_another_distance_recalibrates_and_says_which(trained_checkpoint, tiny_dataset, tmp_path,
+                                                                     capsys):
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(trained_checkpoint, checkpoint)
+    cosine = load_model(str(checkpoint)).calibration
+    assert cosine.distance == "cosine"
+    assert main(["evaluate", str(checkpoint), "--dataset", tiny_dataset, "--reports", str(tmp_path / "r"),
+                 "--distance", "euclidean"]) == 0
+    assert "nearest class's euclidean distance threshold" in capsys.readouterr().out
+    euclidean = load_model(str(checkpoint)).calibration
+    assert euclidean.distance == "euclidean" and not torch.allclose(euclidean.thresholds, cosine.thresholds)
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["open_set"]["distance"] == "euclidean"
