@@ -40,6 +40,7 @@ CENTER_KINDS: tuple[str, ...] = ("center_loss", "val_means", "lgm_means")
 Distance = Literal["cosine", "euclidean"]
 DISTANCES: tuple[str, ...] = ("cosine", "euclidean")
 DEFAULT_DISTANCE: Distance = "cosine"
+LEGACY_DISTANCE: Distance = "euclidean"  # what calibrations written before `distance` existed used
 DEFAULT_ACCEPT_SHARE = 0.95
 DEFAULT_MIN_CLASS_IMAGES = 10
 
@@ -54,7 +55,7 @@ class Calibration:
     center_kind: str  # one of CENTER_KINDS
     val_counts: list[int]  # val images nearest to each class, the ones its scale comes from
     fallback_classes: list[int]  # classes that got the global scale (too few val images nearest to them)
-    distance: str = "euclidean"  # one of DISTANCES; files written before cosine existed are Euclidean
+    distance: str = LEGACY_DISTANCE  # one of DISTANCES
 
     def to_dict(self) -> dict[str, Any]:
         """Plain lists and numbers (JSON-safe; float32 values survive the round trip exactly)."""
@@ -81,7 +82,7 @@ class Calibration:
                 center_kind=str(data["center_kind"]),
                 val_counts=[int(n) for n in data["val_counts"]],
                 fallback_classes=[int(c) for c in data["fallback_classes"]],
-                distance=str(data.get("distance", "euclidean")),
+                distance=str(data.get("distance", LEGACY_DISTANCE)),
             )
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"malformed open-set calibration ({type(err).__name__}: {err})") from None

@@ -306,13 +306,15 @@ def _write_per_image_csv(logits: Tensor, labels: Tensor, classes: list[str], sco
 
 def _calibration(cfg: EvaluateConfig, checkpoint: Path, loaded: CheckpointModel, dataset: str, own_dataset: bool,
                  val_rows: int, device: torch.device) -> Calibration | None:
-    """The checkpoint's calibration at `cfg.accept_share`: the stored one, else a new one from its own val split.
+    """The calibration at `cfg.accept_share` and `cfg.distance`: the stored one, else a new one from the val split.
 
     Another dataset's val split says nothing about this model's classes, so a cross-dataset
     evaluation takes the stored calibration as it is (or none).
     """
     stored = read_calibration(checkpoint, loaded.classes, loaded.config.model.feat_dim, loaded.state.get("epoch"))
-    if not own_dataset or val_rows == 0 or (stored is not None and (stored.accept_share, stored.distance) == (cfg.accept_share, cfg.distance)):
+    if not own_dataset or val_rows == 0:
+        return stored
+    if stored is not None and (stored.accept_share, stored.distance) == (cfg.accept_share, cfg.distance):
         return stored
     return calibrate_checkpoint(checkpoint, dataset, cfg.accept_share, cfg.distance, cfg.batch_size,
                                 cfg.loader_workers, device, loaded=loaded)

@@ -6,8 +6,9 @@ once Ray's controller has registered the second epoch's checkpoint, the node of 
 killed, and the run must finish from its last registered checkpoint on the nodes that are left.
 (A checkpoint folder in storage is not enough: the controller collects reports every 2 s, and a
 worker lost before that loses its reports, so Ray restarts from the last checkpoint it had
-registered, from scratch if none; on an idle machine the first epochs take under a second.) At the end both workers' centers are bit-identical
-(the per-step all-reduce) and equal to a 1-worker run on the same global batches.
+registered, from scratch if none; on an idle machine the first epochs take under a second.)
+At the end both workers' centers are bit-identical (the per-step all-reduce) and equal to a
+1-worker run on the same global batches.
 
 "The same global batches": each epoch is one step over the whole (limited) train split, 2 x 4 rows
 for the 2-worker run and 8 rows for the 1-worker run. With frozen BatchNorm a sample's features do
