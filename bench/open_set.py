@@ -8,11 +8,12 @@ pipeline does) and then scores every test photo, known and held-out alike, throu
 decoder and preprocessing a user's photo goes through (`ray_jobs.predict`).
 
 Reported per model, mean ± sample sd over splits:
-- AUROC of known vs unknown test photos for four "known" scores: minus the cosine and minus the
-  Euclidean distance to the nearest class center (center loss: its trained centers; softmax: val
-  class means; L-GM: its means), the max softmax probability and the max logit;
+- AUROC of known vs unknown test photos for five "known" scores: minus the relative, the cosine
+  and the Euclidean distance to the nearest class center (`ray_jobs.open_set`; center loss: its
+  trained centers; softmax: val class means; L-GM: its means), the max softmax probability and
+  the max logit;
 - the share of known test photos accepted and of unknown ones rejected at the calibrated
-  thresholds (cosine distance, set to accept 95% of val images: the pipeline's defaults);
+  thresholds (relative distance, set to accept 95% of val images: the pipeline's defaults);
 - closed-set top-1 on the known classes.
 
     python bench/open_set.py [--epochs 4] [--image-size 128] [--splits 3] [--losses center softmax lgm]
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ray_jobs.config import DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig
-from ray_jobs.open_set import auroc, center_distances, max_logit, max_softmax_probability, open_set_scores
+from ray_jobs.open_set import DISTANCES, auroc, center_distances, max_logit, max_softmax_probability, open_set_scores
 from ray_jobs.predict import LoadedModel, eval_preprocessing, load_model, read_image
 from ray_jobs.train import fit
 from tasks.evaluate import EvaluateConfig, evaluate_checkpoint
@@ -94,8 +95,8 @@ def score_model(model: LoadedModel, known: dict[str, list[Path]], unknown: list[
         return center_distances(features, centers, distance).min(dim=1).values
 
     return {
-        "auroc_cosine": auroc(-nearest(known_features, "cosine"), -nearest(unknown_features, "cosine")),
-        "auroc_euclidean": auroc(-nearest(known_features, "euclidean"), -nearest(unknown_features, "euclidean")),
+        **{f"auroc_{distance}": auroc(-nearest(known_features, distance), -nearest(unknown_features, distance))
+           for distance in DISTANCES},
         "auroc_max_softmax": auroc(max_softmax_probability(known_logits), max_softmax_probability(unknown_logits)),
         "auroc_max_logit": auroc(max_logit(known_logits), max_logit(unknown_logits)),
         "known_accepted": float((~known_scores.unknown).float().mean()),
@@ -125,13 +126,13 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def table(runs: dict[str, list[dict]]) -> str:
-    columns = ("auroc_cosine", "auroc_euclidean", "auroc_max_softmax", "auroc_max_logit", "known_accepted",
+    columns = (*(f"auroc_{distance}" for distance in DISTANCES), "auroc_max_softmax", "auroc_max_logit", "known_accepted",
                "unknown_rejected", "known_top1")
     lines = [
-        "| model | AUROC: cosine center distance | AUROC: Euclidean center distance | AUROC: max softmax prob. "
-        "| AUROC: max logit "
+        "| model | " + " | ".join(f"AUROC: {distance} center distance" for distance in DISTANCES)
+        + " | AUROC: max softmax prob. | AUROC: max logit "
         "| known test accepted at 95% val | unknown test rejected | closed-set top-1 (known) | min/run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---" * (len(columns) + 2) + "|",
     ]
     for name, done in runs.items():
         cells = [_mean_sd([run["scores"][key] for run in done]) for key in columns]

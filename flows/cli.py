@@ -260,8 +260,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--accept-share", type=float, metavar="S",
                    help="open set: share of known val images the distance thresholds accept (default: 0.95)")
-    p.add_argument("--distance", choices=["cosine", "euclidean"],
-                   help="open set: distance from the features to the class centers (default: cosine)")
+    p.add_argument("--distance", choices=["relative", "cosine", "euclidean"],
+                   help="open set: distance from the features to the class centers (default: relative)")
     p.set_defaults(handler=_run_evaluate)
 
 

@@ -311,7 +311,7 @@ class Prediction:
     top: list[tuple[str, float]]
     unknown: bool = False  # farther from the nearest class center than that class's threshold
     nearest: str | None = None  # class whose center is nearest to the image's features
-    distance: float | None = None  # distance to that center (the calibration's: cosine by default)
+    distance: float | None = None  # distance to that center (the calibration's: relative by default)
     threshold: float | None = None  # that class's calibrated threshold
 
 
@@ -395,8 +395,8 @@ def predict_files(
 
 
 def open_set_verdict(prediction: Prediction) -> str:
-    """`unknown (nearest: pizza, distance 0.320 > 0.290)` or `known (nearest: ..., distance 0.210 <= 0.290)`;
-    "" uncalibrated. Three decimals: cosine distances are mostly between 0.1 and 0.5."""
+    """`unknown (nearest: pizza, distance -3.120 > -4.870)` or `known (nearest: ..., distance -9.410 <= -4.870)`;
+    "" uncalibrated. Three decimals, which cosine distances (mostly 0.1 to 0.5) need."""
     if prediction.distance is None:
         return ""
     word, sign = ("unknown", ">") if prediction.unknown else ("known", "<=")

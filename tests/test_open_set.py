@@ -24,7 +24,15 @@ from ray_jobs.calibration_store import (
 from ray_jobs.config import DataConfig, LossConfig, ModelConfig, TrainConfig
 from ray_jobs.errors import UserInputError
 from ray_jobs.model import build_model
-from ray_jobs.open_set import Calibration, auroc, calibrate, center_distances, class_means, open_set_scores
+from ray_jobs.open_set import (
+    DISTANCES,
+    Calibration,
+    auroc,
+    calibrate,
+    center_distances,
+    class_means,
+    open_set_scores,
+)
 from ray_jobs.predict import (
     CheckpointModel,
     eval_preprocessing,
@@ -82,12 +90,37 @@ def test_fifteen_val_images_a_class_still_give_a_95_percent_rule():
     centers = torch.eye(8) * 50
     labels = torch.arange(8).repeat_interleave(15)
     features = centers[labels] + torch.randn(120, 8, generator=generator) * torch.linspace(0.5, 3.0, 8)[labels, None]
-    for distance in ("euclidean", "cosine"):
+    for distance in DISTANCES:
         calibration = calibrate(features, centers, "center_loss", 0.95, distance)
         assert calibration.val_counts == [15] * 8 and calibration.fallback_classes == []
         assert int((~open_set_scores(features, calibration).unknown).sum()) == 114, distance
-        # classes that are spread wider get wider thresholds
-        assert calibration.thresholds[7] > 3 * calibration.thresholds[0], distance
+        if distance != "relative":  # positive distances: classes that are spread wider get wider thresholds
+            assert calibration.thresholds[7] > 3 * calibration.thresholds[0], distance
+
+
+def test_relative_thresholds_are_each_class_median_plus_one_margin():
+    """Points on the line through each center: relative distance = -|c|^2 + 2 |c| u at u short of it.
+    Class 0 (|c| 10): 20 points at -100 + k, k = 1..20 (median -90); class 1 (|c| 10): 40 points at
+    -100 + k/10 (median -98). Minus its median: -9..10 and -1.9..2; the 57th smallest of those 60 is 7."""
+    centers = torch.tensor([[10.0, 0.0], [0.0, 10.0]])
+    u0, u1 = torch.arange(1, 21).double() / 20, torch.arange(1, 41).double() / 200
+    features = torch.cat([torch.stack([10 - u0, torch.zeros(20, dtype=torch.double)], dim=1),
+                          torch.stack([torch.zeros(40, dtype=torch.double), 10 - u1], dim=1)]).float()
+    calibration = calibrate(features, centers, "center_loss", 0.95, "relative")
+    assert calibration.thresholds.tolist() == pytest.approx([-83.0, -91.0], abs=1e-3)
+    unknown = open_set_scores(features, calibration).unknown
+    assert int((~unknown[:20]).sum()) == 17 and not unknown[20:].any()
+
+
+def test_relative_distance_puts_short_features_far_from_every_center():
+    """||x - c||^2 - ||x||^2: a short feature pointing at a center is farther from it than a long one."""
+    centers = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
+    probes = torch.tensor([[0.1, 0.0], [40.0, 0.0], [1.0, 1.0]])
+    expected = [[3.6, 9.0], [-156.0, 9.0], [0.0, 3.0]]
+    assert torch.allclose(center_distances(probes, centers, "relative"), torch.tensor(expected), atol=1e-5)
+    # the nearest center is the Euclidean nearest one: both subtract the same ||x||^2 from a row
+    assert torch.equal(center_distances(probes, centers, "relative").argmin(dim=1),
+                       center_distances(probes, centers, "euclidean").argmin(dim=1))
 
 
 def test_cosine_distance_is_the_angle_not_the_length():
@@ -157,9 +190,9 @@ def test_calibration_round_trips_through_its_file_and_refuses_another_model(tmp_
     write_calibration(tmp_path, calibration_document(calibration, ["a", "b"], 3, "f" * 64))
     back = read_calibration(tmp_path, ["a", "b"], feat_dim=2, epoch=3)
     assert torch.equal(back.centers, calibration.centers) and torch.equal(back.thresholds, calibration.thresholds)
-    assert back.to_dict() == calibration.to_dict() and back.distance == "cosine"
+    assert back.to_dict() == calibration.to_dict() and back.distance == "relative"
     document = json.loads((tmp_path / CALIBRATION_FILE).read_text())
-    del document["calibration"]["distance"]  # as written before cosine distance existed
+    del document["calibration"]["distance"]  # as written before a choice of distance existed
     write_calibration(tmp_path, document)
     assert read_calibration(tmp_path, ["a", "b"], feat_dim=2, epoch=3).distance == "euclidean"
     (tmp_path / "uncalibrated").mkdir()
@@ -207,11 +240,11 @@ def test_checkpoint_predictions_give_the_distance_to_the_nearest_center(trained_
     preprocess = eval_preprocessing(model.config)
     with torch.no_grad():
         features = model.net(torch.stack([preprocess(read_image(path)) for path in photos]))[0]
-    assert model.calibration.distance == "cosine"  # the default
-    unit = torch.nn.functional.normalize
-    distances = 1 - unit(features.double(), dim=1) @ unit(model.calibration.centers.double(), dim=1).T
+    assert model.calibration.distance == "relative"  # the default: ||x - c||^2 - ||x||^2
+    x, c = features.double(), model.calibration.centers.double()
+    distances = (x.unsqueeze(1) - c.unsqueeze(0)).pow(2).sum(dim=2) - x.pow(2).sum(dim=1, keepdim=True)
     for prediction, row in zip(predictions, distances, strict=True):
-        assert prediction.distance == pytest.approx(row.min().item(), rel=1e-4)
+        assert prediction.distance == pytest.approx(row.min().item(), rel=1e-4, abs=1e-4)
         assert prediction.nearest == model.classes[int(row.argmin())]
         assert prediction.threshold == pytest.approx(model.calibration.thresholds[int(row.argmin())].item())
         assert prediction.unknown == (prediction.distance > prediction.threshold)
@@ -219,7 +252,7 @@ def test_checkpoint_predictions_give_the_distance_to_the_nearest_center(trained_
     assert decoded == predictions
 
 
-@pytest.mark.parametrize(("threshold", "word", "sign"), [(0.0, "unknown", ">"), (1e6, "known", "<=")])
+@pytest.mark.parametrize(("threshold", "word", "sign"), [(-1e6, "unknown", ">"), (1e6, "known", "<=")])
 def test_predict_cli_says_unknown_beyond_the_threshold(trained_checkpoint, photos, tmp_path, capsys,
                                                         threshold, word, sign):
     checkpoint = _copy_checkpoint(trained_checkpoint, tmp_path / "ckpt", _with_thresholds(trained_checkpoint, threshold))
@@ -316,12 +349,12 @@ def test_evaluating_with_another_distance_recalibrates_and_says_which(trained_ch
                                                                      capsys):
     checkpoint = tmp_path / "ckpt"
     shutil.copytree(trained_checkpoint, checkpoint)
-    cosine = load_model(str(checkpoint)).calibration
-    assert cosine.distance == "cosine"
+    relative = load_model(str(checkpoint)).calibration
+    assert relative.distance == "relative"
     assert main(["evaluate", str(checkpoint), "--dataset", tiny_dataset, "--reports", str(tmp_path / "r"),
-                 "--distance", "euclidean"]) == 0
-    assert "nearest class's euclidean distance threshold" in capsys.readouterr().out
-    euclidean = load_model(str(checkpoint)).calibration
-    assert euclidean.distance == "euclidean" and not torch.allclose(euclidean.thresholds, cosine.thresholds)
+                 "--distance", "cosine"]) == 0
+    assert "nearest class's cosine distance threshold" in capsys.readouterr().out
+    cosine = load_model(str(checkpoint)).calibration
+    assert cosine.distance == "cosine" and not torch.allclose(cosine.thresholds, relative.thresholds)
     report = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert report["open_set"]["distance"] == "euclidean"
+    assert report["open_set"]["distance"] == "cosine"
