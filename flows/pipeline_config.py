@@ -26,6 +26,7 @@ from ray_jobs.config import (
 from tasks.evaluate import EvaluateConfig
 from tasks.ingest import IngestConfig, short_fingerprint, source_fingerprint
 from tasks.register import RegisterConfig
+from tasks.serving import ServingConfig
 from tasks.tune import Tracking
 
 BUNDLED_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "food-sample"
@@ -64,6 +65,9 @@ class PipelineConfig(BaseModel):
                                   "endpoint_override=host:port); None: <workspace>/ray_results.")
     mlflow_uri: str | None = Field(default=None, description="MLflow server; None: workspace SQLite.")
     model_name: str = "food-classifier"
+    serving_url: str | None = Field(
+        default=None, description="After a new champion: wait until `train-food serve` at this URL answers with it "
+                                  "(its replicas follow the alias); None: skip.")
     limit_per_split: int | None = Field(default=None, ge=1, description="Smoke tests: rows per split.")
     loader_workers: int = Field(default=2, ge=0)
     seed: int = 0
@@ -112,6 +116,9 @@ class PipelineConfig(BaseModel):
     def register(self, run_name: str, sweep: str | None) -> RegisterConfig:
         return RegisterConfig(model_name=self.model_name, tracking_uri=self.mlflow_uri, workspace=str(self.root),
                               run_name=f"register-{run_name}", sweep=sweep)
+
+    def serving(self) -> ServingConfig | None:
+        return ServingConfig(url=self.serving_url) if self.serving_url else None
 
     def tracking(self) -> Tracking:
         return Tracking(tracking_uri=self.mlflow_uri, workspace=str(self.root))

@@ -1,4 +1,4 @@
-"""The Prefect flow `train-food`: ingest -> tune (or train) -> evaluate -> register.
+"""The Prefect flow `train-food`: ingest -> tune (or train) -> evaluate -> register [-> roll-forward-serving].
 
 The flow-run process is the Ray driver: the train and tune tasks call `TorchTrainer.fit()` (or a
 Tune sweep) directly and join `ray_address` (or RAY_ADDRESS), else start a local Ray cluster. The
@@ -14,7 +14,7 @@ from flows.pipeline_config import PipelineConfig
 from ray_jobs.config import Arch
 from ray_jobs.train import new_run_name
 from tasks.artifacts import PipelineSummary, publish
-from tasks.stages import evaluate_stage, ingest_stage, register_stage, train_stage, tune_stage
+from tasks.stages import evaluate_stage, ingest_stage, register_stage, serving_stage, train_stage, tune_stage
 
 FLOW_NAME = "train-food"
 DEPLOYMENT_NAME = "train-food"
@@ -50,6 +50,7 @@ def train_food(
     storage: str | None = _default("storage"),
     mlflow_uri: str | None = _default("mlflow_uri"),
     model_name: str = _default("model_name"),
+    serving_url: str | None = _default("serving_url"),
     limit_per_split: int | None = _default("limit_per_split"),
     loader_workers: int = _default("loader_workers"),
     seed: int = _default("seed"),
@@ -76,6 +77,9 @@ def train_food(
 
     report = evaluate_stage(cfg.evaluate(checkpoint, dataset, run_name))
     registration = register_stage(cfg.register(run_name, run_name if cfg.sweep else None), report)
+    serving = cfg.serving()
+    if serving is not None and registration.champion:
+        serving_stage(serving, cfg.model_name, registration)
 
     metrics = report.metrics
     summary = PipelineSummary(

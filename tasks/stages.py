@@ -20,6 +20,7 @@ from ray_jobs.tune import SweepResult
 from tasks.evaluate import EvaluateConfig, EvaluationReport, evaluate_checkpoint
 from tasks.ingest import IngestConfig, IngestResult, ingest
 from tasks.register import RegisterConfig, RegistrationResult, register_model
+from tasks.serving import ServingConfig, wait_for_version
 from tasks.tune import LoggedSweep, Tracking, tune_and_log
 
 
@@ -64,3 +65,12 @@ def register_stage(cfg: RegisterConfig, report: EvaluationReport) -> Registratio
     """Register the evaluated model; a retry reuses the version an earlier try created (same report,
     same idempotency key) and only finishes the champion decision, so it never adds a second version."""
     return register_model(cfg, report)
+
+
+@task(name="roll-forward-serving", cache_policy=NO_CACHE)
+def serving_stage(cfg: ServingConfig, model_name: str, registration: RegistrationResult) -> float:
+    """Wait until `train-food serve` at cfg.url answers with the version this run made champion."""
+    seconds = wait_for_version(cfg, model_name, registration.version)
+    print(f"serving: {cfg.url} answers with {model_name} version {registration.version} "
+          f"({seconds:.1f} s after the alias moved)")
+    return seconds

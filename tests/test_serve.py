@@ -18,12 +18,14 @@ import pytest
 from conftest import free_port
 import hostile_images as hostile
 from flows.cli import main
+from ray_jobs.errors import UserInputError
 from ray_jobs.image_prep import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
 from ray_jobs.model_ref import parse_model_ref
 from ray_jobs.predict import load_model, predict_files
 from ray_jobs.serve_app import classifier_deployment
 from ray_jobs.serve_config import ServeConfig
 from tasks.register import RegisterConfig, default_tracking_uri, register_model
+from tasks.serving import ServingConfig, wait_for_version
 
 MODEL = "food-classifier"
 
@@ -251,3 +253,23 @@ def test_an_alias_moved_to_a_version_that_does_not_load_keeps_the_old_one_servin
     response = httpx.post(f"{server}/predict", content=photos[0].read_bytes(), timeout=30)
     assert response.status_code == 200 and response.json()["version"] == "2"
     assert httpx.get(f"{server}/health", timeout=30).json()["version"] == "2"
+
+
+def test_the_flow_roll_forward_step_waits_for_the_new_champion_and_says_what_it_saw(server, registry):
+    """`tasks.serving.wait_for_version` (the flow's `serving_url` step) returns once /health names the
+    version the alias moved to; it fails in one line for a version that never comes and for no server."""
+    from mlflow import MlflowClient
+
+    served = httpx.get(f"{server}/health", timeout=30).json()["version"]
+    target = "1" if served == "2" else "2"
+    MlflowClient(registry, registry).set_registered_model_alias(MODEL, "champion", target)
+    seconds = wait_for_version(ServingConfig(url=server, timeout_s=60, poll_s=0.1, confirmations=3), MODEL, target)
+    assert 0 < seconds < 60
+    assert httpx.get(f"{server}/health", timeout=30).json()["version"] == target
+    with pytest.raises(UserInputError) as refused:
+        wait_for_version(ServingConfig(url=server, timeout_s=1, poll_s=0.1), MODEL, served)
+    assert str(refused.value) == (f"serving: {server} did not answer with {MODEL} version {served} within 1 s "
+                                  f"(last answer: {MODEL} version {target})")
+    nobody = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(UserInputError, match=rf"^serving: {nobody} did not answer .* \(last answer: ConnectError: "):
+        wait_for_version(ServingConfig(url=nobody, timeout_s=0.5, poll_s=0.1), MODEL, target)
