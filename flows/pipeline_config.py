@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ray_jobs.config import (
     Arch,
@@ -26,7 +26,7 @@ from ray_jobs.config import (
 from tasks.evaluate import EvaluateConfig
 from tasks.ingest import IngestConfig, short_fingerprint, source_fingerprint
 from tasks.register import RegisterConfig
-from tasks.serving import ServingConfig
+from tasks.serving import ServingConfig, check_serving_url
 from tasks.tune import Tracking
 
 BUNDLED_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "food-sample"
@@ -71,6 +71,11 @@ class PipelineConfig(BaseModel):
     limit_per_split: int | None = Field(default=None, ge=1, description="Smoke tests: rows per split.")
     loader_workers: int = Field(default=2, ge=0)
     seed: int = 0
+
+    @field_validator("serving_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        return None if url is None else check_serving_url(url)
 
     @property
     def root(self) -> Path:

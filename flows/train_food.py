@@ -77,9 +77,6 @@ def train_food(
 
     report = evaluate_stage(cfg.evaluate(checkpoint, dataset, run_name))
     registration = register_stage(cfg.register(run_name, run_name if cfg.sweep else None), report)
-    serving = cfg.serving()
-    if serving is not None and registration.champion:
-        serving_stage(serving, cfg.model_name, registration)
 
     metrics = report.metrics
     summary = PipelineSummary(
@@ -103,6 +100,12 @@ def train_food(
     publish(summary, trials)
     (cfg.root / "latest_summary.txt").write_text(summary.text() + "\n")
     print(summary.text())
+    serving = cfg.serving()  # last: a server that does not follow must not cost the summary above
+    if serving is not None:
+        if registration.champion:
+            serving_stage(serving, cfg.model_name, registration)
+        else:
+            print(f"serving: not checked, version {registration.version} did not become champion")
     return summary.as_dict()
 
 

@@ -23,8 +23,9 @@ splits: 0.77 relative, 0.74 cosine (1 - cos of the angle, which ignores length),
 Thresholds are calibrated on the validation split with the statistic the rule applies: each val
 image's distance to its *nearest* center (labels are not used, so a mislabeled val photo does not
 widen its labeled class's threshold). Per class, a typical distance: the median of those
-distances over the val images nearest to it (the median of all of them for a class nearest to
-fewer than `min_class_images`). Then one global margin, the smallest that accepts at least
+distances over the val images nearest to it (for a class nearest to fewer than `min_class_images`,
+the median of all of them; for the relative distance, measured from each center's own value
+`-||c||^2`, which depends on the center's length). Then one global margin, the smallest that accepts at least
 `accept_share` of all val images: an order statistic over every val image, so it is well defined
 even with 15 val photos a class, where a per-class 95% order statistic is just the class's largest
 distance. Cosine and Euclidean distances are positive and their spread grows with their size, so
@@ -172,19 +173,14 @@ def calibrate(
         raise ValueError("no val image has a finite distance to any center")
     nearest_distance, nearest = nearest_distance[finite], nearest[finite]
     counts = torch.bincount(nearest, minlength=num_classes).tolist()
-    overall = float(nearest_distance.median())
-    typical, fallback = [], []
-    for cls, count in enumerate(counts):
-        if count < min_class_images:
-            typical.append(overall)
-            fallback.append(cls)
-        else:
-            typical.append(float(nearest_distance[nearest == cls].median()))
-    if distance == "relative":  # signed: a shift per class
-        shift = torch.tensor(typical, dtype=torch.float64)
-        thresholds = shift + accept_threshold(nearest_distance - shift[nearest], accept_share)
-    else:  # positive: a scale per class
-        scale = torch.tensor([t if t > 0 else 1.0 for t in typical], dtype=torch.float64)  # all 0: factor alone
+    fallback = [cls for cls, count in enumerate(counts) if count < max(min_class_images, 1)]
+    if distance == "relative":  # signed: a shift per class, measured from the center's own value
+        at_center = -torch.nan_to_num(centers.double(), nan=0.0).pow(2).sum(dim=1)  # ||c - c||^2 - ||c||^2
+        typical = at_center + _median_per_class(nearest_distance - at_center[nearest], nearest, fallback, num_classes)
+        thresholds = typical + accept_threshold(nearest_distance - typical[nearest], accept_share)
+    else:  # positive: a scale per class (1 where the median is 0: the factor then carries the threshold alone)
+        typical = _median_per_class(nearest_distance, nearest, fallback, num_classes)
+        scale = torch.where(typical > 0, typical, torch.ones_like(typical))
         thresholds = scale * accept_threshold(nearest_distance / scale[nearest], accept_share)
     calibration = Calibration(
         centers=centers.detach().float().cpu().clone(),
@@ -197,6 +193,12 @@ def calibrate(
     )
     calibration.check()
     return calibration
+
+
+def _median_per_class(values: Tensor, nearest: Tensor, fallback: list[int], num_classes: int) -> Tensor:
+    """Per class, the median of `values` over the images nearest to it; the overall median for `fallback`."""
+    overall = values.median()
+    return torch.stack([overall if cls in fallback else values[nearest == cls].median() for cls in range(num_classes)])
 
 
 def _round_up_to_float32(values: Tensor) -> Tensor:

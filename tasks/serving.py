@@ -15,9 +15,20 @@ from __future__ import annotations
 import time
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ray_jobs.errors import UserInputError
+
+
+def check_serving_url(url: str) -> str:
+    """`url` if it is an http(s) URL with a host; `ValueError` otherwise (checked before training starts)."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as err:
+        raise ValueError(f"not a URL ({err})") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"{url!r} is not an http(s) URL with a host, e.g. http://127.0.0.1:8000")
+    return url
 
 
 class ServingConfig(BaseModel):
@@ -30,25 +41,38 @@ class ServingConfig(BaseModel):
     poll_s: float = Field(default=1.0, gt=0.0, description="Seconds between /health requests.")
     confirmations: int = Field(default=5, ge=1, description="Answers in a row that must name the new version.")
 
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        return check_serving_url(url)
+
+    @model_validator(mode="after")
+    def _room_for_every_confirmation(self) -> ServingConfig:
+        if self.timeout_s < self.confirmations * self.poll_s:
+            raise ValueError(f"timeout_s {self.timeout_s:g} leaves no room for {self.confirmations} answers "
+                             f"{self.poll_s:g} s apart")
+        return self
+
 
 def wait_for_version(cfg: ServingConfig, model_name: str, version: str) -> float:
     """Seconds until `cfg.url` answered `confirmations` times in a row with `model_name` `version`."""
     url = cfg.url.rstrip("/") + "/health"
     start = time.monotonic()
+    deadline = start + cfg.timeout_s
     in_a_row, last = 0, "no answer yet"
-    with httpx.Client(timeout=min(cfg.timeout_s, 30.0)) as http:
+    with httpx.Client() as http:
         while True:
             try:
-                body = http.get(url).raise_for_status().json()
+                body = http.get(url, timeout=max(deadline - time.monotonic(), 0.1)).raise_for_status().json()
                 served = (str(body.get("model")), str(body.get("version")))
                 last = f"{served[0]} version {served[1]}"
-            except (httpx.HTTPError, ValueError, AttributeError) as err:
+            except (httpx.HTTPError, httpx.InvalidURL, ValueError, AttributeError) as err:
                 served, last = None, f"{type(err).__name__}: {err}".splitlines()[0]
             in_a_row = in_a_row + 1 if served == (model_name, version) else 0
-            elapsed = time.monotonic() - start
             if in_a_row >= cfg.confirmations:
-                return elapsed
-            if elapsed + cfg.poll_s > cfg.timeout_s:
-                raise UserInputError(f"serving: {cfg.url} did not answer with {model_name} version {version} "
-                                     f"within {cfg.timeout_s:g} s (last answer: {last})")
+                return time.monotonic() - start
+            if time.monotonic() + cfg.poll_s > deadline:
+                raise UserInputError(
+                    f"serving: {cfg.url} did not answer with {model_name} version {version} {cfg.confirmations} "
+                    f"times in a row within {cfg.timeout_s:g} s (last answer: {last}, {in_a_row} in a row)")
             time.sleep(cfg.poll_s)

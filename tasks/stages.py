@@ -72,5 +72,5 @@ def serving_stage(cfg: ServingConfig, model_name: str, registration: Registratio
     """Wait until `train-food serve` at cfg.url answers with the version this run made champion."""
     seconds = wait_for_version(cfg, model_name, registration.version)
     print(f"serving: {cfg.url} answers with {model_name} version {registration.version} "
-          f"({seconds:.1f} s after the alias moved)")
+          f"(after {seconds:.1f} s of waiting)")
     return seconds

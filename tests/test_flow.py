@@ -97,6 +97,9 @@ def test_run_rejects_bad_parameters_naming_them(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["run", "--loss", "arcface"])
     assert exited.value.code == 2 and "--loss" in capsys.readouterr().err
+    assert main(["run", "--serving-url", "localhost:8000"]) == 2  # refused before any training, not after
+    err = capsys.readouterr().err
+    assert "--serving-url" in err and "not an http(s) URL with a host" in err and err.count("\n") == 1
 
 
 def _wait(condition, seconds: float, what: str, logs: Path) -> None:

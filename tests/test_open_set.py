@@ -112,6 +112,22 @@ def test_relative_thresholds_are_each_class_median_plus_one_margin():
     assert int((~unknown[:20]).sum()) == 17 and not unknown[20:].any()
 
 
+def test_a_relative_fallback_class_is_measured_from_its_own_center():
+    """Class 1 (|c| 2) has 3 val images, too few for its own median: it takes the overall median of
+    `distance - (-|c|^2)` (9, over 1..20 from class 0 and 1, 2, 3 from class 1) from its own center's
+    value -4, not the overall median distance (-88, set by class 0's longer center), which would
+    reject its own photos. Margin: the 22nd smallest of the 23 `distance - typical` is 9."""
+    centers = torch.tensor([[10.0, 0.0], [0.0, 2.0]])
+    u0, v1 = torch.arange(1, 21).double() / 20, torch.arange(1, 4).double() / 4
+    features = torch.cat([torch.stack([10 - u0, torch.zeros(20, dtype=torch.double)], dim=1),
+                          torch.stack([torch.zeros(3, dtype=torch.double), 2 - v1], dim=1)]).float()
+    calibration = calibrate(features, centers, "center_loss", 0.95, "relative", min_class_images=10)
+    assert calibration.fallback_classes == [1] and calibration.val_counts == [20, 3]
+    assert calibration.thresholds.tolist() == pytest.approx([-90.0 + 9, -4.0 + 9 + 9], abs=1e-3)
+    unknown = open_set_scores(features, calibration).unknown
+    assert int((~unknown[:20]).sum()) == 19 and not unknown[20:].any()
+
+
 def test_relative_distance_puts_short_features_far_from_every_center():
     """||x - c||^2 - ||x||^2: a short feature pointing at a center is farther from it than a long one."""
     centers = torch.tensor([[2.0, 0.0], [0.0, 3.0]])

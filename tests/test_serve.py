@@ -7,6 +7,7 @@ the tiny trained checkpoint registered twice (versions 1 and 2) in a temporary M
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -79,6 +80,18 @@ def test_model_sources_are_parsed_into_registry_name_alias_and_version():
     assert (pinned.name, pinned.alias, pinned.version) == (MODEL, None, "7") and pinned.uri_of("8").endswith("/8")
     path = parse_model_ref("/runs/x/checkpoint_epoch_0002")
     assert (path.name, path.alias, path.version) == ("/runs/x/checkpoint_epoch_0002", None, None)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"url": "http://[::1"}, "not a URL"),
+    ({"url": "127.0.0.1:8000"}, "not an http(s) URL with a host"),
+    ({"url": "http://127.0.0.1:8000", "timeout_s": 4, "poll_s": 1}, "leaves no room for 5 answers 1 s apart"),
+])
+def test_bad_roll_forward_settings_are_refused_up_front(options, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        ServingConfig(**options)
 
 
 def test_deployment_carries_the_configured_batching_and_autoscaling_bounds():
@@ -264,12 +277,12 @@ def test_the_flow_roll_forward_step_waits_for_the_new_champion_and_says_what_it_
     target = "1" if served == "2" else "2"
     MlflowClient(registry, registry).set_registered_model_alias(MODEL, "champion", target)
     seconds = wait_for_version(ServingConfig(url=server, timeout_s=60, poll_s=0.1, confirmations=3), MODEL, target)
-    assert 0 < seconds < 60
+    assert seconds >= 2 * 0.1  # three answers in a row, 0.1 s apart
     assert httpx.get(f"{server}/health", timeout=30).json()["version"] == target
     with pytest.raises(UserInputError) as refused:
         wait_for_version(ServingConfig(url=server, timeout_s=1, poll_s=0.1), MODEL, served)
-    assert str(refused.value) == (f"serving: {server} did not answer with {MODEL} version {served} within 1 s "
-                                  f"(last answer: {MODEL} version {target})")
+    assert str(refused.value) == (f"serving: {server} did not answer with {MODEL} version {served} 5 times in a "
+                                  f"row within 1 s (last answer: {MODEL} version {target}, 0 in a row)")
     nobody = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(UserInputError, match=rf"^serving: {nobody} did not answer .* \(last answer: ConnectError: "):
+    with pytest.raises(UserInputError, match=rf"^serving: {nobody} did not answer .* \(last answer: ConnectError: .*, 0 in"):
         wait_for_version(ServingConfig(url=nobody, timeout_s=0.5, poll_s=0.1), MODEL, target)
