@@ -29,6 +29,8 @@ def _scalar_type(annotation: Any) -> tuple[Any, tuple[Any, ...] | None]:
     """(argparse type, choices) for an annotation like `int`, `float | None` or `Literal[...]`."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    if typing.get_origin(annotation) is typing.Annotated:  # e.g. `ServingUrl`: argparse parses the base type
+        annotation = typing.get_args(annotation)[0]
     if typing.get_origin(annotation) is Literal:
         return str, typing.get_args(annotation)
     return annotation, None

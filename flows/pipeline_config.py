@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from ray_jobs.config import (
     Arch,
@@ -26,7 +26,7 @@ from ray_jobs.config import (
 from tasks.evaluate import EvaluateConfig
 from tasks.ingest import IngestConfig, short_fingerprint, source_fingerprint
 from tasks.register import RegisterConfig
-from tasks.serving import ServingConfig, check_serving_url
+from tasks.serving import ServingConfig, ServingUrl
 from tasks.tune import Tracking
 
 BUNDLED_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "food-sample"
@@ -65,17 +65,12 @@ class PipelineConfig(BaseModel):
                                   "endpoint_override=host:port); None: <workspace>/ray_results.")
     mlflow_uri: str | None = Field(default=None, description="MLflow server; None: workspace SQLite.")
     model_name: str = "food-classifier"
-    serving_url: str | None = Field(
+    serving_url: ServingUrl | None = Field(
         default=None, description="After a new champion: wait until `train-food serve` at this URL answers with it "
                                   "(its replicas follow the alias); None: skip.")
     limit_per_split: int | None = Field(default=None, ge=1, description="Smoke tests: rows per split.")
     loader_workers: int = Field(default=2, ge=0)
     seed: int = 0
-
-    @field_validator("serving_url")
-    @classmethod
-    def _http_url(cls, url: str | None) -> str | None:
-        return None if url is None else check_serving_url(url)
 
     @property
     def root(self) -> Path:

@@ -13,9 +13,10 @@ than `timeout_s` (a server that follows another alias or registry, or is not run
 from __future__ import annotations
 
 import time
+from typing import Annotated
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from ray_jobs.errors import UserInputError
 
@@ -31,20 +32,18 @@ def check_serving_url(url: str) -> str:
     return url
 
 
+ServingUrl = Annotated[str, AfterValidator(check_serving_url)]  # the flow parameter and the step's config
+
+
 class ServingConfig(BaseModel):
     """Where `train-food serve` listens and how long the flow waits for it to switch."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    url: str = Field(description="The application's base URL, e.g. http://127.0.0.1:8000.")
+    url: ServingUrl = Field(description="The application's base URL, e.g. http://127.0.0.1:8000.")
     timeout_s: float = Field(default=120.0, gt=0.0, description="Fail the step after this long.")
     poll_s: float = Field(default=1.0, gt=0.0, description="Seconds between /health requests.")
     confirmations: int = Field(default=5, ge=1, description="Answers in a row that must name the new version.")
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, url: str) -> str:
-        return check_serving_url(url)
 
     @model_validator(mode="after")
     def _room_for_every_confirmation(self) -> ServingConfig:
