@@ -26,13 +26,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from ray_jobs.config import DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig
-from ray_jobs.data import ParquetImageDataset, dataset_info, train_transform
-from ray_jobs.losses import build_objective
-from ray_jobs.model import build_model, input_normalization
-from ray_jobs.predict import eval_preprocessing
-from ray_jobs.train import build_optimizer, build_scheduler, fit, parameter_groups
-from tasks.evaluate import EvaluateConfig, evaluate_checkpoint
-from tasks.ingest import IngestConfig, ingest
+from ray_jobs.data.parquet import ParquetImageDataset
+from ray_jobs.data.transforms import train_transform
+from ray_jobs.dataset_format import dataset_info
+from ray_jobs.inference.loading import eval_preprocessing
+from ray_jobs.model.backbones import input_normalization
+from ray_jobs.model.foodnet import build_model
+from ray_jobs.training.losses import build_objective
+from ray_jobs.training.optim import build_optimizer, build_scheduler, parameter_groups
+from ray_jobs.training.trainer import fit
+from tasks.evaluation.evaluate import evaluate_checkpoint
+from tasks.evaluation.report import EvaluateConfig
+from tasks.ingest.config import IngestConfig
+from tasks.ingest.pipeline import ingest
 
 REPO = Path(__file__).resolve().parents[1]
 LOSSES = {

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ray_jobs.config import ModelConfig
-from ray_jobs.model import build_model
+from ray_jobs.model.foodnet import build_model
 
 CASES = (("efficientnet_lite0", 224), ("efficientnet_lite0", 128), ("resnet18", 64))
 

@@ -92,8 +92,10 @@ def _reader_epoch(dataset: str, image_size: int, batch_size: int, epoch: int) ->
     import torch
     from torch.utils.data import DataLoader
 
-    from ray_jobs.data import ParquetImageDataset, SeededShardSampler, train_transform
-    from ray_jobs.model import input_normalization
+    from ray_jobs.data.parquet import ParquetImageDataset
+    from ray_jobs.data.sampler import SeededShardSampler
+    from ray_jobs.data.transforms import train_transform
+    from ray_jobs.model.backbones import input_normalization
 
     augment = train_transform(image_size=image_size, norm=input_normalization("efficientnet_lite0"), min_crop_scale=0.35)
     split = ParquetImageDataset(dataset, "train", augment)
@@ -113,9 +115,10 @@ def _ray_data_epoch(dataset: str, image_size: int, batch_size: int, epoch: int) 
     import ray
     import torch
 
-    from ray_jobs.data import _shard_paths, train_transform
-    from ray_jobs.decode import decode_rgb
-    from ray_jobs.model import input_normalization
+    from ray_jobs.data.decode import decode_rgb
+    from ray_jobs.data.transforms import train_transform
+    from ray_jobs.dataset_format import shard_paths as _shard_paths
+    from ray_jobs.model.backbones import input_normalization
 
     augment = train_transform(image_size=image_size, norm=input_normalization("efficientnet_lite0"), min_crop_scale=0.35)
 
@@ -168,7 +171,8 @@ def main() -> None:
         print(json.dumps(run_one(args.run_one, args.dataset, args.image_size, args.batch_size)))
         return
 
-    from tasks.ingest import IngestConfig, ingest
+    from tasks.ingest.config import IngestConfig
+    from tasks.ingest.pipeline import ingest
 
     with tempfile.TemporaryDirectory() as tmp:
         dataset = ingest(IngestConfig(src=args.source, out=f"{tmp}/data")).out  # photos as stored

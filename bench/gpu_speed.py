@@ -1,6 +1,6 @@
 """GPU feeding and loss cost at 224 px, center loss, for ResNet-18 and the pretrained default (Lite0).
 
-Per arch, on one device, through the training engine (`ray_jobs.engine.train_one_epoch`: AMP,
+Per arch, on one device, through the training engine (`ray_jobs.training.engine.train_one_epoch`: AMP,
 channels_last): images/s fed from the Parquet shards (decode + augment in DataLoader workers)
 against synthetic tensors already on the device (the ceiling), and the step time of center loss
 against softmax on those tensors, A/B interleaved. Run by `bench/gpu.sh`; `--device cpu --steps 2`
@@ -21,11 +21,14 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from ray_jobs.config import LossConfig, ModelConfig, OptimConfig
-from ray_jobs.data import ParquetImageDataset, SeededShardSampler, train_transform
-from ray_jobs.engine import train_one_epoch
-from ray_jobs.losses import build_objective
-from ray_jobs.model import build_model, head_for_loss, input_normalization
-from ray_jobs.train import build_optimizer, build_scheduler, parameter_groups
+from ray_jobs.data.parquet import ParquetImageDataset
+from ray_jobs.data.sampler import SeededShardSampler
+from ray_jobs.data.transforms import train_transform
+from ray_jobs.model.backbones import input_normalization
+from ray_jobs.model.foodnet import build_model, head_for_loss
+from ray_jobs.training.engine import train_one_epoch
+from ray_jobs.training.losses import build_objective
+from ray_jobs.training.optim import build_optimizer, build_scheduler, parameter_groups
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 224
@@ -69,7 +72,8 @@ def main() -> None:
     parser.add_argument("--ab-rounds", type=int, default=2)
     args = parser.parse_args()
     device = torch.device(args.device)
-    from tasks.ingest import IngestConfig, ingest
+    from tasks.ingest.config import IngestConfig
+    from tasks.ingest.pipeline import ingest
 
     with tempfile.TemporaryDirectory() as tmp:
         dataset = ingest(IngestConfig(src=str(REPO / "data" / "food-sample"), out=f"{tmp}/data")).out

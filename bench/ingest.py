@@ -49,7 +49,8 @@ def time_decode(paths: list[str], workers: int) -> float:
 
 def time_ingest(src: Path, out: Path, workers: int, max_side: int | None) -> tuple[float, dict]:
     """Seconds for a full ingest into an empty folder (builds are immutable: the old one is removed first)."""
-    from tasks.ingest import IngestConfig, ingest
+    from tasks.ingest.config import IngestConfig
+    from tasks.ingest.pipeline import ingest
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
@@ -59,8 +60,8 @@ def time_ingest(src: Path, out: Path, workers: int, max_side: int | None) -> tup
 
 def image_paths(src: Path) -> list[str]:
     """The files ingest would decode (same scan, problems excluded)."""
-    from ray_jobs.image_prep import MAX_FILE_BYTES
-    from tasks.ingest_scan import scan_source
+    from ray_jobs.data.image_prep import MAX_FILE_BYTES
+    from tasks.ingest.scan import scan_source
 
     tree = scan_source(src, MAX_FILE_BYTES)  # ingest's default limit
     return [str(tree.root / f.rel_path) for f in tree.files if not f.problem]

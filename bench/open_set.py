@@ -5,11 +5,11 @@ model (and, with `--losses ... lgm`, an L-GM model; the pipeline's default recip
 pretrained EfficientNet-Lite0) train on the other 8 in local
 mode; the best-by-val checkpoint is evaluated (which calibrates it on the val split, as the
 pipeline does) and then scores every test photo, known and held-out alike, through the same
-decoder and preprocessing a user's photo goes through (`ray_jobs.predict`).
+decoder and preprocessing a user's photo goes through (`ray_jobs.data.decode`, `ray_jobs.inference`).
 
 Reported per model, mean ± sample sd over splits:
 - AUROC of known vs unknown test photos for five "known" scores: minus the relative, the cosine
-  and the Euclidean distance to the nearest class center (`ray_jobs.open_set`; center loss: its
+  and the Euclidean distance to the nearest class center (`ray_jobs.inference.open_set`; center loss: its
   trained centers; softmax: val class means; L-GM: its means), the max softmax probability and
   the max logit;
 - the share of known test photos accepted and of unknown ones rejected at the calibrated
@@ -35,11 +35,21 @@ from pathlib import Path
 import torch
 
 from ray_jobs.config import DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig
-from ray_jobs.open_set import DISTANCES, auroc, center_distances, max_logit, max_softmax_probability, open_set_scores
-from ray_jobs.predict import LoadedModel, eval_preprocessing, load_model, read_image
-from ray_jobs.train import fit
-from tasks.evaluate import EvaluateConfig, evaluate_checkpoint
-from tasks.ingest import IngestConfig, ingest
+from ray_jobs.data.decode import read_image
+from ray_jobs.inference.loading import LoadedModel, eval_preprocessing, load_model
+from ray_jobs.inference.open_set import (
+    DISTANCES,
+    auroc,
+    center_distances,
+    max_logit,
+    max_softmax_probability,
+    open_set_scores,
+)
+from ray_jobs.training.trainer import fit
+from tasks.evaluation.evaluate import evaluate_checkpoint
+from tasks.evaluation.report import EvaluateConfig
+from tasks.ingest.config import IngestConfig
+from tasks.ingest.pipeline import ingest
 
 REPO = Path(__file__).resolve().parents[1]
 LOSSES = {"center": LossConfig(kind="center"), "softmax": LossConfig(kind="softmax"), "lgm": LossConfig(kind="lgm")}

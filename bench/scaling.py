@@ -1,7 +1,7 @@
 """Scale-out throughput: 2 workers on 2 one-CPU Ray nodes against 1 worker on one, in one run.
 
 A real multi-node Ray cluster on loopback (`ray.cluster_utils.Cluster`: a head without CPUs and two
-nodes of 1 CPU each), the real training path (`ray_jobs.train.fit`: Parquet shards, decode and
+nodes of 1 CPU each), the real training path (`ray_jobs.training.trainer.fit`: Parquet shards, decode and
 augment, DDP with the per-step center all-reduce). Throughput is the global images per second of
 the training epochs after the first (start-up and first-touch costs excluded), runs interleaved
 1/2/1/2 so drift on a noisy machine hits both. Target: 2-worker / 1-worker >= 1.7.
@@ -20,13 +20,14 @@ import ray
 from ray.cluster_utils import Cluster
 
 from ray_jobs.config import DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig
-from ray_jobs.train import fit
+from ray_jobs.training.trainer import fit
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _ingest(workdir: Path, max_side: int) -> str:
-    from tasks.ingest import IngestConfig, ingest
+    from tasks.ingest.config import IngestConfig
+    from tasks.ingest.pipeline import ingest
 
     return ingest(IngestConfig(src=str(REPO / "data" / "food-sample"), out=str(workdir / "data"), max_side=max_side)).out
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from ray_jobs.serve_config import ServeConfig
+from ray_jobs.serving.config import ServeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENTS = (1, 8, 32)
@@ -30,8 +30,9 @@ CLIENTS = (1, 8, 32)
 
 def _trained_checkpoint(workdir: Path, image_size: int) -> str:
     from ray_jobs.config import DataConfig, ModelConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig
-    from ray_jobs.train import fit
-    from tasks.ingest import IngestConfig, ingest
+    from ray_jobs.training.trainer import fit
+    from tasks.ingest.config import IngestConfig
+    from tasks.ingest.pipeline import ingest
 
     dataset = ingest(IngestConfig(src=str(REPO / "data" / "food-sample"), out=str(workdir / "dataset"))).out
     cfg = TrainConfig(
@@ -83,7 +84,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from ray_jobs.serve_app import start
+    from ray_jobs.serving.app import start
 
     photos = [path.read_bytes() for path in sorted((REPO / "data" / "food-sample" / "test").glob("*/*.jpg"))]
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as scratch:

@@ -21,17 +21,21 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ray_jobs.config import DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig
-from ray_jobs.data import IMAGENET, ParquetImageDataset, dataset_info, eval_transform
-from ray_jobs.engine import train_one_epoch
-from ray_jobs.losses import build_objective
-from ray_jobs.model import build_model, head_for_loss
-from ray_jobs.train import build_optimizer, build_scheduler, fit, parameter_groups
+from ray_jobs.data.parquet import ParquetImageDataset
+from ray_jobs.data.transforms import IMAGENET, eval_transform
+from ray_jobs.dataset_format import dataset_info
+from ray_jobs.model.foodnet import build_model, head_for_loss
+from ray_jobs.training.engine import train_one_epoch
+from ray_jobs.training.losses import build_objective
+from ray_jobs.training.optim import build_optimizer, build_scheduler, parameter_groups
+from ray_jobs.training.trainer import fit
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _ingested_sample(workdir: Path) -> str:
-    from tasks.ingest import IngestConfig, ingest
+    from tasks.ingest.config import IngestConfig
+    from tasks.ingest.pipeline import ingest
 
     out = workdir / "food-sample"
     ingest(IngestConfig(src=str(REPO / "data" / "food-sample"), out=str(out)))

@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 from ray_jobs.config import DataConfig, LossConfig, OptimConfig, RunConfig, ScalingConfig, SweepConfig, TrainConfig
-from ray_jobs.train import fit
-from ray_jobs.tune import run_sweep
-from tasks.ingest import IngestConfig, ingest
+from ray_jobs.training.trainer import fit
+from ray_jobs.tuning.sweep import run_sweep
+from tasks.ingest.config import IngestConfig
+from tasks.ingest.pipeline import ingest
 
 REPO = Path(__file__).resolve().parents[1]
 

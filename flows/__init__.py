@@ -1,0 +1,1 @@
+"""The user's entry points: the Prefect flow `train-food`, its parameters, and the `train-food` console script."""

@@ -8,7 +8,7 @@ so every default still lives with its stage.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -16,20 +16,34 @@ from ray_jobs.config import (
     Arch,
     DataConfig,
     LossConfig,
+    LossKind,
     ModelConfig,
     OptimConfig,
+    Placement,
     RunConfig,
     ScalingConfig,
     SweepConfig,
     TrainConfig,
 )
-from tasks.evaluate import EvaluateConfig
-from tasks.ingest import IngestConfig, short_fingerprint, source_fingerprint
-from tasks.register import RegisterConfig
+from tasks.evaluation.report import EvaluateConfig
+from tasks.ingest.config import IngestConfig
+from tasks.ingest.fingerprint import short_fingerprint, source_fingerprint
+from tasks.registry.config import RegisterConfig
 from tasks.serving import ServingConfig, ServingUrl
 from tasks.tune import Tracking
 
 BUNDLED_SAMPLE = Path(__file__).resolve().parents[1] / "data" / "food-sample"
+
+
+def _stage(config: type[BaseModel], field: str) -> Any:
+    """A stage config's default: the flow restates no default of its own (bar `DEMO_BUDGET`)."""
+    return config.model_fields[field].get_default(call_default_factory=True)
+
+
+# The flow's one departure from the stage defaults: a budget that trains the bundled 128-px sample in
+# minutes on a laptop (the stages default to 224 px and 10 epochs, for real data). Pass the flow
+# parameters to train at the stage defaults (`-p image_size=224 -p epochs=10`).
+DEMO_BUDGET: dict[str, Any] = {"max_side": 128, "image_size": 112, "epochs": 3, "sweep_samples": 4}
 
 
 class PipelineConfig(BaseModel):
@@ -39,38 +53,47 @@ class PipelineConfig(BaseModel):
 
     source: str = Field(default=str(BUNDLED_SAMPLE), description="ImageFolder of photos to ingest.")
     workspace: str = Field(default="workspace", description="Datasets, runs, reports and the MLflow store.")
-    max_side: int | None = Field(default=128, ge=1, description="Ingest: re-encode larger images.")
-    image_size: int = Field(default=112, ge=16)
-    batch_size: int = Field(default=32, ge=1)
-    epochs: int = Field(default=3, ge=1)
-    min_crop_scale: float = Field(default=DataConfig.model_fields["min_crop_scale"].default, gt=0.0, le=1.0,
+    max_side: int | None = Field(default=DEMO_BUDGET["max_side"], ge=1, description="Ingest: re-encode larger images.")
+    image_size: int = Field(default=DEMO_BUDGET["image_size"], ge=16, description="Square crop fed to the model.")
+    batch_size: int = Field(default=_stage(DataConfig, "batch_size"), ge=1, description="Per-worker batch size.")
+    epochs: int = Field(default=DEMO_BUDGET["epochs"], ge=1, description="Training epochs (one warm-up epoch first).")
+    min_crop_scale: float = Field(default=_stage(DataConfig, "min_crop_scale"), gt=0.0, le=1.0,
                                   description="Augmentation: smallest crop area.")
-    arch: Arch = ModelConfig().arch
-    pretrained: bool = Field(default=ModelConfig().pretrained, description="Fine-tune ImageNet weights (False: from scratch).")
-    feat_dim: int = Field(default=ModelConfig().feat_dim, ge=2)
-    loss: Literal["softmax", "center", "lgm"] = "center"
-    lam: float = Field(default=LossConfig().lam, ge=0.0, description="Used when the sweep is off.")
-    alpha: float = Field(default=LossConfig().alpha, ge=0.0, le=1.0, description="Used when the sweep is off.")
-    lr: float = Field(default=OptimConfig().lr, gt=0.0, description="AdamW lr of the new layers; the backbone's is 0.3x.")
+    arch: Arch = Field(default=_stage(ModelConfig, "arch"), description="Backbone.")
+    pretrained: bool = Field(default=_stage(ModelConfig, "pretrained"),
+                             description="Fine-tune ImageNet weights (False: from scratch).")
+    feat_dim: int = Field(default=_stage(ModelConfig, "feat_dim"), ge=2, description="Width of the embedding.")
+    loss: LossKind = Field(default=_stage(LossConfig, "kind"), description="Objective.")
+    lam: float = Field(default=_stage(LossConfig, "lam"), ge=0.0, description="Center-loss weight (sweep off).")
+    alpha: float = Field(default=_stage(LossConfig, "alpha"), ge=0.0, le=1.0,
+                         description="Center learning rate (sweep off).")
+    lr: float = Field(default=_stage(OptimConfig, "lr"), gt=0.0,
+                      description="AdamW lr of the new layers; the backbone's is 0.3x.")
     sweep: bool = Field(default=False, description="Tune lambda and alpha instead of one training run.")
-    sweep_samples: int = Field(default=4, ge=1)
-    workers: int = Field(default=1, ge=0, description="Ray Train workers per run or trial; 0 = in-process.")
-    cpus_per_worker: float = Field(default=1.0, gt=0.0)
-    placement: Literal["pack", "spread"] = Field(default=ScalingConfig().placement,
-                                                 description="spread: Ray Train workers on different nodes.")
-    use_gpu: bool = False
-    ray_address: str | None = Field(default=None, description="Ray cluster; None: RAY_ADDRESS, else local.")
+    sweep_samples: int = Field(default=DEMO_BUDGET["sweep_samples"], ge=1, description="Trials of the sweep.")
+    workers: int = Field(default=_stage(ScalingConfig, "num_workers"), ge=0,
+                         description="Ray Train workers per run or trial; 0 = in-process.")
+    cpus_per_worker: float = Field(default=_stage(ScalingConfig, "cpus_per_worker"), gt=0.0,
+                                   description="CPUs each Ray Train worker reserves.")
+    placement: Placement = Field(default=_stage(ScalingConfig, "placement"),
+                                 description="spread: Ray Train workers on different nodes.")
+    use_gpu: bool = Field(default=_stage(ScalingConfig, "use_gpu"), description="One GPU per Ray Train worker.")
+    ray_address: str | None = Field(default=_stage(RunConfig, "ray_address"),
+                                    description="Ray cluster; None: RAY_ADDRESS, else local.")
     storage: str | None = Field(
         default=None, description="Checkpoints: a path or pyarrow.fs URI every Ray node reads (s3://bucket/prefix?"
                                   "endpoint_override=host:port); None: <workspace>/ray_results.")
-    mlflow_uri: str | None = Field(default=None, description="MLflow server; None: workspace SQLite.")
-    model_name: str = "food-classifier"
+    mlflow_uri: str | None = Field(default=_stage(RegisterConfig, "tracking_uri"),
+                                   description="MLflow server; None: workspace SQLite.")
+    model_name: str = Field(default=_stage(RegisterConfig, "model_name"), description="Registered model name.")
     serving_url: ServingUrl | None = Field(
         default=None, description="After a new champion: wait until `train-food serve` at this URL answers with it "
                                   "(its replicas follow the alias); None: skip.")
-    limit_per_split: int | None = Field(default=None, ge=1, description="Smoke tests: rows per split.")
-    loader_workers: int = Field(default=2, ge=0)
-    seed: int = 0
+    limit_per_split: int | None = Field(default=_stage(DataConfig, "limit_per_split"), ge=1,
+                                        description="Smoke tests: rows per split.")
+    loader_workers: int = Field(default=_stage(DataConfig, "loader_workers"), ge=0,
+                                description="DataLoader processes per Ray worker.")
+    seed: int = Field(default=_stage(RunConfig, "seed"), description="Seeds the split, the data order and the init.")
 
     @property
     def root(self) -> Path:

@@ -6,13 +6,13 @@ parameters are flat so that `prefect deployment run train-food/train-food -p epo
 defaults come from `PipelineConfig`, the only place they are written down.
 """
 
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow
 
 from flows.pipeline_config import PipelineConfig
-from ray_jobs.config import Arch
-from ray_jobs.train import new_run_name
+from ray_jobs.config import Arch, LossKind, Placement
+from ray_jobs.training.trainer import new_run_name
 from tasks.artifacts import PipelineSummary, publish
 from tasks.stages import evaluate_stage, ingest_stage, register_stage, serving_stage, train_stage, tune_stage
 
@@ -36,7 +36,7 @@ def train_food(
     arch: Arch = _default("arch"),
     pretrained: bool = _default("pretrained"),
     feat_dim: int = _default("feat_dim"),
-    loss: Literal["softmax", "center", "lgm"] = _default("loss"),
+    loss: LossKind = _default("loss"),
     lam: float = _default("lam"),
     alpha: float = _default("alpha"),
     lr: float = _default("lr"),
@@ -44,7 +44,7 @@ def train_food(
     sweep_samples: int = _default("sweep_samples"),
     workers: int = _default("workers"),
     cpus_per_worker: float = _default("cpus_per_worker"),
-    placement: Literal["pack", "spread"] = _default("placement"),
+    placement: Placement = _default("placement"),
     use_gpu: bool = _default("use_gpu"),
     ray_address: str | None = _default("ray_address"),
     storage: str | None = _default("storage"),

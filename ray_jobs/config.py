@@ -7,13 +7,15 @@ whole `TrainConfig` travels as a plain dict and is validated again inside the wo
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ray_jobs.storage import absolute
 
 Arch = Literal["efficientnet_lite0", "resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0"]
+LossKind = Literal["softmax", "center", "lgm"]
+Placement = Literal["pack", "spread"]
 
 
 class _Frozen(BaseModel):
@@ -38,7 +40,9 @@ class DataConfig(_Frozen):
 class ModelConfig(_Frozen):
     """Backbone, embedding width and head."""
 
-    arch: Arch = "efficientnet_lite0"
+    arch: Arch = Field(
+        default="efficientnet_lite0", description="Backbone: EfficientNet-Lite0 (timm) or a torchvision network."
+    )
     feat_dim: int = Field(default=128, ge=2, description="Width of the embedding that center loss acts on.")
     pretrained: bool = Field(
         default=True,
@@ -60,7 +64,7 @@ class ModelConfig(_Frozen):
 class LossConfig(_Frozen):
     """The objective: softmax baseline, softmax + center loss, or L-GM."""
 
-    kind: Literal["softmax", "center", "lgm"] = "center"
+    kind: LossKind = Field(default="center", description="softmax baseline, softmax + center loss, or L-GM.")
     # Defaults: the best of bench/tune_efficiency.py's grid on the pretrained backbone (docs/results.md).
     lam: float = Field(default=0.1, ge=0.0, description="Weight of the center (or likelihood) term.")
     alpha: float = Field(default=0.1, ge=0.0, le=1.0, description="Center learning rate (paper's alpha).")
@@ -70,26 +74,30 @@ class LossConfig(_Frozen):
 class OptimConfig(_Frozen):
     """Optimizer and learning-rate schedule (cosine with linear warmup)."""
 
-    name: Literal["sgd", "adamw", "adagrad"] = "adamw"
+    name: Literal["sgd", "adamw", "adagrad"] = Field(
+        default="adamw", description="AdamW, SGD with momentum, or Adagrad (the original food study's choice)."
+    )
     lr: float = Field(default=3e-3, gt=0.0, description="Learning rate of the new layers (embedding, head).")
     backbone_lr_scale: float | None = Field(
         default=None, gt=0.0, le=1.0,
         description="Backbone lr = lr x this. None: 0.3 for a pretrained backbone, 1 for one trained from scratch.",
     )
-    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(default=0.05, ge=0.0)
-    epochs: int = Field(default=10, ge=1)
-    warmup_epochs: int = Field(default=1, ge=0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD momentum (the other optimizers ignore it).")
+    weight_decay: float = Field(default=0.05, ge=0.0, description="Weight decay of every optimizer.")
+    epochs: int = Field(default=10, ge=1, description="Training epochs.")
+    warmup_epochs: int = Field(
+        default=1, ge=0, description="Linear learning-rate warm-up before the cosine decay (at most epochs - 1)."
+    )
 
 
 class ScalingConfig(_Frozen):
     """How many Ray Train workers, on what hardware. `num_workers=0` runs in-process (local mode)."""
 
-    num_workers: int = Field(default=1, ge=0)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(default=1.0, gt=0.0)
-    gpus_per_worker: float = Field(default=1.0, ge=0.0)
-    placement: Literal["pack", "spread"] = Field(
+    num_workers: int = Field(default=1, ge=0, description="Ray Train workers; 0 trains in this process.")
+    use_gpu: bool = Field(default=False, description="Give each worker gpus_per_worker GPUs.")
+    cpus_per_worker: float = Field(default=1.0, gt=0.0, description="CPUs each worker reserves.")
+    gpus_per_worker: float = Field(default=1.0, ge=0.0, description="GPUs each worker reserves (with use_gpu).")
+    placement: Placement = Field(
         default="pack", description="pack: fill a node before the next; spread: workers on different nodes where possible."
     )
     start_timeout_s: float = Field(
@@ -102,10 +110,12 @@ class RunConfig(_Frozen):
 
     name: str | None = Field(default=None, description="Reuse a name to resume; None makes a new one.")
     storage_path: str = Field(default="workspace/ray_results", description="Checkpoints and results.")
-    seed: int = 0
+    seed: int = Field(default=0, description="Seeds the model init, the data order and the augmentation.")
     keep_checkpoints: int = Field(default=2, ge=1, description="Best K checkpoints kept, by val_acc1.")
     max_failures: int = Field(default=1, ge=0, description="Worker-group restarts from the last checkpoint.")
-    ray_address: str | None = Field(default=None, description="Ray cluster to join; None starts a local one.")
+    ray_address: str | None = Field(
+        default=None, description="Ray cluster to join (HOST:PORT); None: RAY_ADDRESS, else a local one."
+    )
 
 
 class TrainConfig(_Frozen):
@@ -138,13 +148,6 @@ class TrainConfig(_Frozen):
         })
 
 
-def absolute(path: str | None) -> str | None:
-    """An absolute local path, or a URI (`s3://...`) unchanged."""
-    if path is None or "://" in path:
-        return path
-    return str(Path(path).expanduser().resolve())
-
-
 class SweepConfig(_Frozen):
     """A Ray Tune sweep over the two center-loss knobs, lambda (`lam`) and alpha."""
 
@@ -157,7 +160,9 @@ class SweepConfig(_Frozen):
     alpha_range: tuple[float, float] = Field(default=(0.05, 1.0), description="alpha, sampled uniformly.")
     grid_lams: tuple[float, ...] | None = Field(default=None, description="Grid mode: these lambda values ...")
     grid_alphas: tuple[float, ...] | None = Field(default=None, description="... crossed with these alphas.")
-    scheduler: Literal["asha", "none"] = "asha"
+    scheduler: Literal["asha", "none"] = Field(
+        default="asha", description="asha stops weak trials early; none runs every trial to the end."
+    )
     grace_period: int = Field(
         default=2, ge=1,
         description="ASHA: epochs every trial gets before a stop; 2 gets past the warm-up epoch, where the "

@@ -40,3 +40,4 @@ def invalid_options(err: ValidationError, flag: Callable[[tuple[Any, ...]], str]
         name = "--" + (flag(loc) if flag else "-".join(map(str, loc))).replace("_", "-") if loc else "options"
         problems.append(f"{name}: {item['msg']} (got {item.get('input')!r})")
     return UserInputError("; ".join(problems))
+

@@ -1,10 +1,17 @@
-"""Evaluation metrics: top-k hits and feature compactness (the quantity center loss is meant to lower)."""
+"""The metrics, once: top-k accuracy, loss and feature compactness (what center loss is meant to lower), AUROC.
+
+The training loop's val metrics and evaluation's test metrics are the same dictionary
+(`classification_metrics`), so `val_acc1` and `test_acc1` mean the same thing; the open-set
+benchmark and tests score detectors with `auroc`.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -46,3 +53,35 @@ def compactness(features: Tensor, labels: Tensor, num_classes: int) -> dict[str,
         inter = float("nan")
     ratio = intra / inter if inter > 0 else float("nan")  # NaN > 0 is False
     return {"intra": intra, "inter": inter, "ratio": ratio}
+
+
+def classification_metrics(features: Tensor, logits: Tensor, labels: Tensor, num_classes: int,
+                           prefix: str) -> dict[str, float]:
+    """`<prefix>_acc1`, `_acc5`, `_ce_loss`, `_intra`, `_inter` and `_compactness` over a whole split."""
+    total = max(len(labels), 1)
+    correct = topk_correct(logits, labels, ks=(1, 5))
+    ce = F.cross_entropy(logits, labels).item() if len(labels) else float("nan")
+    spread = compactness(features, labels, num_classes)
+    return {
+        f"{prefix}_acc1": correct[1] / total,
+        f"{prefix}_acc5": correct[5] / total,
+        f"{prefix}_ce_loss": ce,
+        f"{prefix}_intra": spread["intra"],
+        f"{prefix}_inter": spread["inter"],
+        f"{prefix}_compactness": spread["ratio"],
+    }
+
+
+def auroc(known_scores: Tensor, unknown_scores: Tensor) -> float:
+    """Probability that a known image scores higher than an unknown one (ties count half).
+
+    Scores must grow with "known": pass `-distance` for distances.
+    """
+    n_known, n_unknown = len(known_scores), len(unknown_scores)
+    if n_known == 0 or n_unknown == 0:
+        return math.nan
+    scores = torch.cat([known_scores.double(), unknown_scores.double()])
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    mean_rank = counts.cumsum(0).double() - (counts.double() - 1) / 2  # 1-based, ties share their mean rank
+    wins = mean_rank[inverse][:n_known].sum() - n_known * (n_known + 1) / 2  # Mann-Whitney U
+    return float(wins / (n_known * n_unknown))

@@ -19,7 +19,15 @@ from ray_jobs.errors import UserInputError
 
 
 def is_uri(path: str) -> bool:
+    """A pyarrow.fs URI (`s3://bucket/...`, `file:///...`) rather than a local path: the one test for it."""
     return "://" in path
+
+
+def absolute(path: str | None) -> str | None:
+    """An absolute local path (resolved against this process's cwd), or a URI (`s3://...`) unchanged."""
+    if path is None or is_uri(path):
+        return path
+    return str(Path(path).expanduser().resolve())
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -15,6 +15,8 @@ from typing import Any
 import pandas as pd
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from ray_jobs.storage import is_uri
+
 INLINE_LIMIT_BYTES = 4 * 1024 * 1024  # larger plots are linked, not embedded
 
 
@@ -79,7 +81,7 @@ class PipelineSummary:
 def image_markdown(role: str, path: str) -> str:
     """The PNG inline as a data URI; a link when it is remote, missing or too big to embed."""
     file = Path(path)
-    if "://" in path or not file.is_file() or file.stat().st_size > INLINE_LIMIT_BYTES:
+    if is_uri(path) or not file.is_file() or file.stat().st_size > INLINE_LIMIT_BYTES:
         return f"[{role}]({path}) (not embedded)"
     encoded = base64.b64encode(file.read_bytes()).decode("ascii")
     return f"![{role}](data:image/png;base64,{encoded})"

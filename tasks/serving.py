@@ -1,7 +1,7 @@
 """Roll serving forward: after a flow run promotes a new champion, see `train-food serve` answer with it.
 
 Why the flow waits instead of redeploying: the application's replicas follow `models:/NAME@champion`
-themselves (`ray_jobs.live_model`: each checks the alias every `alias_poll_s` and swaps in the new
+themselves (`ray_jobs.serving.live_model`: each checks the alias every `alias_poll_s` and swaps in the new
 version without failing a request), so whatever moves the alias (this flow, a person in the MLflow
 UI) rolls the application forward. The flow's part is to make that visible and checked: it asks
 `GET /health` until `confirmations` answers in a row name the new version (a request reaches one

@@ -15,11 +15,14 @@ from prefect.cache_policies import NO_CACHE
 
 from ray_jobs.config import SweepConfig, TrainConfig
 from ray_jobs.errors import UserInputError
-from ray_jobs.train import TrainResult, fit
-from ray_jobs.tune import SweepResult
-from tasks.evaluate import EvaluateConfig, EvaluationReport, evaluate_checkpoint
-from tasks.ingest import IngestConfig, IngestResult, ingest
-from tasks.register import RegisterConfig, RegistrationResult, register_model
+from ray_jobs.training.trainer import TrainResult, fit
+from ray_jobs.tuning.sweep import SweepResult
+from tasks.evaluation.evaluate import evaluate_checkpoint
+from tasks.evaluation.report import EvaluateConfig, EvaluationReport
+from tasks.ingest.config import IngestConfig, IngestResult
+from tasks.ingest.pipeline import ingest
+from tasks.registry.config import RegisterConfig, RegistrationResult
+from tasks.registry.register import register_model
 from tasks.serving import ServingConfig, wait_for_version
 from tasks.tune import LoggedSweep, Tracking, tune_and_log
 

@@ -12,30 +12,34 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
 
 from ray_jobs.config import SweepConfig
-from ray_jobs.predict import using_tracking_uri
-from ray_jobs.tune import SweepResult, run_sweep
-from tasks.register import (
-    code_version,
-    ensure_experiment,
-    flatten_params,
-    resolve_tracking_uri,
-)
-
+from ray_jobs.inference.mlflow_uri import using_tracking_uri
+from ray_jobs.tuning.sweep import SweepResult, run_sweep
+from tasks.registry.store import code_version, ensure_experiment, flatten_params, resolve_tracking_uri
 
 SWEEP_TAG = "train_food.sweep"
 TRIAL_TAG = "train_food.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 
 
-@dataclass(frozen=True)
-class Tracking:
-    """Where sweep runs go: an MLflow URI (None: MLFLOW_TRACKING_URI, else the workspace SQLite)."""
+class Tracking(BaseModel):
+    """Where sweep runs go: an MLflow URI (None: MLFLOW_TRACKING_URI, else the workspace SQLite).
 
-    tracking_uri: str | None = None
-    workspace: str = "workspace"
-    experiment: str = "train-food"
+    A pydantic model so `train-food tune` generates its MLflow flags (and their help) from it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tracking_uri: str | None = Field(
+        default=None, description="MLflow server or store; None: MLFLOW_TRACKING_URI, else the workspace SQLite."
+    )
+    workspace: str = Field(default="workspace", description="Workspace whose mlflow/ folder is the default store.")
+    experiment: str = Field(default="train-food", description="MLflow experiment of the sweep's runs.")
+
+
+DEFAULT_TRACKING = Tracking()
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,7 @@ def _finite(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
-def log_sweep(result: SweepResult, cfg: SweepConfig, tracking: Tracking = Tracking()) -> LoggedSweep:
+def log_sweep(result: SweepResult, cfg: SweepConfig, tracking: Tracking = DEFAULT_TRACKING) -> LoggedSweep:
     """Parent run (sweep params, best trial, table and plot) with a nested run per trial."""
     import mlflow
     from mlflow import MlflowClient
@@ -99,7 +103,7 @@ def _log_history(history: pd.DataFrame | None) -> None:
         mlflow.log_metrics(metrics, step=epoch)
 
 
-def tune_and_log(cfg: SweepConfig, tracking: Tracking = Tracking()) -> tuple[SweepResult, LoggedSweep]:
+def tune_and_log(cfg: SweepConfig, tracking: Tracking = DEFAULT_TRACKING) -> tuple[SweepResult, LoggedSweep]:
     """The pipeline's tune stage: run (or resume) the sweep, then log it."""
     result = run_sweep(cfg)
     return result, log_sweep(result, cfg, tracking)

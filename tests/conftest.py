@@ -27,7 +27,8 @@ def sample_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The sample ingested once at 64 px (val carved from train), shared read-only by all tests."""
-    from tasks.ingest import IngestConfig, ingest
+    from tasks.ingest.config import IngestConfig
+    from tasks.ingest.pipeline import ingest
 
     out = tmp_path_factory.mktemp("datasets") / "food-sample-64"
     ingest(IngestConfig(src=str(SAMPLE), out=str(out), max_side=64, workers=2))
@@ -54,9 +55,9 @@ def ray_cluster():
 def trained_checkpoint(tiny_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """One tiny model trained once in local mode (32 px, 16-d features, 64 images per split, 2 epochs),
     with its open-set calibration (as `evaluate` leaves it), so every test sees the same files."""
-    from ray_jobs.calibrate import calibrate_checkpoint
     from ray_jobs.config import DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig
-    from ray_jobs.train import fit
+    from ray_jobs.inference.calibrate import calibrate_checkpoint
+    from ray_jobs.training.trainer import fit
 
     cfg = TrainConfig(
         data=DataConfig(dataset=tiny_dataset, image_size=32, batch_size=16, loader_workers=0, limit_per_split=64),
@@ -75,7 +76,8 @@ def trained_checkpoint(tiny_dataset: str, tmp_path_factory: pytest.TempPathFacto
 @pytest.fixture(scope="session")
 def evaluation(trained_checkpoint: str, tiny_dataset: str, tmp_path_factory: pytest.TempPathFactory):
     """`trained_checkpoint` evaluated once on the whole test split (160 images); treat as read-only."""
-    from tasks.evaluate import EvaluateConfig, evaluate_checkpoint
+    from tasks.evaluation.evaluate import evaluate_checkpoint
+    from tasks.evaluation.report import EvaluateConfig
 
     reports = tmp_path_factory.mktemp("reports")
     return evaluate_checkpoint(EvaluateConfig(checkpoint=trained_checkpoint, dataset=tiny_dataset, reports=str(reports)))
@@ -91,7 +93,8 @@ def colour_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
     import numpy as np
     from PIL import Image
 
-    from tasks.ingest import IngestConfig, ingest
+    from tasks.ingest.config import IngestConfig
+    from tasks.ingest.pipeline import ingest
 
     root = tmp_path_factory.mktemp("colours")
     rng = np.random.default_rng(0)

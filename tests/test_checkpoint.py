@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.cli import main
-from ray_jobs.checkpoint import (
+from flows.cli.main import main
+from ray_jobs.errors import UserInputError
+from ray_jobs.model.checkpoint import (
     best_checkpoint,
     checkpoint_dir_name,
     load_checkpoint,
@@ -19,7 +20,6 @@ from ray_jobs.checkpoint import (
     save_checkpoint,
     stored_checkpoints,
 )
-from ray_jobs.errors import UserInputError
 
 
 def _fake_run(run_dir: Path, scores: list[float]) -> None:

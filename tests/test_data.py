@@ -13,16 +13,9 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms import v2
 
-from ray_jobs.data import (
-    IMAGENET,
-    Block,
-    Normalization,
-    ParquetImageDataset,
-    SeededShardSampler,
-    eval_transform,
-    read_split,
-    train_transform,
-)
+from ray_jobs.data.parquet import Block, ParquetImageDataset, read_split
+from ray_jobs.data.sampler import SeededShardSampler
+from ray_jobs.data.transforms import IMAGENET, Normalization, eval_transform, train_transform
 
 
 def _blocks(rows: int, per_block: int, block_bytes: int = 100) -> list[Block]:
@@ -103,7 +96,7 @@ def write_split(root: Path, rows: list[bytes], rows_per_group: int, rows_per_sha
 
 
 def test_the_reader_returns_every_row_and_caches_a_bounded_number_of_row_groups(tmp_path, monkeypatch):
-    import ray_jobs.data as data
+    import ray_jobs.data.parquet as data
 
     rows = [f"row {i:04d} ".encode() * 100 for i in range(200)]  # 1 KB each
     dataset_uri = write_split(tmp_path / "ds", rows, rows_per_group=8, rows_per_shard=50)

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-import tasks.evaluate as evaluate_module
-from flows.cli import main
-from ray_jobs.checkpoint import load_checkpoint, save_checkpoint
+import tasks.evaluation.evaluate as evaluate_module
+from flows.cli.main import main
 from ray_jobs.errors import UserInputError
-from tasks.evaluate import EvaluateConfig, evaluate_checkpoint, load_report, summarize
+from ray_jobs.model.checkpoint import load_checkpoint, save_checkpoint
+from tasks.evaluation.evaluate import evaluate_checkpoint
+from tasks.evaluation.report import EvaluateConfig, load_report
+from tasks.evaluation.summary import summarize
 
 
 def test_report_metrics_agree_with_the_confusion_matrix(evaluation):

@@ -10,7 +10,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port
 
 TINY = dict(image_size=32, batch_size=16, feat_dim=16, max_side=64, limit_per_split=32, loader_workers=0, epochs=1)
@@ -27,7 +26,7 @@ def prefect_harness():
 def registry(workspace: Path):
     import mlflow
 
-    from tasks.register import default_tracking_uri
+    from tasks.registry.store import default_tracking_uri
 
     uri = default_tracking_uri(workspace)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -90,7 +89,7 @@ def test_flow_fails_with_the_stage_message_on_a_missing_source(prefect_harness, 
 
 
 def test_run_rejects_bad_parameters_naming_them(capsys):
-    from flows.cli import main
+    from flows.cli.main import main
 
     assert main(["run", "--epochs", "0"]) == 2
     assert "--epochs" in capsys.readouterr().err

@@ -250,7 +250,7 @@ def _inner(words: list[str]) -> list[str] | None:
 def test_readme_commands_exist_in_the_pinned_clis():
     from prefect.cli._app import _app as prefect_app  # Prefect 3.9's cyclopts app
 
-    from flows.cli import _build_parser
+    from flows.cli.main import _build_parser
 
     checked: set[tuple[str, str]] = set()
     pending = _readme_commands()

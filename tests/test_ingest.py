@@ -20,19 +20,16 @@ import pytest
 from PIL import Image
 from pyarrow.fs import FileSelector, _MockFileSystem
 
-import tasks.ingest as ingest_module
-import tasks.ingest_scan as scan_module
-import tasks.ingest_store as store
-from flows.cli import main
+import tasks.ingest.fingerprint as fingerprint_module
+import tasks.ingest.pipeline as ingest_module
+import tasks.ingest.scan as scan_module
+import tasks.ingest.store as store
+from flows.cli.main import main
 from ray_jobs.errors import UserInputError
-from tasks.ingest import (
-    IngestConfig,
-    IngestResult,
-    ingest,
-    ingest_code_version,
-    read_manifest,
-    source_fingerprint,
-)
+from tasks.ingest.config import IngestConfig, IngestResult
+from tasks.ingest.fingerprint import ingest_code_version, source_fingerprint
+from tasks.ingest.pipeline import ingest
+from tasks.ingest.store import read_ingested_manifest
 
 SAMPLE = Path(__file__).parents[1] / "data/food-sample"
 CLASSES = sorted(p.name for p in (SAMPLE / "train").iterdir() if p.is_dir())
@@ -217,7 +214,7 @@ def test_bad_files_are_quarantined_with_a_reason_and_never_vanish(tmp_path: Path
     expected = make_bad_files(src)
     code = main(["ingest", str(src), "--out", str(tmp_path / "out"), "--workers", "1"])
     assert code == 0
-    manifest = read_manifest(tmp_path / "out")
+    manifest = read_ingested_manifest(tmp_path / "out")
     reasons = {q["path"]: q["reason"] for q in manifest["quarantine"]}
     assert set(reasons) == set(expected)
     for path, fragment in expected.items():
@@ -266,7 +263,7 @@ def test_interrupted_rebuild_keeps_the_previous_dataset(tmp_path: Path, monkeypa
     _fail_after_first_shard(monkeypatch, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         run(src, tmp_path / "out", shard_rows=4, force=True)
-    assert read_manifest(tmp_path / "out") == before
+    assert read_ingested_manifest(tmp_path / "out") == before
     assert len(read_rows(tmp_path / "out")) == 20
     assert temp_leftovers(tmp_path) == []
 
@@ -284,7 +281,7 @@ def test_failed_swap_restores_the_previous_dataset(tmp_path: Path, monkeypatch) 
     monkeypatch.setattr(store.os, "rename", rename_but_not_into_place)
     with pytest.raises(OSError, match="rename failed"):
         run(src, tmp_path / "out", force=True)
-    assert read_manifest(tmp_path / "out") == before
+    assert read_ingested_manifest(tmp_path / "out") == before
     assert temp_leftovers(tmp_path) == []
 
 
@@ -336,7 +333,7 @@ def test_output_can_be_any_pyarrow_filesystem(tmp_path: Path, monkeypatch) -> No
     assert not [p for p in paths if ".tmp-" in p]
     shards = [p for p in paths if p.endswith(".parquet")]
     assert sorted(shards) == sorted(f"bucket/ds/{s}" for split in replaced.manifest["shards"].values() for s in split)
-    assert read_manifest("mock://bucket/ds") == replaced.manifest
+    assert read_ingested_manifest("mock://bucket/ds") == replaced.manifest
 
 
 # --- fingerprints: content-addressed, immutable builds --------------------------------------------
@@ -373,7 +370,7 @@ def test_fingerprint_changes_with_the_ingest_code_version(tmp_path: Path, monkey
     real = ingest_code_version()
     assert len(real) == 64
     before = source_fingerprint(src, _options(src))
-    monkeypatch.setattr(ingest_module, "ingest_code_version", lambda: "edited-ingest-code")
+    monkeypatch.setattr(fingerprint_module, "ingest_code_version", lambda: "edited-ingest-code")
     assert source_fingerprint(src, _options(src)) != before
     assert run(src, tmp_path / "out").manifest["ingest_code_version"] == "edited-ingest-code"
 
@@ -457,14 +454,14 @@ def test_flow_gives_each_build_its_own_folder_and_a_b_a_returns_a(tmp_path: Path
     assert Path(second.out).name == f"food-{second.manifest['fingerprint'][:16]}" and second.out != first.out
     assert not first.skipped and not second.skipped
     assert again.skipped and again.out == first.out and again.manifest == first.manifest
-    assert read_manifest(first.out) == first.manifest and read_manifest(first.out)["classes"] == CLASSES[:2]
-    assert read_manifest(second.out)["classes"] == CLASSES[1:3]
+    assert read_ingested_manifest(first.out) == first.manifest and read_ingested_manifest(first.out)["classes"] == CLASSES[:2]
+    assert read_ingested_manifest(second.out)["classes"] == CLASSES[1:3]
 
     cfg = PipelineConfig(source=str(a), workspace=str(workspace)).ingest()
     shutil.copy(sample_files(CLASSES[2], 1)[0], a / CLASSES[0] / "late.jpg")  # after the driver hashed it
     with pytest.raises(UserInputError, match="changed after it was fingerprinted"):
         ingest(cfg)
-    assert read_manifest(first.out) == first.manifest
+    assert read_ingested_manifest(first.out) == first.manifest
 
 
 # --- bad input -----------------------------------------------------------------------------------
@@ -533,7 +530,7 @@ def test_bad_option_value_exits_2_naming_the_option(tmp_path: Path, capsys) -> N
 def test_read_manifest_rejects_a_folder_that_is_not_a_dataset(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text('{"classes": []}')
     with pytest.raises(UserInputError, match=str(tmp_path)):
-        read_manifest(tmp_path)
+        read_ingested_manifest(tmp_path)
 
 
 # --- stored bytes and Parquet schema -------------------------------------------------------------
@@ -600,7 +597,7 @@ def test_pool_worker_module_and_ingest_stay_free_of_heavy_imports() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, tasks.ingest_decode; light = set(sys.modules); import tasks.ingest; "
+    code = ("import sys, tasks.ingest.decode; light = set(sys.modules); import tasks.ingest.pipeline; "
             "heavy = {'prefect', 'torch', 'ray', 'mlflow'}; "
             "print(sorted(heavy & {m.split('.')[0] for m in light}), "
             "sorted(heavy & {m.split('.')[0] for m in sys.modules}), 'pyarrow' in light)")

@@ -18,15 +18,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import hostile_images as hostile
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from test_ingest import read_rows
 from torchvision.io import ImageReadMode, decode_image
 
-import hostile_images as hostile
 from ray_jobs.errors import UserInputError
-from tasks.ingest import IngestConfig, ingest
-from test_ingest import read_rows
+from tasks.ingest.config import IngestConfig
+from tasks.ingest.pipeline import ingest
 
 FORMAT_MODES = {  # the pixel modes each format can hold
     "JPEG": ("RGB", "L", "CMYK"),

@@ -16,25 +16,28 @@ import shutil
 import uuid
 from pathlib import Path
 
+import hostile_images as hostile
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 from pyarrow import fs as pafs
+from test_ingest import CLASSES, assert_accounting, make_tree, read_rows, sample_files
 from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_image
 
-import hostile_images as hostile
-import tasks.ingest_store as store
-from flows.cli import main
-from ray_jobs.data import IMAGENET, ParquetImageDataset, eval_transform, read_split
-from ray_jobs.decode import decode_rgb
+import tasks.ingest.store as store
+from flows.cli.main import main
+from ray_jobs.data.decode import decode_rgb, read_image
+from ray_jobs.data.image_prep import MAX_IMAGE_PIXELS
+from ray_jobs.data.parquet import ParquetImageDataset, read_split
+from ray_jobs.data.transforms import IMAGENET, eval_transform
 from ray_jobs.errors import UserInputError
-from ray_jobs.image_prep import MAX_IMAGE_PIXELS
-from ray_jobs.predict import read_image
-from tasks.ingest import IngestConfig, IngestResult, ingest, read_manifest, source_fingerprint
-from test_ingest import CLASSES, assert_accounting, make_tree, read_rows, sample_files
+from tasks.ingest.config import IngestConfig, IngestResult
+from tasks.ingest.fingerprint import source_fingerprint
+from tasks.ingest.pipeline import ingest
+from tasks.ingest.store import read_ingested_manifest
 
 SPLITS = ("train", "val", "test")
 
@@ -203,7 +206,7 @@ def test_symlinks_are_never_followed_loops_escapes_and_cross_class_links(tmp_pat
     code = main(["ingest", str(src), "--out", str(tmp_path / "out"), "--workers", "1"])
     out_text = capsys.readouterr().out
     assert code == 0
-    manifest = read_manifest(tmp_path / "out")
+    manifest = read_ingested_manifest(tmp_path / "out")
     links = {f"{a}/loop", f"{a}/up", f"{a}/escape.jpg", f"{a}/escape_dir", f"{b}/from_a.jpg", "c"}
     reasons = quarantine_reasons(manifest)
     assert set(reasons) == links and all("symbolic link" in reasons[p] and "not followed" in reasons[p] for p in links)
@@ -265,7 +268,7 @@ def test_a_huge_file_is_quarantined_by_its_size_without_being_read(tmp_path: Pat
         (src / class_name / "tiny.png").write_bytes(hostile.encode(hostile.picture(8, 8, seed=seed), "PNG"))
     assert main(["ingest", str(src), "--out", str(tmp_path / "out-limited"), "--max-file-bytes", "1000",
                  "--workers", "1"]) == 0
-    limited = read_manifest(tmp_path / "out-limited")
+    limited = read_ingested_manifest(tmp_path / "out-limited")
     assert limited["rows_written"] == 2 and limited["quarantined"] == 7
     assert all(reason.startswith("too large") for reason in quarantine_reasons(limited).values())
 
@@ -380,14 +383,14 @@ def test_object_store_publish_keeps_the_previous_dataset_until_the_new_one_is_co
         fail_at_the_switch(patch, "ds")
         with pytest.raises(OSError, match="connection reset"):
             run(src, "bucket://ds", shard_rows=2, force=True)
-    assert read_manifest("bucket://ds") == before  # the old dataset, whole
+    assert read_ingested_manifest("bucket://ds") == before  # the old dataset, whole
     assert all_rows(str(bucket / "ds")) == rows
     generations = [e.base_name for e in fs.get_file_info(pafs.FileSelector("ds")) if e.base_name.startswith("gen-")]
     assert len(generations) == 2  # the unpublished new shards sit beside the old ones, unread
     assert not [e for e in fs.get_file_info(pafs.FileSelector("")) if ".tmp-" in e.base_name]
 
     after = run(src, "bucket://ds", shard_rows=2, force=True).manifest
-    assert read_manifest("bucket://ds") == after and all_rows(str(bucket / "ds")) == rows
+    assert read_ingested_manifest("bucket://ds") == after and all_rows(str(bucket / "ds")) == rows
     left = sorted(e.base_name for e in fs.get_file_info(pafs.FileSelector("ds")))
     assert left == sorted([after["shards"]["train"][0].split("/")[0], "manifest.json"])  # old shards deleted
 
@@ -402,9 +405,9 @@ def test_an_interrupted_first_publish_to_an_object_store_is_cleaned_up_by_the_ne
         with pytest.raises(OSError):
             run(src, "bucket://ds")
     with pytest.raises(UserInputError, match="no manifest.json"):
-        read_manifest("bucket://ds")  # half a dataset is never a dataset
+        read_ingested_manifest("bucket://ds")  # half a dataset is never a dataset
     manifest = run(src, "bucket://ds").manifest
-    assert read_manifest("bucket://ds") == manifest
+    assert read_ingested_manifest("bucket://ds") == manifest
     assert len([e for e in fs.get_file_info(pafs.FileSelector("ds")) if e.base_name.startswith("gen-")]) == 1
     assert sum(len(v) for v in all_rows(str(bucket / "ds")).values()) == 6
 

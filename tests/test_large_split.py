@@ -30,7 +30,8 @@ def _row(index: int, blob: bytes) -> bytes:
 
 READER = r"""
 import json, resource, sys
-from ray_jobs.data import ParquetImageDataset, SeededShardSampler
+from ray_jobs.data.parquet import ParquetImageDataset
+from ray_jobs.data.sampler import SeededShardSampler
 dataset = ParquetImageDataset(sys.argv[1], "train", transform=None)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # torch, pyarrow, the index: not the images
 checked = 0

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ray_jobs.config import LossConfig, ModelConfig
 from ray_jobs.errors import UserInputError
-from ray_jobs.losses import (
+from ray_jobs.training.losses import (
     CenterLoss,
     CenterLossObjective,
     LGMObjective,
@@ -125,7 +125,7 @@ def _center_sync_worker(rank: int, world: int, init_method: str, out_dir: str) -
         numels.append(tensor.numel())
         return original(tensor, *args, **kwargs)
 
-    dist.all_reduce = counting_all_reduce  # ray_jobs.losses looks it up on the module at call time
+    dist.all_reduce = counting_all_reduce  # ray_jobs.training.losses looks it up on the module at call time
     try:
         cl = CenterLoss(SYNC_C, SYNC_D, alpha=SYNC_ALPHA)
         calls_per_step = []
@@ -165,7 +165,7 @@ def test_distributed_update_equals_single_process_on_global_batch(tmp_path: Path
 
 
 def _lam0_ddp_worker(rank: int, world: int, init_method: str, out_dir: str) -> None:
-    from ray_jobs.model import build_model
+    from ray_jobs.model.foodnet import build_model
 
     torch.set_num_threads(1)
     torch.manual_seed(0)  # same initial weights on both ranks (DDP also broadcasts them)
@@ -221,7 +221,7 @@ def test_lgm_logits_and_loss_by_hand() -> None:
     CE_a = 0.1875 + log(e^-0.1875 + e^-1.125), CE_b = 0.75 + log(e^-2.5 + e^-0.75);
     aux = mean(0.125, 0.5) = 0.3125; total = mean CE + 0.1 * 0.3125.
     """
-    from ray_jobs.model import LGMHead
+    from ray_jobs.model.foodnet import LGMHead
 
     head = LGMHead(num_classes=2, feat_dim=2)
     with torch.no_grad():
@@ -240,7 +240,7 @@ def test_lgm_logits_and_loss_by_hand() -> None:
 
 
 def test_lgm_argmax_is_nearest_mean() -> None:
-    from ray_jobs.model import LGMHead
+    from ray_jobs.model.foodnet import LGMHead
 
     g = torch.Generator().manual_seed(0)
     head = LGMHead(num_classes=7, feat_dim=5)
@@ -285,7 +285,7 @@ def test_center_objective_after_step_moves_centers_and_round_trips() -> None:
 
 @pytest.mark.parametrize("kind", ["softmax", "center", "lgm"])
 def test_objective_under_bf16_autocast_returns_fp32(kind: str) -> None:
-    from ray_jobs.model import LGMHead
+    from ray_jobs.model.foodnet import LGMHead
 
     torch.manual_seed(0)
     embed = torch.nn.Linear(6, 4)

@@ -10,7 +10,7 @@ import torchvision
 
 from ray_jobs.config import ModelConfig
 from ray_jobs.errors import UserInputError
-from ray_jobs.model import FoodNet, LGMHead, build_model, head_for_loss
+from ray_jobs.model.foodnet import FoodNet, LGMHead, build_model, head_for_loss
 
 ARCHS = ["efficientnet_lite0", "resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0"]
 

@@ -26,14 +26,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import free_port
-from flows.cli import _build_parser
-from flows.config_args import config_from_args
-from ray_jobs.checkpoint import load_checkpoint, stored_checkpoints
+
+from flows.cli.flags import config_from_args
+from flows.cli.main import _build_parser
 from ray_jobs.config import TrainConfig
 from ray_jobs.errors import UserInputError
-from ray_jobs.train import fit
+from ray_jobs.model.checkpoint import load_checkpoint, stored_checkpoints
+from ray_jobs.training.trainer import fit
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_FOOD = str(Path(sys.executable).parent / "train-food")

@@ -15,14 +15,16 @@ import time
 import urllib.request
 
 import pytest
-
 from conftest import S3_TEST_CREDENTIALS, free_port
-from ray_jobs.checkpoint import stored_checkpoints
+
 from ray_jobs.config import DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig
 from ray_jobs.errors import UserInputError
+from ray_jobs.model.checkpoint import stored_checkpoints
 from ray_jobs.storage import filesystem, join
-from ray_jobs.train import FaultInjection, fit
-from tasks.evaluate import EvaluateConfig, evaluate_checkpoint
+from ray_jobs.training.trainer import fit
+from ray_jobs.training.worker_loop import FaultInjection
+from tasks.evaluation.evaluate import evaluate_checkpoint
+from tasks.evaluation.report import EvaluateConfig
 
 
 @pytest.fixture(scope="module")

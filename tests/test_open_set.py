@@ -12,38 +12,35 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.cli import main
-from ray_jobs.calibrate import model_centers
-from ray_jobs.calibration_store import (
+from flows.cli.main import main
+from ray_jobs.config import DataConfig, LossConfig, ModelConfig, TrainConfig
+from ray_jobs.data.decode import read_image
+from ray_jobs.errors import UserInputError
+from ray_jobs.inference.calibrate import model_centers
+from ray_jobs.inference.calibration_store import (
     CALIBRATION_FILE,
     calibration_document,
     calibration_path,
     read_calibration,
     write_calibration,
 )
-from ray_jobs.config import DataConfig, LossConfig, ModelConfig, TrainConfig
-from ray_jobs.errors import UserInputError
-from ray_jobs.model import build_model
-from ray_jobs.open_set import (
+from ray_jobs.inference.loading import CheckpointModel, eval_preprocessing, load_model, model_from_checkpoint
+from ray_jobs.inference.open_set import (
     DISTANCES,
     Calibration,
-    auroc,
     calibrate,
     center_distances,
     class_means,
     open_set_scores,
 )
-from ray_jobs.predict import (
-    CheckpointModel,
-    eval_preprocessing,
-    load_model,
-    model_from_checkpoint,
-    predict_files,
-    predict_tensors,
-    read_image,
-)
-from tasks.evaluate import EvaluateConfig, evaluate_checkpoint
-from tasks.register import RegisterConfig, default_tracking_uri, register_model
+from ray_jobs.inference.predict import predict_files, predict_tensors
+from ray_jobs.metrics import auroc
+from ray_jobs.model.foodnet import build_model
+from tasks.evaluation.evaluate import evaluate_checkpoint
+from tasks.evaluation.report import EvaluateConfig
+from tasks.registry.config import RegisterConfig
+from tasks.registry.register import register_model
+from tasks.registry.store import default_tracking_uri
 
 # ---------------------------------------------------------------- synthetic features (exact)
 
@@ -319,9 +316,9 @@ def test_val_images_are_accepted_at_the_requested_share(trained_checkpoint, tiny
     `predict` applies it, accepts exactly ceil(0.95 x N) of the N val images."""
     from torch.utils.data import DataLoader
 
-    from ray_jobs.data import ParquetImageDataset
-    from ray_jobs.engine import predict
-    from ray_jobs.predict import eval_preprocessing
+    from ray_jobs.data.parquet import ParquetImageDataset
+    from ray_jobs.inference.loading import eval_preprocessing
+    from ray_jobs.training.engine import predict
 
     loaded = model_from_checkpoint(trained_checkpoint)
     calibration = load_model(trained_checkpoint).calibration

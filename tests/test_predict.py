@@ -9,9 +9,11 @@ import shutil
 import pytest
 import torch
 
-from flows.cli import main
+from flows.cli.main import main
+from ray_jobs.data.decode import read_image
 from ray_jobs.errors import UserInputError
-from ray_jobs.predict import MODEL_FORMAT, MODEL_WEIGHTS, load_model, model_from_checkpoint, predict_files, read_image
+from ray_jobs.inference.loading import MODEL_FORMAT, MODEL_WEIGHTS, load_model, model_from_checkpoint
+from ray_jobs.inference.predict import predict_files
 
 
 @pytest.fixture(scope="module")

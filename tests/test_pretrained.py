@@ -9,10 +9,11 @@ import torch
 from torchvision.io import ImageReadMode, decode_image
 
 from ray_jobs.config import ModelConfig
-from ray_jobs.data import eval_transform
+from ray_jobs.data.transforms import eval_transform
 from ray_jobs.errors import UserInputError
-from ray_jobs.model import LITE0_NORMALIZATION, build_model
-from ray_jobs.pretrained import _by_position, imagenet_lite0
+from ray_jobs.model.backbones import LITE0_NORMALIZATION
+from ray_jobs.model.foodnet import build_model
+from ray_jobs.model.pretrained import _by_position, imagenet_lite0
 
 REPO = Path(__file__).resolve().parents[1]
 BURRITO = REPO / "data" / "food-sample" / "test" / "breakfast_burrito" / "1036087.jpg"
@@ -78,7 +79,7 @@ def test_a_state_dict_of_another_shape_is_refused() -> None:
 def test_the_default_model_sees_inputs_scaled_to_minus_one_one() -> None:
     """Train, evaluate, predict and serve all preprocess with the weights' own normalisation."""
     from ray_jobs.config import DataConfig, TrainConfig
-    from ray_jobs.predict import eval_preprocessing
+    from ray_jobs.inference.loading import eval_preprocessing
 
     preprocess = eval_preprocessing(TrainConfig(data=DataConfig(dataset="unused", image_size=32)))
     white = preprocess(torch.full((3, 40, 40), 255, dtype=torch.uint8))

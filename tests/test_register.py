@@ -10,18 +10,15 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from flows.cli import main
-from ray_jobs.data import IMAGENET, ParquetImageDataset
+from flows.cli.main import main
+from ray_jobs.data.parquet import ParquetImageDataset
+from ray_jobs.data.transforms import IMAGENET
 from ray_jobs.errors import UserInputError
-from ray_jobs.predict import eval_preprocessing, load_model, model_from_checkpoint
-from tasks.evaluate import EvaluationReport
-from tasks.register import (
-    RegisterConfig,
-    default_artifact_location,
-    default_tracking_uri,
-    register_model,
-    resolve_tracking_uri,
-)
+from ray_jobs.inference.loading import eval_preprocessing, load_model, model_from_checkpoint
+from tasks.evaluation.report import EvaluationReport
+from tasks.registry.config import RegisterConfig
+from tasks.registry.register import register_model
+from tasks.registry.store import default_artifact_location, default_tracking_uri, resolve_tracking_uri
 
 
 def _with_metric(report: EvaluationReport, value: float) -> EvaluationReport:
@@ -190,10 +187,19 @@ def test_only_whole_test_split_scores_on_the_same_dataset_are_compared(evaluatio
 
     whole = register_model(cfg, _report_variant(evaluation, 0.3, "2099-01-01T00:00:03+00:00"), trained_checkpoint)
     assert (whole.version, whole.champion) == ("3", True)
-    # better score, but on another build of the dataset (say, re-ingested): not comparable
+    # better score, but on another build of the dataset with another test split: not comparable
+    other_split = "5a4b3c2d1e0f" + "0" * 52
     elsewhere = _report_variant(evaluation, 0.8, "2099-01-01T00:00:04+00:00",
-                                dataset_fingerprint=other, train_dataset_fingerprint=other)
+                                dataset_fingerprint=other, train_dataset_fingerprint=other,
+                                test_split_digest=other_split)
     moved = register_model(cfg, elsewhere, trained_checkpoint)
+    assert not moved.champion and moved.previous_champion == "3"
+    assert moved.reason == (f"not compared: champion version 3 was scored on test split "
+                            f"{evaluation.test_split_digest[:12]}, this on test split 5a4b3c2d1e0f; champion unchanged")
+    # a report made before test-split digests: only the dataset fingerprints can say it is the same data
+    undigested = _report_variant(evaluation, 0.8, "2099-01-01T00:00:05+00:00",
+                                 dataset_fingerprint=other, train_dataset_fingerprint=other, test_split_digest=None)
+    moved = register_model(cfg, undigested, trained_checkpoint)
     assert not moved.champion and moved.previous_champion == "3"
     assert moved.reason == (f"not compared: champion version 3 was scored on dataset "
                             f"{evaluation.dataset_fingerprint[:12]}, this on 9f8e7d6c5b4a; champion unchanged")
@@ -205,23 +211,249 @@ def test_only_whole_test_split_scores_on_the_same_dataset_are_compared(evaluatio
     assert (tags["complete_split"], tags["evaluated_split"]) == ("true", "test")
     assert json.loads(tags["classes"]) == evaluation.classes
     assert tags["dataset_fingerprint"] == evaluation.dataset_fingerprint
+    assert tags["test_split_digest"] == evaluation.test_split_digest
+    assert client.get_model_version("food-classifier", "5").tags["test_split_digest"] == ""
 
 
 def test_val_split_and_champion_without_records_are_not_compared(evaluation):
-    from tasks.champion import Champion, decide
+    from tasks.registry.champion import Champion, Decision, decide
 
     cfg = RegisterConfig()
     val = evaluation.model_copy(update={"split": "val"})
-    assert decide(0.9, "2", val, None, cfg) == (
+    assert decide(0.9, "2", val, None, cfg) == Decision(
         False, "not compared: version 2 is not promotable, it was scored on the val split, not test; no champion set")
     legacy = Champion("1", 0.1, {"dataset_fingerprint": evaluation.dataset_fingerprint, "evaluated_split": "test"})
-    promote, reason = decide(0.9, "2", evaluation, legacy, cfg)
+    promote, reason = decide(0.9, "2", evaluation, legacy, cfg)[:2]
     assert not promote and "champion version 1 has no record of how it was scored" in reason
     recorded = {**legacy.tags, "complete_split": "true", "classes": json.dumps(evaluation.classes[::-1])}
-    promote, reason = decide(0.9, "2", evaluation, Champion("1", 0.1, recorded), cfg)
+    promote, reason = decide(0.9, "2", evaluation, Champion("1", 0.1, recorded), cfg)[:2]
     assert not promote and "champion version 1 has a different class list" in reason
     recorded["classes"] = json.dumps(evaluation.classes)
     assert decide(0.9, "2", evaluation, Champion("1", 0.1, recorded), cfg)[0]
+
+
+# ---------------------------------------------------------------- same data: the test split, not the build
+
+
+def _ingest_sample(sample: Path, out: Path, **options) -> dict:
+    """The sample ingested as conftest's `tiny_dataset` is (64 px), bar `options`; its manifest."""
+    from tasks.ingest.config import IngestConfig
+    from tasks.ingest.pipeline import ingest
+
+    cfg = IngestConfig(**{"src": str(sample), "out": str(out), "max_side": 64, "workers": 2, **options})
+    return ingest(cfg).manifest
+
+
+def _train_and_evaluate(dataset: str, folder: Path, name: str) -> tuple[EvaluationReport, str]:
+    """conftest's tiny training (32 px, 64 images a split), 1 epoch on `dataset`; evaluated on its whole test split."""
+    from ray_jobs.config import DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig
+    from ray_jobs.training.trainer import fit
+    from tasks.evaluation.evaluate import evaluate_checkpoint
+    from tasks.evaluation.report import EvaluateConfig
+
+    cfg = TrainConfig(
+        data=DataConfig(dataset=dataset, image_size=32, batch_size=16, loader_workers=0, limit_per_split=64),
+        model=ModelConfig(arch="resnet18", pretrained=False, feat_dim=16),
+        loss=LossConfig(kind="center", lam=0.01, alpha=0.5),
+        optim=OptimConfig(name="sgd", lr=0.05, weight_decay=1e-4, epochs=1, warmup_epochs=0),
+        scaling=ScalingConfig(num_workers=0),
+        run=RunConfig(storage_path=str(folder / "runs"), name=name, seed=0),
+    )
+    checkpoint = fit(cfg).best_checkpoint
+    assert checkpoint is not None
+    reports = str(folder / "reports")
+    report = evaluate_checkpoint(EvaluateConfig(checkpoint=checkpoint, dataset=dataset, reports=reports))
+    return report, checkpoint
+
+
+@pytest.fixture(scope="module")
+def reingested(sample_dir, tmp_path_factory):
+    """The sample ingested again with `tiny_dataset`'s options by edited ingest code (another
+    `ingest_code_version`, so another fingerprint), and a tiny model trained and evaluated on it."""
+    import tasks.ingest.fingerprint as fingerprint_module
+
+    folder = tmp_path_factory.mktemp("reingested")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fingerprint_module, "ingest_code_version", lambda: "edited-ingest-code")
+        manifest = _ingest_sample(sample_dir, folder / "food-sample-64")
+    report, checkpoint = _train_and_evaluate(str(folder / "food-sample-64"), folder, "tiny-reingested")
+    return {"dataset": str(folder / "food-sample-64"), "manifest": manifest, "report": report, "checkpoint": checkpoint}
+
+
+@pytest.fixture(scope="module")
+def other_test_split(sample_dir, tmp_path_factory):
+    """The sample with its images stored at 48 px, not 64: the same classes and test photos, other stored
+    test images, so another test-split digest; and a tiny model trained and evaluated on it.
+
+    (Another `seed` would not do: the sample has its own test/ folder, so no seed changes the test split.)
+    """
+    folder = tmp_path_factory.mktemp("other-test-split")
+    manifest = _ingest_sample(sample_dir, folder / "food-sample-48", max_side=48)
+    report, checkpoint = _train_and_evaluate(str(folder / "food-sample-48"), folder, "tiny-48")
+    return {"manifest": manifest, "report": report, "checkpoint": checkpoint}
+
+
+@pytest.mark.slow
+def test_a_champion_from_before_an_ingest_code_change_is_compared_and_can_be_beaten(
+    evaluation, trained_checkpoint, tiny_dataset, reingested, tmp_path
+):
+    """Edited ingest code re-ingests the same photos: a new fingerprint but the same test split, so
+    a champion scored on the old build is compared with a version scored on the new one.
+
+    Tiny models on real photos score near chance, so which of two real scores is higher is a coin
+    toss. To show deterministically that the champion can be beaten, the first version (the real
+    `tiny_dataset` checkpoint and evaluation) is registered with its report claiming a test top-1
+    0.05 below the second version's real one; the second is registered with its real report.
+    """
+    from mlflow import MlflowClient
+
+    from ray_jobs.dataset_format import read_manifest
+
+    first_build, new = read_manifest(tiny_dataset), reingested["report"]
+    assert reingested["manifest"]["fingerprint"] != first_build["fingerprint"]
+    assert reingested["manifest"]["ingest_code_version"] == "edited-ingest-code"
+    assert reingested["manifest"]["test_split_digest"] == first_build["test_split_digest"]
+    assert new.dataset_fingerprint == new.train_dataset_fingerprint == reingested["manifest"]["fingerprint"]
+    assert new.complete and not new.cross_dataset
+    assert new.test_split_digest == evaluation.test_split_digest == first_build["test_split_digest"]
+
+    cfg = _fresh_cfg(tmp_path)
+    score = new.metrics["test_acc1"]
+    old = register_model(cfg, _report_variant(evaluation, score - 0.05, "2099-01-04T00:00:00+00:00"),
+                         trained_checkpoint)
+    assert (old.version, old.champion) == ("1", True)
+    beaten = register_model(cfg, new, reingested["checkpoint"])
+    assert not beaten.reason.startswith("not compared")
+    assert (beaten.version, beaten.champion, beaten.previous_champion) == ("2", True, "1")
+    assert beaten.reason == f"version 2 (test_acc1 {score:.4f}) beats champion version 1 ({score - 0.05:.4f})"
+    client = MlflowClient(cfg.tracking_uri)
+    assert str(client.get_model_version_by_alias("food-classifier", "champion").version) == "2"
+    for version, build in (("1", first_build), ("2", reingested["manifest"])):
+        tags = client.get_model_version("food-classifier", version).tags
+        assert tags["test_split_digest"] == first_build["test_split_digest"]
+        assert tags["dataset_fingerprint"] == build["fingerprint"]
+        assert "compared_across_datasets" not in tags
+
+
+@pytest.mark.slow
+def test_a_champion_tagged_before_digests_is_compared_while_its_dataset_is_still_there(
+    evaluation, trained_checkpoint, tiny_dataset, reingested, tmp_path
+):
+    """A champion an older train-food registered has no `test_split_digest` tag (deleted here). While
+    its `dataset` tag names a folder still holding the build it was scored on, its digest is computed
+    from there (from the shards: this copy's manifest predates digests too); once the folder is gone
+    the dataset fingerprints decide, as before."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    old_build = tmp_path / "old-build"
+    shutil.copytree(tiny_dataset, old_build)
+    manifest = json.loads((old_build / "manifest.json").read_text())
+    del manifest["test_split_digest"]
+    (old_build / "manifest.json").write_text(json.dumps(manifest))
+    legacy = _report_variant(evaluation, 0.1, "2099-01-05T00:00:00+00:00", dataset=str(old_build))
+    stores = {"kept": _fresh_cfg(tmp_path / "kept"), "gone": _fresh_cfg(tmp_path / "gone")}
+    for cfg in stores.values():
+        assert register_model(cfg, legacy, trained_checkpoint).champion
+        client = MlflowClient(cfg.tracking_uri)
+        client.delete_model_version_tag("food-classifier", "1", "test_split_digest")
+        tags = client.get_model_version("food-classifier", "1").tags
+        assert "test_split_digest" not in tags and tags["dataset"] == str(old_build)
+
+    candidate = _with_metric(reingested["report"], 0.9)
+    kept = register_model(stores["kept"], candidate, reingested["checkpoint"])
+    assert (kept.version, kept.champion, kept.previous_champion) == ("2", True, "1")
+    assert kept.reason == "version 2 (test_acc1 0.9000) beats champion version 1 (0.1000)"
+
+    shutil.rmtree(old_build)
+    gone = register_model(stores["gone"], candidate, reingested["checkpoint"])
+    assert (gone.version, gone.champion, gone.previous_champion) == ("2", False, "1")
+    assert gone.reason == (f"not compared: champion version 1 was scored on dataset "
+                           f"{evaluation.dataset_fingerprint[:12]}, this on "
+                           f"{reingested['report'].dataset_fingerprint[:12]}; champion unchanged")
+
+
+@pytest.mark.slow
+def test_compare_across_datasets_compares_with_a_champion_scored_on_another_test_split(
+    evaluation, trained_checkpoint, other_test_split, tmp_path
+):
+    from mlflow import MlflowClient
+
+    new = other_test_split["report"]
+    assert new.classes == evaluation.classes and new.complete and not new.cross_dataset
+    assert new.test_split_digest == other_test_split["manifest"]["test_split_digest"] != evaluation.test_split_digest
+    cfg = _fresh_cfg(tmp_path)
+    assert register_model(cfg, _report_variant(evaluation, 0.5, "2099-01-06T00:00:00+00:00"),
+                          trained_checkpoint).champion
+    candidate = _with_metric(new, 0.6)
+    splits = (f"champion version 1 was scored on test split {evaluation.test_split_digest[:12]}, "
+              f"this on test split {new.test_split_digest[:12]}")
+    refused = register_model(cfg, candidate, other_test_split["checkpoint"])
+    assert (refused.version, refused.champion, refused.previous_champion) == ("2", False, "1")
+    assert refused.reason == f"not compared: {splits}; champion unchanged"
+
+    across = register_model(cfg.model_copy(update={"compare_across_datasets": True}), candidate,
+                            other_test_split["checkpoint"])  # other settings: a new registration, not a retry
+    assert (across.version, across.champion, across.previous_champion) == ("3", True, "1")
+    assert across.reason == ("version 3 (test_acc1 0.6000) beats champion version 1 (0.5000) "
+                             f"(compared across datasets on request: {splits})")
+    client = MlflowClient(cfg.tracking_uri)
+    assert str(client.get_model_version_by_alias("food-classifier", "champion").version) == "3"
+    tags = client.get_model_version("food-classifier", "3").tags
+    assert tags["compared_across_datasets"] == "true" and tags["registration"] == across.reason
+    assert "compared_across_datasets" not in client.get_model_version("food-classifier", "2").tags
+
+
+def test_same_data_rules_and_what_compare_across_datasets_still_checks(evaluation, tmp_path):
+    """The decision alone, on hand-made champion tags: digests beat fingerprints, a champion's
+    dataset that now holds another build is not read as its data, and the flag skips only the
+    same-data check."""
+    import shutil
+
+    from tasks.registry.champion import Champion, Decision, decide
+
+    cfg, across = RegisterConfig(), RegisterConfig(compare_across_datasets=True)
+    digest, fingerprint = evaluation.test_split_digest, evaluation.dataset_fingerprint
+    assert digest and fingerprint
+    recorded = {"classes": json.dumps(evaluation.classes), "complete_split": "true", "evaluated_split": "test"}
+    other = "ab" * 32
+    # same digest, other fingerprint: compared; other digest, same fingerprint: the digest decides
+    same_split = {**recorded, "dataset_fingerprint": other, "test_split_digest": digest}
+    assert decide(0.9, "2", evaluation, Champion("1", 0.1, same_split), cfg)[0]
+    same_build = {**recorded, "dataset_fingerprint": fingerprint, "test_split_digest": other}
+    promote, reason, _ = decide(0.9, "2", evaluation, Champion("1", 0.1, same_build), cfg)
+    assert not promote and reason.startswith("not compared: champion version 1 was scored on test split abababababab")
+
+    # no digest tag: computed from the `dataset` tag only if that folder still holds the champion's build
+    copy = tmp_path / "dataset"
+    shutil.copytree(evaluation.dataset, copy)
+    undigested = {**recorded, "dataset_fingerprint": fingerprint, "dataset": str(copy)}
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "fingerprint": other}))  # re-ingested in place
+    report = evaluation.model_copy(update={"dataset_fingerprint": "cd" * 32, "train_dataset_fingerprint": "cd" * 32})
+    promote, reason, _ = decide(0.9, "2", report, Champion("1", 0.1, undigested), cfg)
+    assert not promote and reason == (f"not compared: champion version 1 was scored on dataset {fingerprint[:12]}, "
+                                      "this on cdcdcdcdcdcd; champion unchanged")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert decide(0.9, "2", report, Champion("1", 0.1, undigested), cfg)[0]
+
+    # the flag skips the same-data check only: classes, the whole test split, a promotable candidate still count
+    elsewhere = {**recorded, "dataset_fingerprint": other, "test_split_digest": other}
+    assert decide(0.9, "2", evaluation, Champion("1", 0.1, elsewhere), across)[::2] == (True, True)
+    assert decide(0.05, "2", evaluation, Champion("1", 0.1, elsewhere), across)[::2] == (False, True)
+    reversed_classes = {**elsewhere, "classes": json.dumps(evaluation.classes[::-1])}
+    assert decide(0.9, "2", evaluation, Champion("1", 0.1, reversed_classes), across) == Decision(
+        False, "not compared: champion version 1 has a different class list; champion unchanged")
+    limited = {**elsewhere, "complete_split": "false"}
+    assert decide(0.9, "2", evaluation, Champion("1", 0.1, limited), across) == Decision(
+        False, "not compared: champion version 1 was not scored on the whole test split; champion unchanged")
+    cross = evaluation.model_copy(update={"cross_dataset": True, "dataset_fingerprint": other})
+    promote, reason, compared = decide(0.9, "2", cross, Champion("1", 0.1, elsewhere), across)
+    assert (promote, compared) == (False, False) and "version 2 is not promotable" in reason
+    same = {**recorded, "dataset_fingerprint": fingerprint, "test_split_digest": digest}
+    assert decide(0.9, "2", evaluation, Champion("1", 0.1, same), across) == Decision(
+        True, "version 2 (test_acc1 0.9000) beats champion version 1 (0.1000)")  # nothing crossed, nothing noted
 
 
 # ---------------------------------------------------------------- retries
@@ -230,7 +462,7 @@ def test_val_split_and_champion_without_records_are_not_compared(evaluation):
 def test_registering_the_same_report_again_reuses_its_version(evaluation, trained_checkpoint, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    import tasks.champion as champion
+    import tasks.registry.champion as champion
 
     cfg = _fresh_cfg(tmp_path)
     report = _report_variant(evaluation, 0.3, "2099-01-02T00:00:00+00:00")
@@ -271,9 +503,9 @@ def test_registering_the_same_report_again_reuses_its_version(evaluation, traine
 
 _CHILD = r"""
 import fcntl, pathlib, sys, time
-import tasks.champion as champion
-import tasks.register as register
-from tasks.evaluate import EvaluationReport
+import tasks.registry.champion as champion
+import tasks.registry.register as register
+from tasks.evaluation.report import EvaluationReport
 
 report_file, checkpoint, workspace, role, signals = sys.argv[1:6]
 signals = pathlib.Path(signals)
@@ -344,14 +576,14 @@ def test_concurrent_registrations_end_with_the_better_one_as_champion(evaluation
 
 
 def test_lock_file_sits_next_to_the_store_and_remote_stores_outside_prefect_warn(tmp_path, caplog):
-    from tasks.registry_lock import _lock_file, promotion_lock
+    from tasks.registry.lock import _lock_file, promotion_lock
 
     assert _lock_file(f"sqlite:///{tmp_path}/mlflow/mlflow.db") == tmp_path / "mlflow" / "mlflow.db.lock"
     assert _lock_file(tmp_path.as_uri()) == tmp_path / ".train-food-registry.lock"
     assert _lock_file("http://mlflow.example:5000") is None and _lock_file("databricks") is None
     with promotion_lock(f"sqlite:///{tmp_path}/mlflow/mlflow.db", "food-classifier"):
         assert (tmp_path / "mlflow" / "mlflow.db.lock").is_file()
-    with caplog.at_level("WARNING", logger="tasks.registry_lock"), promotion_lock("http://mlflow.example:5000", "m"):
+    with caplog.at_level("WARNING", logger="tasks.registry.lock"), promotion_lock("http://mlflow.example:5000", "m"):
         pass
     assert "no lock for http://mlflow.example:5000 outside a Prefect flow" in caplog.text
 
@@ -363,7 +595,7 @@ def test_remote_store_inside_prefect_takes_a_concurrency_limit_of_one():
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.testing.utilities import prefect_test_harness
 
-    from tasks.registry_lock import promotion_lock
+    from tasks.registry.lock import promotion_lock
 
     name = "train-food-registry-food-classifier"
 

@@ -13,19 +13,22 @@ import threading
 import time
 from pathlib import Path
 
+import hostile_images as hostile
 import httpx
 import pytest
-
 from conftest import free_port
-import hostile_images as hostile
-from flows.cli import main
+
+from flows.cli.main import main
+from ray_jobs.data.image_prep import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
 from ray_jobs.errors import UserInputError
-from ray_jobs.image_prep import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
-from ray_jobs.model_ref import parse_model_ref
-from ray_jobs.predict import load_model, predict_files
-from ray_jobs.serve_app import classifier_deployment
-from ray_jobs.serve_config import ServeConfig
-from tasks.register import RegisterConfig, default_tracking_uri, register_model
+from ray_jobs.inference.loading import load_model
+from ray_jobs.inference.model_ref import parse_model_ref
+from ray_jobs.inference.predict import predict_files
+from ray_jobs.serving.app import classifier_deployment
+from ray_jobs.serving.config import ServeConfig
+from tasks.registry.config import RegisterConfig
+from tasks.registry.register import register_model
+from tasks.registry.store import default_tracking_uri
 from tasks.serving import ServingConfig, wait_for_version
 
 MODEL = "food-classifier"
@@ -61,7 +64,7 @@ def server(ray_cluster, registry) -> str:
     """The app serving models:/food-classifier@champion; Serve is shut down after the module, Ray stays."""
     from ray import serve
 
-    from ray_jobs.serve_app import start
+    from ray_jobs.serving.app import start
 
     port = free_port()
     start(ServeConfig(tracking_uri=registry, port=port, alias_poll_s=0.5, replica_cpus=0.5, max_replicas=1,

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port
 from test_flow import TINY, prefect_harness  # noqa: F401 - prefect_harness is a fixture used below
 
@@ -111,7 +110,7 @@ def test_sweep_flow_logs_trials_artifacts_and_champion_through_a_tracking_server
     import mlflow
 
     from flows.train_food import train_food
-    from ray_jobs.predict import load_model
+    from ray_jobs.inference.loading import load_model
     from tasks.tune import PARENT_TAG, SWEEP_TAG, TRIAL_TAG
 
     url, server_root = mlflow_server.url, mlflow_server.root

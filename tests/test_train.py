@@ -8,15 +8,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from ray import cloudpickle  # Ray pickles with its own vendored cloudpickle
 import pytest
 import torch
+from ray import cloudpickle  # Ray pickles with its own vendored cloudpickle
 
-from ray_jobs.checkpoint import load_checkpoint
 from ray_jobs.config import DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig
 from ray_jobs.errors import UserInputError
-from ray_jobs.losses import CenterLoss
-from ray_jobs.train import FaultInjection, fit
+from ray_jobs.model.checkpoint import load_checkpoint
+from ray_jobs.training.losses import CenterLoss
+from ray_jobs.training.trainer import fit
+from ray_jobs.training.worker_loop import FaultInjection
 
 
 def tiny_config(dataset: str, storage: Path | str, *, workers: int, epochs: int = 2, **overrides) -> TrainConfig:
@@ -111,7 +112,7 @@ def test_manifest_that_does_not_match_the_shards_is_a_clear_error(tiny_dataset, 
 
 
 def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_last_good_checkpoint(tiny_dataset, tmp_path, monkeypatch):
-    import ray_jobs.train as train_module
+    import ray_jobs.training.worker_loop as train_module
 
     real_build = train_module.build_objective
     steps_per_epoch = 2  # limit 32 / batch 16
@@ -275,8 +276,8 @@ def test_centers_identical_on_ray_workers_and_equal_to_one_process(ray_cluster, 
 
 @pytest.mark.parametrize(("pretrained", "override", "expected"), [(True, None, 0.3), (False, None, 1.0), (True, 0.5, 0.5)])
 def test_backbone_learns_at_a_fraction_of_the_new_layers_lr(pretrained, override, expected):
-    from ray_jobs.model import build_model
-    from ray_jobs.train import build_optimizer, build_scheduler, parameter_groups
+    from ray_jobs.model.foodnet import build_model
+    from ray_jobs.training.optim import build_optimizer, build_scheduler, parameter_groups
 
     cfg = TrainConfig(data=DataConfig(dataset="unused"), model=ModelConfig(pretrained=pretrained, feat_dim=8),
                       optim=OptimConfig(lr=0.002, backbone_lr_scale=override, epochs=2, warmup_epochs=0))

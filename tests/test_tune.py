@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_train import tiny_config
 
 from ray_jobs.config import LossConfig, SweepConfig
-from ray_jobs.tune import concurrency
+from ray_jobs.tuning.sweep import concurrency
 from tasks.tune import PARENT_TAG, SWEEP_TAG, Tracking, tune_and_log
-from test_train import tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,8 @@ def test_sweep_of_three_trials_picks_the_best_and_logs_nested_mlflow_runs(ray_cl
     assert result.outputs["plot"].stat().st_size > 10_000
 
     import mlflow
-    from tasks.register import resolve_tracking_uri
+
+    from tasks.registry.store import resolve_tracking_uri
 
     client = mlflow.MlflowClient(resolve_tracking_uri(None, tracking.workspace))
     runs = client.search_runs([client.get_experiment_by_name("train-food").experiment_id],

@@ -8,9 +8,9 @@ import mlflow
 import pandas as pd
 
 from ray_jobs.config import DataConfig, SweepConfig, TrainConfig
-from ray_jobs.tune import TABLE_COLUMNS, SweepResult
-from ray_jobs.tune_report import write_sweep_outputs
-from tasks.register import resolve_tracking_uri
+from ray_jobs.tuning.plot import write_sweep_outputs
+from ray_jobs.tuning.sweep import TABLE_COLUMNS, SweepResult
+from tasks.registry.store import resolve_tracking_uri
 from tasks.tune import PARENT_TAG, SWEEP_TAG, Tracking, log_sweep
 
 

@@ -1,0 +1,148 @@
+"""The Ray Serve application behind `train-food serve`: FastAPI ingress, batched inference.
+
+`POST /predict` takes the raw image bytes as the request body (`curl --data-binary @photo.jpg`;
+a multipart form is refused with a hint). The body is decoded with `train-food predict`'s rules
+(`ray_jobs.data.decode.decode_photo`: same pixel limit, same conversions) while the request is on its
+own, then waits in a `@serve.batch` queue, so one forward pass serves up to `max_batch_size`
+requests. Bad input gets a 4xx with a one-line `detail` and never reaches the batch:
+
+- 400 empty body; 413 body over `max_body_bytes` (a declared Content-Length is checked before
+  anything is read; a body without one is read in chunks and dropped once it passes the limit);
+- 415 a multipart form; 422 not a readable image, or a header promising more than
+  `MAX_IMAGE_PIXELS` (refused before decoding).
+
+`GET /health` names the model and version loaded. Model versions are switched by
+`ray_jobs.serving.live_model.LiveModel` (see there why polling, and why no request fails).
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures (Request) at runtime.
+import asyncio
+import itertools
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from ray import serve
+from ray.serve import Application
+from ray.serve.deployment import Deployment
+from torch import Tensor
+
+from ray_jobs.data.decode import decode_photo
+from ray_jobs.errors import UserInputError
+from ray_jobs.inference.predict import Prediction, predict_tensors
+from ray_jobs.serving.config import ServeConfig
+from ray_jobs.serving.live_model import LiveModel, Served
+
+app = FastAPI(title="train-food", description="Food dish classifier: POST raw image bytes to /predict.")
+
+_WHERE = "request body"
+# Helpers come before the deployment class: Serve pickles the class when it is decorated.
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refusing (413) a declared or actual size over `limit` without buffering it."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/"):
+        raise HTTPException(status_code=415, detail="send the image bytes as the body "
+                                                    "(curl --data-binary @photo.jpg), not a multipart form")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(status_code=413, detail=too_large(int(declared), limit))
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(status_code=413, detail=too_large(size, limit, at_least=True))
+        chunks.append(chunk)
+    if size == 0:
+        raise HTTPException(status_code=400, detail=f"{_WHERE}: empty (send the image bytes, "
+                                                    "e.g. curl --data-binary @photo.jpg)")
+    return b"".join(chunks)
+
+
+def too_large(size: int, limit: int, at_least: bool = False) -> str:
+    more = "over " if at_least else ""
+    return f"{_WHERE}: too large to be a photo ({more}{size:,} bytes, limit {limit:,})"
+
+
+def one_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def answer(prediction: Prediction, served: Served) -> dict[str, Any]:
+    """The JSON answer; `unknown`/`distance`/`nearest`/`threshold` from open-set rejection (null when uncalibrated)."""
+    return {
+        "model": served.name,
+        "version": served.version,
+        "top": [{"class": name, "probability": prob} for name, prob in prediction.top],
+        "unknown": prediction.unknown,
+        "distance": prediction.distance,
+        "nearest": prediction.nearest,
+        "threshold": prediction.threshold,
+    }
+
+
+@serve.deployment
+@serve.ingress(app)
+class Classifier:
+    """One replica: a `LiveModel`, a batch queue, and the HTTP routes."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.cfg = ServeConfig.model_validate(config)
+        self.live = LiveModel(self.cfg.model, self.cfg.tracking_uri, self.cfg.alias_poll_s)
+        self.classify.set_max_batch_size(self.cfg.max_batch_size)
+        self.classify.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self._ids = itertools.count()
+
+    @app.get("/health")
+    def health(self) -> dict[str, Any]:
+        served = self.live.current
+        return {"status": "ok", "model": served.name, "version": served.version,
+                "classes": len(served.model.classes), "image_size": served.model.image_size}
+
+    @app.post("/predict")
+    async def predict(self, request: Request) -> dict[str, Any]:
+        data = await read_body(request, self.cfg.max_body_bytes)
+        try:
+            image = await asyncio.to_thread(decode_photo, data, _WHERE)
+        except UserInputError as err:
+            raise HTTPException(status_code=422, detail=one_line(err)) from None
+        return await self.classify(image)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # both reset from the config in __init__
+    async def classify(self, images: list[Tensor]) -> list[dict[str, Any]]:
+        served = self.live.current  # one snapshot per batch: a version switch never splits a batch
+        names = [f"request-{next(self._ids)}" for _ in images]
+        predictions = await asyncio.to_thread(predict_tensors, served.model, images, names, self.cfg.top_k)
+        return [answer(prediction, served) for prediction in predictions]
+
+    def __del__(self) -> None:
+        self.live.close()
+
+
+def classifier_deployment(cfg: ServeConfig) -> Deployment:
+    """The deployment with the config's batching, autoscaling bounds and per-replica CPUs."""
+    return Classifier.options(
+        name="Classifier",
+        autoscaling_config={
+            "min_replicas": cfg.min_replicas,
+            "max_replicas": cfg.max_replicas,
+            "target_ongoing_requests": cfg.target_ongoing_requests,
+        },
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.replica_cpus},
+    )
+
+
+def build_app(cfg: ServeConfig) -> Application:
+    return classifier_deployment(cfg).bind(cfg.model_dump())
+
+
+def start(cfg: ServeConfig) -> None:
+    """Start Serve's HTTP proxy on `cfg.host:cfg.port` (if Serve is not running yet) and deploy the app.
+
+    Returns once every initial replica has loaded its model. Needs `ray.init` first.
+    """
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)

@@ -1,0 +1,189 @@
+"""The function every Ray Train worker runs (`train_loop_per_worker`), in-process too in local mode.
+
+It reads top to bottom like Ray's TorchTrainer examples: [1] prepare the data
+loaders (our own seeded sampler instead of `prepare_data_loader`'s, so the data order follows
+`seed` and survives a restart), [2] prepare the model, objective and optimizer (resuming from the
+latest checkpoint of the run, after checking it was made with the same recipe), [3] train,
+evaluate and report one checkpoint per epoch. The driver side is `ray_jobs.training.trainer`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from ray_jobs.config import TrainConfig
+from ray_jobs.data.parquet import ParquetImageDataset
+from ray_jobs.data.sampler import SeededShardSampler, contiguous_share
+from ray_jobs.data.transforms import eval_transform, train_transform
+from ray_jobs.errors import UserInputError
+from ray_jobs.model.backbones import input_normalization
+from ray_jobs.model.checkpoint import load_checkpoint
+from ray_jobs.model.foodnet import build_model, head_for_loss
+from ray_jobs.training.checkpointing import (
+    RunInputs,
+    check_resumable,
+    checkpoint_state,
+    latest_checkpoint,
+    rank_states,
+    report_epoch,
+    restore_rng,
+    unwrap,
+)
+from ray_jobs.training.engine import NonFiniteLossError, evaluate, train_one_epoch
+from ray_jobs.training.losses import build_objective
+from ray_jobs.training.optim import build_optimizer, build_scheduler, parameter_groups
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """Test hook: rank 0 dies once (hard exit) at this epoch and step; `marker` records that it did."""
+
+    epoch: int
+    step: int
+    marker: str
+    # Ray's controller polls workers every 2 s; a crash sooner after a report can lose that report.
+    # Waiting first makes the hook test resuming, not that race.
+    delay_s: float = 5.0
+
+
+def _build_loaders(cfg: TrainConfig, rank: int, world: int) -> tuple[DataLoader, DataLoader]:
+    """Train loader over this rank's seeded share (same step count on every rank); val in disjoint shares."""
+    data = cfg.data
+    norm = input_normalization(cfg.model.arch)
+    augment = train_transform(image_size=data.image_size, norm=norm, min_crop_scale=data.min_crop_scale)
+    train_set = ParquetImageDataset(data.dataset, "train", augment, data.limit_per_split)
+    val_set = ParquetImageDataset(data.dataset, "val", eval_transform(image_size=data.image_size, norm=norm),
+                                  data.limit_per_split)
+    loader_kwargs: dict[str, Any] = {"batch_size": data.batch_size, "num_workers": data.loader_workers}
+    if data.loader_workers > 0:
+        loader_kwargs |= {"multiprocessing_context": "forkserver", "persistent_workers": True}
+    sampler = SeededShardSampler(train_set.blocks, rank, world, cfg.run.seed)
+    drop_last = sampler.num_samples >= data.batch_size * 2
+    train_loader = DataLoader(train_set, sampler=sampler, drop_last=drop_last, **loader_kwargs)
+    val_loader = DataLoader(Subset(val_set, contiguous_share(len(val_set), rank, world)), **loader_kwargs)
+    return train_loader, val_loader
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """Each rank's own stream for stochastic layers (dropout, drop-path): never shared between ranks."""
+    return seed * 100_003 + rank + 1
+
+
+def _progress_line(metrics: dict[str, float], epochs: int) -> str:
+    return (
+        f"epoch {metrics['epoch']}/{epochs}  loss {metrics['train_loss']:.4f}  "
+        f"ce {metrics['train_ce_loss']:.4f}  center {metrics['train_center_loss']:.4f}  "
+        f"val_acc1 {metrics['val_acc1']:.3f}  val_acc5 {metrics['val_acc5']:.3f}  "
+        f"compactness {metrics['val_compactness']:.3f}  {metrics['train_images_per_s']:.1f} img/s  "
+        f"lr {metrics['lr']:.2e}"
+    )
+
+
+def _say(line: str, local_dir: Path | None) -> None:
+    """Print one progress line once.
+
+    In local mode a plain print (a Prefect flow captures it as a log line). On a Ray Train worker,
+    Ray patches `print` to write both to stdout and to its logger, and both reach the driver: write
+    to the process's real stdout instead, which Ray forwards once.
+    """
+    print(line, flush=True, file=None if local_dir is not None else sys.__stdout__)
+
+
+def _order_digest(sampler: SeededShardSampler) -> int:
+    """A 48-bit digest of this epoch's (sample, augmentation seed) order: equal runs see equal digests."""
+    digest = hashlib.blake2b(repr(list(sampler)).encode(), digest_size=6).digest()
+    return int.from_bytes(digest, "little")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Runs on every Ray Train worker (or in-process in local mode).
+
+    Bad input is returned to the driver (status "bad_input") rather than raised: a raised error
+    would make Ray restart the workers, and a bad config fails the same way every time.
+    """
+    cfg = TrainConfig.model_validate(config["train"])
+    run = RunInputs(**config["run"])
+    try:
+        return _train(cfg, run)
+    except UserInputError as err:
+        return {"status": "bad_input", "error": str(err)}
+
+
+def _train(cfg: TrainConfig, run: RunInputs) -> dict[str, Any]:
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    fault = FaultInjection(**run.fault) if run.fault else None
+    local_dir = Path(run.local_dir) if run.local_dir else None
+    classes = run.classes
+
+    # [1] data
+    train_loader, val_loader = _build_loaders(cfg, rank, world)
+    sampler: SeededShardSampler = train_loader.sampler  # type: ignore[assignment]
+    device = ray.train.torch.get_device()
+
+    # [2] model (same init on every rank), objective, optimizer; resume if there is a checkpoint
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg.model, len(classes), head_for_loss(cfg.loss.kind))
+    model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
+    torch.manual_seed(_rank_seed(cfg.run.seed, rank))
+    objective = build_objective(cfg.loss, len(classes), cfg.model.feat_dim, device)
+    optimizer = build_optimizer(cfg.optim, parameter_groups(unwrap(model), cfg.optim.lr, cfg.backbone_lr_scale))
+    scheduler = build_scheduler(cfg.optim, optimizer, len(train_loader))
+    start_epoch = 0
+    resumed = latest_checkpoint(local_dir)
+    if resumed is not None:
+        with resumed.as_directory() as directory:
+            state = load_checkpoint(directory, map_location=device)
+            check_resumable(state, cfg, run, directory)
+        unwrap(model).load_state_dict(state["model"])
+        objective.load_state_dict(state["objective"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"], rank, world)
+        start_epoch = state["epoch"]
+        if rank == 0:
+            _say(f"resumed from checkpoint of epoch {start_epoch}", local_dir)
+
+    # [3] train, evaluate, report
+    history: list[dict[str, Any]] = []
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        sampler.set_epoch(epoch)
+        order = _order_digest(sampler)
+        loader = _with_fault(train_loader, fault, epoch) if fault and rank == 0 else train_loader
+        try:
+            metrics: dict[str, Any] = train_one_epoch(model, objective, optimizer, scheduler, loader, device, epoch + 1)
+        except NonFiniteLossError as err:
+            if rank == 0:
+                _say(f"stopping: {err}; the last good checkpoint is kept", local_dir)
+            return {"status": "non_finite", "epoch": err.epoch, "step": err.step, "history": history}
+        metrics |= evaluate(model, val_loader, device, len(classes))
+        metrics |= {"epoch": epoch + 1, "data_order_digest": order}
+        rng, workers = rank_states(device, objective)
+        state = (checkpoint_state(model, objective, optimizer, scheduler, epoch + 1, cfg, run, metrics, rng, workers)
+                 if rank == 0 else None)
+        report_epoch(metrics, state, local_dir, cfg.run.keep_checkpoints)
+        history.append(metrics)
+        if rank == 0:
+            _say(_progress_line(metrics, cfg.optim.epochs), local_dir)
+    return {"status": "finished", "epoch": cfg.optim.epochs, "history": history}
+
+
+def _with_fault(loader: DataLoader, fault: FaultInjection, epoch: int):
+    """Yield from `loader`, hard-killing this process once at the configured epoch and step."""
+    for step, batch in enumerate(loader):
+        if epoch + 1 == fault.epoch and step == fault.step and not os.path.exists(fault.marker):
+            Path(fault.marker).write_text(f"killed at epoch {fault.epoch} step {fault.step}\n")
+            time.sleep(fault.delay_s)
+            os._exit(1)
+        yield batch

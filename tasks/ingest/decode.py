@@ -1,0 +1,105 @@
+"""Decode and validate one image file, and choose the bytes training will read: the function the
+ingestion process pool runs.
+
+A file's bytes are stored as they are when training's decoder (`torchvision.io.decode_image`) sees
+in them what Pillow sees (`ray_jobs.data.image_prep.reencode_reason` is None). Otherwise its first frame,
+upright, opaque and 8-bit RGB, is re-encoded: as JPEG (quality 90) when the source is a JPEG
+(already lossy; PNG would be several times larger) or when `max_side` shrinks it, else as PNG
+(lossless: a BMP, TIFF, GIF or 16-bit PNG keeps its content).
+
+This module imports only the standard library, Pillow and Pillow-only helpers (never prefect, torch
+or the rest of `tasks.ingest`), so a freshly spawned worker process starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from ray_jobs.data.image_prep import MAX_FILE_BYTES, TooManyPixels, open_image, reencode_reason, upright_rgb
+from tasks.ingest.files import FileTooLarge, read_regular
+
+REENCODE_QUALITY = 90
+_LOSSY_FORMATS = ("JPEG", "MPO")  # re-encoded as JPEG
+# Leading bytes of common image formats: a file that starts like an image but that Pillow cannot
+# identify is a corrupt image, not a non-image.
+_IMAGE_MAGIC = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"RIFF", b"II*\0", b"MM\0*")
+
+
+@dataclass(frozen=True)
+class Inspected:
+    """What decoding one file found. `error` is set when the file is unusable (then no size)."""
+
+    sha256: str = ""  # of the source file's bytes ("" only when the file could not be read)
+    content_sha256: str = ""  # of the bytes that will be stored (the source's when stored as they are)
+    width: int = 0  # of the image as it will be stored
+    height: int = 0
+    reencoded_path: str | None = None  # spool file holding the re-encoded image
+    reencode_reason: str | None = None  # why it was re-encoded ("format BMP", "EXIF orientation", ...)
+    error: str | None = None
+
+
+def inspect_image(job: tuple[int, str], max_side: int | None = None, spool_dir: str | None = None,
+                  max_file_bytes: int = MAX_FILE_BYTES) -> Inspected:
+    """Read, hash and fully decode `job = (index, path)`; re-encode it when training could not read
+    it as it is, or when it is larger than max_side.
+
+    Never raises for a bad file: the reason comes back in `Inspected.error` for the quarantine list.
+    """
+    index, path = job
+    try:
+        data = read_regular(path, max_file_bytes)
+    except FileTooLarge as err:
+        return Inspected(error=f"too large: {err}")
+    except OSError as err:
+        return Inspected(error=f"unreadable: {err.strerror or err}")
+    digest = hashlib.sha256(data).hexdigest()
+    if not data:
+        return Inspected(sha256=digest, error="empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():  # Pillow warns about odd metadata: the outcome below is what counts
+            warnings.simplefilter("ignore")
+            image = open_image(data)
+            source_format = image.format
+            reason = reencode_reason(image, data)
+            pixels = upright_rgb(image)
+    except TooManyPixels as err:
+        return Inspected(sha256=digest, error=str(err))
+    except UnidentifiedImageError:
+        if data.startswith(_IMAGE_MAGIC):
+            return Inspected(sha256=digest, error="corrupt image: unreadable header")
+        return Inspected(sha256=digest, error="not an image (Pillow cannot identify the format)")
+    except Exception as err:  # noqa: BLE001 - any decoder failure means a corrupt file
+        kind = "truncated" if "truncated" in str(err) else "corrupt"
+        return Inspected(sha256=digest, error=f"{kind} image: {type(err).__name__}: {err}")
+    as_jpeg = source_format in _LOSSY_FORMATS
+    if max_side is not None and max(pixels.size) > max_side:
+        pixels, reason, as_jpeg = _shrink(pixels, max_side), f"longer side over --max-side {max_side}", True
+    elif reason is None:
+        return Inspected(sha256=digest, content_sha256=digest, width=pixels.width, height=pixels.height)
+    encoded = _encode(pixels, as_jpeg)
+    spool_path = Path(spool_dir or ".") / f"{index}.{'jpg' if as_jpeg else 'png'}"
+    spool_path.write_bytes(encoded)
+    return Inspected(sha256=digest, content_sha256=hashlib.sha256(encoded).hexdigest(), width=pixels.width,
+                     height=pixels.height, reencoded_path=str(spool_path), reencode_reason=reason)
+
+
+def _encode(image: Image.Image, as_jpeg: bool) -> bytes:
+    buffer = io.BytesIO()
+    if as_jpeg:
+        image.save(buffer, format="JPEG", quality=REENCODE_QUALITY)
+    else:
+        image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _shrink(image: Image.Image, max_side: int) -> Image.Image:
+    """Resize so the longest side is max_side, keeping the aspect ratio."""
+    scale = max_side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
