@@ -182,6 +182,21 @@ def test_predict_reads_every_format_as_training_sees_it(mixed) -> None:
 
 # --- nothing hangs, explodes or escapes ------------------------------------------------------------
 
+def test_a_png_cut_before_its_end_chunk_is_stored_re_encoded(tmp_path: Path) -> None:
+    """Pillow reads a PNG that lost its IEND chunk, torchvision's libpng does not ("out of bound read"):
+    found by the fuzz test. Ingestion re-encodes it, so every stored row still decodes for training."""
+    whole = hostile.encode(hostile.picture(1, 1), "PNG")
+    cut = whole[:50]  # 50 of 69 bytes: the pixel data is there, its CRC and the end chunk are not
+    with pytest.raises(RuntimeError):
+        decode_image(torch.frombuffer(bytearray(cut), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    src = two_classes(tmp_path / "src")
+    write_files(src / CLASSES[0], {"cut.png": cut})
+    manifest = run(src, tmp_path / "out").manifest
+    assert manifest["reencoded"] == {"PNG without its end chunk": 1}
+    for row in read_rows(tmp_path / "out"):
+        assert decode_rgb(row["image"], row["source_path"]).shape == (3, row["height"], row["width"])
+
+
 def two_classes(root: Path, count: int = 3) -> Path:
     return make_tree(root, {c: count for c in CLASSES[:2]})
 

@@ -28,6 +28,7 @@ _AS_IS_FORMATS = ("JPEG", "PNG", "WEBP")  # GIF is read by torchvision too, but 
 _AS_IS_MODES = ("RGB", "L")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC: the last 8 bytes of a whole PNG
 _ORIENTATION_TAG = 0x0112
 _UNDO_ORIENTATION = {  # EXIF orientation -> the transpose that makes the picture upright
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -88,6 +89,8 @@ def reencode_reason(image: Image.Image, data: bytes) -> str | None:
         return "EXIF orientation"
     if image.format == "PNG" and _png_bit_depth(data) != 8:  # Pillow shows 16-bit RGB PNGs as 8-bit RGB
         return f"{_png_bit_depth(data)}-bit PNG"
+    if image.format == "PNG" and _PNG_END not in data[-256:]:  # Pillow reads it, libpng (torchvision) does not
+        return "PNG without its end chunk"
     return None
 
 
