@@ -99,7 +99,7 @@ def _reader_epoch(dataset: str, image_size: int, batch_size: int, epoch: int) ->
 
     augment = train_transform(image_size=image_size, norm=input_normalization("efficientnet_lite0"), min_crop_scale=0.35)
     split = ParquetImageDataset(dataset, "train", augment)
-    sampler = SeededShardSampler(split.blocks, 0, 1, seed=0)
+    sampler = SeededShardSampler(split.blocks, 0, 1, seed=0, global_batch=batch_size)
     sampler.set_epoch(epoch)
     loader = DataLoader(split, sampler=sampler, batch_size=batch_size, num_workers=2,
                         multiprocessing_context="forkserver")

@@ -82,7 +82,7 @@ def main() -> None:
             augment = train_transform(image_size=IMAGE_SIZE, norm=input_normalization(arch), min_crop_scale=0.35)
             split = ParquetImageDataset(dataset, "train", augment)
             wanted = args.batch_size * args.steps  # the sample repeated to fill the measured pass
-            sampler = SeededShardSampler(split.blocks, 0, 1, seed=0)
+            sampler = SeededShardSampler(split.blocks, 0, 1, seed=0, global_batch=args.batch_size)
             keys = (list(sampler) * (wanted // len(split) + 1))[:wanted]
             parquet = DataLoader(Subset(split, keys), batch_size=args.batch_size, num_workers=args.loader_workers,
                                  pin_memory=device.type == "cuda", drop_last=True,

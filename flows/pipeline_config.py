@@ -24,6 +24,7 @@ from ray_jobs.config import (
     ScalingConfig,
     SweepConfig,
     TrainConfig,
+    WorkerCount,
 )
 from tasks.evaluation.report import EvaluateConfig
 from tasks.ingest.config import IngestConfig
@@ -55,7 +56,8 @@ class PipelineConfig(BaseModel):
     workspace: str = Field(default="workspace", description="Datasets, runs, reports and the MLflow store.")
     max_side: int | None = Field(default=DEMO_BUDGET["max_side"], ge=1, description="Ingest: re-encode larger images.")
     image_size: int = Field(default=DEMO_BUDGET["image_size"], ge=16, description="Square crop fed to the model.")
-    batch_size: int = Field(default=_stage(DataConfig, "batch_size"), ge=1, description="Per-worker batch size.")
+    batch_size: int = Field(default=_stage(DataConfig, "batch_size"), ge=1,
+                            description="Global batch, split over the workers.")
     epochs: int = Field(default=DEMO_BUDGET["epochs"], ge=1, description="Training epochs (one warm-up epoch first).")
     min_crop_scale: float = Field(default=_stage(DataConfig, "min_crop_scale"), gt=0.0, le=1.0,
                                   description="Augmentation: smallest crop area.")
@@ -71,8 +73,9 @@ class PipelineConfig(BaseModel):
                       description="AdamW lr of the new layers; the backbone's is 0.3x.")
     sweep: bool = Field(default=False, description="Tune lambda and alpha instead of one training run.")
     sweep_samples: int = Field(default=DEMO_BUDGET["sweep_samples"], ge=1, description="Trials of the sweep.")
-    workers: int = Field(default=_stage(ScalingConfig, "num_workers"), ge=0,
-                         description="Ray Train workers per run or trial; 0 = in-process.")
+    workers: WorkerCount = Field(default=_stage(ScalingConfig, "num_workers"),
+                                 description="Ray Train workers per run or trial: N, or MIN-MAX for an elastic group; "
+                                             "0 = in-process.")
     cpus_per_worker: float = Field(default=_stage(ScalingConfig, "cpus_per_worker"), gt=0.0,
                                    description="CPUs each Ray Train worker reserves.")
     placement: Placement = Field(default=_stage(ScalingConfig, "placement"),

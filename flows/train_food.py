@@ -11,7 +11,7 @@ from typing import Any
 from prefect import flow
 
 from flows.pipeline_config import PipelineConfig
-from ray_jobs.config import Arch, LossKind, Placement
+from ray_jobs.config import Arch, LossKind, Placement, WorkerCount
 from ray_jobs.training.trainer import new_run_name
 from tasks.artifacts import PipelineSummary, publish
 from tasks.stages import evaluate_stage, ingest_stage, register_stage, serving_stage, train_stage, tune_stage
@@ -42,7 +42,7 @@ def train_food(
     lr: float = _default("lr"),
     sweep: bool = _default("sweep"),
     sweep_samples: int = _default("sweep_samples"),
-    workers: int = _default("workers"),
+    workers: WorkerCount = _default("workers"),
     cpus_per_worker: float = _default("cpus_per_worker"),
     placement: Placement = _default("placement"),
     use_gpu: bool = _default("use_gpu"),

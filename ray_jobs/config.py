@@ -7,9 +7,9 @@ whole `TrainConfig` travels as a plain dict and is validated again inside the wo
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from ray_jobs.storage import absolute
 
@@ -27,7 +27,11 @@ class DataConfig(_Frozen):
 
     dataset: str = Field(description="Directory or pyarrow.fs URI written by `train-food ingest`.")
     image_size: int = Field(default=224, ge=16, description="Square crop fed to the model.")
-    batch_size: int = Field(default=32, ge=1, description="Per-worker batch size.")
+    batch_size: int = Field(
+        default=32, ge=1,
+        description="Global batch: the samples of one optimizer step, split over the workers (sizes differ by at "
+                    "most one), so 1 or N workers train the same recipe.",
+    )
     min_crop_scale: float = Field(
         default=0.35, gt=0.0, le=1.0, description="Augmentation strength: smallest image area a random crop keeps."
     )
@@ -52,7 +56,7 @@ class ModelConfig(_Frozen):
     batch_norm: Literal["train", "frozen"] = Field(
         default="train",
         description="frozen: keep the backbone's BatchNorm statistics and scales fixed, so a sample's features do "
-                    "not depend on the rest of its batch (small per-worker batches; N workers = 1 worker on N x the batch).",
+                    "not depend on the rest of its batch (small per-worker shares of the global batch).",
     )
 
     @property
@@ -90,10 +94,38 @@ class OptimConfig(_Frozen):
     )
 
 
+def parse_worker_count(value: object) -> object:
+    """`2` or `"2"`: that many workers; `"1-4"` or `(1, 4)`: an elastic group of 1 to 4 workers."""
+    if isinstance(value, str) and "-" in value.strip():
+        low, _, high = value.strip().partition("-")
+        if not (low.strip().isdigit() and high.strip().isdigit()):
+            raise ValueError(f"expected N or MIN-MAX, got {value!r}")
+        return int(low), int(high)
+    return value
+
+
+def _check_worker_count(value: int | tuple[int, int]) -> int | tuple[int, int]:
+    if isinstance(value, tuple):
+        low, high = value
+        if not 1 <= low <= high:
+            raise ValueError(f"an elastic group needs 1 <= MIN <= MAX, got {low}-{high}")
+        return value if low < high else low
+    if value < 0:
+        raise ValueError("must be 0 (in this process) or more")
+    return value
+
+
+WorkerCount = Annotated[int | tuple[int, int], BeforeValidator(parse_worker_count), AfterValidator(_check_worker_count)]
+
+
 class ScalingConfig(_Frozen):
     """How many Ray Train workers, on what hardware. `num_workers=0` runs in-process (local mode)."""
 
-    num_workers: int = Field(default=1, ge=0, description="Ray Train workers; 0 trains in this process.")
+    num_workers: WorkerCount = Field(
+        default=1,
+        description="Ray Train workers: N, or MIN-MAX for an elastic group that restarts from the last checkpoint "
+                    "with as many workers as fit (at least MIN) and grows back to MAX; 0 trains in this process.",
+    )
     use_gpu: bool = Field(default=False, description="Give each worker gpus_per_worker GPUs.")
     cpus_per_worker: float = Field(default=1.0, gt=0.0, description="CPUs each worker reserves.")
     gpus_per_worker: float = Field(default=1.0, ge=0.0, description="GPUs each worker reserves (with use_gpu).")
@@ -103,6 +135,19 @@ class ScalingConfig(_Frozen):
     start_timeout_s: float = Field(
         default=60.0, gt=0.0, description="Fail when the worker group cannot be scheduled in time."
     )
+
+    @property
+    def local(self) -> bool:
+        """Train in this process (Ray's local mode), no worker group."""
+        return self.num_workers == 0
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
 
 
 class RunConfig(_Frozen):

@@ -22,10 +22,11 @@ def _blocks(rows: int, per_block: int, block_bytes: int = 100) -> list[Block]:
     return [Block(start, min(per_block, rows - start), block_bytes) for start in range(0, rows, per_block)]
 
 
-def _shares(blocks: list[Block], world: int, seed: int = 7, epoch: int = 3, window_bytes: int = 250) -> list[list[int]]:
+def _shares(blocks: list[Block], world: int, global_batch: int = 6, seed: int = 7, epoch: int = 3,
+            window_bytes: int = 250) -> list[list[int]]:
     shares = []
     for rank in range(world):
-        sampler = SeededShardSampler(blocks, rank, world, seed, window_bytes=window_bytes)
+        sampler = SeededShardSampler(blocks, rank, world, seed, global_batch, window_bytes=window_bytes)
         sampler.set_epoch(epoch)
         shares.append([index for index, _ in sampler])
     return shares
@@ -34,13 +35,19 @@ def _shares(blocks: list[Block], world: int, seed: int = 7, epoch: int = 3, wind
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 64, 255, 256, 257])
 @pytest.mark.parametrize("per_block", [1, 7, 64])
-def test_every_rank_gets_the_same_number_of_samples_and_all_rows_are_covered(world, rows, per_block):
-    shares = _shares(_blocks(rows, per_block), world)
-    assert len({len(share) for share in shares}) == 1, "unequal shares would hang the per-step all-reduce"
-    assert set().union(*shares) == set(range(rows))
-    loaders = [DataLoader(range(rows), sampler=SeededShardSampler(_blocks(rows, per_block), r, world, 7), batch_size=4)
-               for r in range(world)]
-    assert len({len(loader) for loader in loaders}) == 1, "every rank runs the same number of steps"
+def test_every_rank_runs_the_same_steps_and_an_epoch_covers_the_split(world, rows, per_block):
+    batch = 6
+    shares = _shares(_blocks(rows, per_block), world, batch)
+    samplers = [SeededShardSampler(_blocks(rows, per_block), r, world, 7, batch) for r in range(world)]
+    loaders = [DataLoader(range(rows), sampler=sampler, batch_size=len(sampler.share)) for sampler in samplers]
+    assert len({len(loader) for loader in loaders}) == 1, "unequal step counts would hang the per-step all-reduce"
+    assert max(map(len, shares)) - min(map(len, shares)) <= len(loaders[0]), "shares differ by at most one a step"
+    covered = set().union(*shares)
+    assert sum(map(len, shares)) == len(loaders[0]) * batch, "every global batch is full"
+    if rows < 2 * batch:  # one or two batches: the order wraps to fill them, every row is seen
+        assert covered == set(range(rows))
+    else:  # the last partial batch is dropped, as DataLoader's drop_last does
+        assert len(covered) == rows // batch * batch and covered <= set(range(rows))
 
 
 def test_a_split_within_one_window_gets_distributed_samplers_order():
@@ -52,23 +59,32 @@ def test_a_split_within_one_window_gets_distributed_samplers_order():
     for seed, epoch in ((0, 0), (3, 5)):
         reference = DistributedSampler(Sized(), num_replicas=1, rank=0, shuffle=True, seed=seed)
         reference.set_epoch(epoch)
-        sampler = SeededShardSampler([Block(0, 60, 10), Block(60, 40, 10)], 0, 1, seed)
+        sampler = SeededShardSampler([Block(0, 60, 10), Block(60, 40, 10)], 0, 1, seed, global_batch=10)
         sampler.set_epoch(epoch)
         assert [index for index, _ in sampler] == list(reference)
 
 
-def test_each_rank_reads_only_its_own_row_groups():
-    blocks = _blocks(300, per_block=10)  # 30 row groups; windows of 2 (250 bytes)
-    for world in (2, 3):
-        touched = [{index // 10 for index in share} for share in _shares(blocks, world)]
-        for mine in touched:
-            assert len(mine) <= 30 // world + 2, f"a rank read {len(mine)} of 30 row groups"
-        assert sum(len(mine) for mine in touched) <= 30 + 2 * (world - 1), "ranks only share boundary windows"
+def test_the_global_batches_are_the_same_on_any_number_of_workers():
+    """Step k trains on the same samples, with the same augmentation seeds, on 1, 2, 3 or 5 workers."""
+    blocks, batch = _blocks(300, per_block=10), 10
+
+    def global_batches(world: int) -> list[list[tuple[int, int]]]:
+        samplers = [SeededShardSampler(blocks, rank, world, 7, batch, window_bytes=250) for rank in range(world)]
+        for sampler in samplers:
+            sampler.set_epoch(3)
+        parts = [list(DataLoader(list(sampler), batch_size=len(sampler.share), collate_fn=list))
+                 for sampler in samplers]
+        return [[key for rank in range(world) for key in parts[rank][step]] for step in range(len(parts[0]))]
+
+    one = global_batches(1)
+    assert len(one) == 30
+    for world in (2, 3, 5):
+        assert global_batches(world) == one
 
 
 def test_order_follows_the_seed_and_the_epoch_and_ranks_never_share_a_stream():
     def keys(seed: int, epoch: int, rank: int) -> list[tuple[int, int]]:
-        sampler = SeededShardSampler(_blocks(100, 10), rank, 2, seed=seed, window_bytes=250)
+        sampler = SeededShardSampler(_blocks(100, 10), rank, 2, seed=seed, global_batch=10, window_bytes=250)
         sampler.set_epoch(epoch)
         return list(sampler)
 
@@ -77,6 +93,11 @@ def test_order_follows_the_seed_and_the_epoch_and_ranks_never_share_a_stream():
     rank0, rank1 = keys(0, 1, 0), keys(0, 1, 1)
     assert not {seed for _, seed in rank0} & {seed for _, seed in rank1}
     assert not {index for index, _ in rank0} & {index for index, _ in rank1}
+
+
+def test_a_global_batch_smaller_than_the_workers_is_refused():
+    with pytest.raises(ValueError, match="global batch of 2"):
+        SeededShardSampler(_blocks(10, 5), 0, 3, seed=0, global_batch=2)
 
 
 def write_split(root: Path, rows: list[bytes], rows_per_group: int, rows_per_shard: int) -> str:
@@ -103,7 +124,7 @@ def test_the_reader_returns_every_row_and_caches_a_bounded_number_of_row_groups(
     monkeypatch.setattr(data, "READ_WINDOW_BYTES", 20_000)  # about 2.5 row groups
     dataset = ParquetImageDataset(dataset_uri, "train", transform=None)
     assert len(dataset.blocks) == 4 * 7  # 50-row shards in row groups of 8: 8*6 + 2
-    sampler = SeededShardSampler(dataset.blocks, 0, 1, seed=0, window_bytes=data.READ_WINDOW_BYTES)
+    sampler = SeededShardSampler(dataset.blocks, 0, 1, seed=0, global_batch=8, window_bytes=data.READ_WINDOW_BYTES)
     for index, _ in sampler:
         assert dataset.image_bytes(index) == rows[index]
     assert dataset.labels.tolist() == [i % 3 for i in range(200)]

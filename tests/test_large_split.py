@@ -36,7 +36,7 @@ dataset = ParquetImageDataset(sys.argv[1], "train", transform=None)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # torch, pyarrow, the index: not the images
 checked = 0
 for rank in (0, 1):
-    sampler = SeededShardSampler(dataset.blocks, rank, 2, seed=0)
+    sampler = SeededShardSampler(dataset.blocks, rank, 2, seed=0, global_batch=32)
     for step, (index, _) in enumerate(sampler):
         if step % 7 == 0 or index >= len(dataset) - 3:
             head = dataset.image_bytes(index)[:11]

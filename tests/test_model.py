@@ -90,7 +90,7 @@ def test_pretrained_uses_the_cached_file(tmp_path: Path, monkeypatch: pytest.Mon
 
 @pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet18"])
 def test_frozen_batch_norm_makes_a_samples_features_independent_of_its_batch(arch: str) -> None:
-    """What lets N workers on batch B train like one worker on N x B (tests/test_multinode.py)."""
+    """What lets N workers train like one on the same global batch (tests/test_multinode.py)."""
     images = torch.randn(8, 3, 32, 32)
     for batch_norm, independent in (("train", False), ("frozen", True)):
         torch.manual_seed(0)

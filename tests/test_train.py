@@ -188,7 +188,7 @@ def _assert_same(a, b, where: str = "") -> None:
 @pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_to_exactly_the_uninterrupted_state(ray_cluster, tiny_dataset, tmp_path):
     """2 workers: rank 0 is hard-killed in epoch 2; the resumed run must end where an uninterrupted one does."""
-    common = dict(workers=2, epochs=3, limit=32, batch_size=8, keep_checkpoints=3, max_failures=1)
+    common = dict(workers=2, epochs=3, limit=32, batch_size=16, keep_checkpoints=3, max_failures=1)  # 8 a worker
     plain = fit(tiny_config(tiny_dataset, tmp_path, name="plain", **common))
     marker = tmp_path / "killed"
     resumed = fit(tiny_config(tiny_dataset, tmp_path, name="resumed", **common),
@@ -203,6 +203,56 @@ def test_a_run_killed_mid_epoch_resumes_to_exactly_the_uninterrupted_state(ray_c
         _assert_same(a[part], b[part], part)
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
     assert not torch.equal(a["rng"][0]["cpu"], a["rng"][1]["cpu"]), "ranks must have their own RNG streams"
+
+
+def _epoch_curve(history: list[dict]) -> dict[int, tuple[float, int]]:
+    """Per epoch: the learning rate and the optimizer steps taken so far."""
+    return {int(row["epoch"]): (row["lr"], int(row["optimizer_steps"])) for row in history}
+
+
+@pytest.mark.slow
+def test_a_checkpoint_from_two_workers_resumes_on_one_and_on_three(ray_cluster, tiny_dataset, tmp_path):
+    """The global batch fixes the steps per epoch, so the schedule continues the same curve on any count.
+
+    Run "two" trains on 2 workers and dies after its epoch-2 checkpoint; that run resumes on 3 Ray
+    workers (same name), and a copy of it on 1 worker in this process. Both must take the optimizer
+    steps and learning rates of an uninterrupted run at the same global batch, epoch by epoch, and
+    AdamW's step count must be the run's total. BatchNorm statistics depend on each worker's share,
+    so the weights are not expected to match bit for bit.
+    """
+    import shutil
+
+    from ray.train import TrainingFailedError
+
+    common = dict(epochs=4, limit=32, batch_size=8, keep_checkpoints=4, max_failures=0, cpus_per_worker=0.5,
+                  loss=LossConfig(kind="center", lam=0.01, alpha=0.5))
+    adamw = {"optim": OptimConfig(name="adamw", lr=3e-3, epochs=4, warmup_epochs=1)}
+
+    def config(workers: int, name: str) -> TrainConfig:
+        cfg = tiny_config(tiny_dataset, tmp_path, workers=workers, name=name, **common)
+        return cfg.model_copy(update=adamw)
+
+    plain = fit(config(0, "plain"))
+    with pytest.raises(TrainingFailedError):  # the worker died and no retry is left
+        fit(config(2, "two"), fault=FaultInjection(epoch=3, step=0, marker=str(tmp_path / "killed")))
+    assert sorted(path.name for path in (tmp_path / "two").glob("checkpoint_epoch_*")) == [
+        "checkpoint_epoch_0001", "checkpoint_epoch_0002"]
+    for checkpoint in (tmp_path / "two").glob("checkpoint_epoch_*"):  # the files, without Ray's run state
+        shutil.copytree(checkpoint, tmp_path / "one" / checkpoint.name)
+    on_three = fit(config(3, "two"))
+    on_one = fit(config(0, "one"))
+    expected = _epoch_curve(plain.history)
+    steps = expected[4][1] // 4
+    assert steps == 4, "32 rows at a global batch of 8"
+    for resumed, workers in ((on_three, 3), (on_one, 1)):
+        assert [row["epoch"] for row in resumed.history] == [3, 4]
+        assert {row["workers"] for row in resumed.history} == {workers}
+        assert _epoch_curve(resumed.history) == {epoch: expected[epoch] for epoch in (3, 4)}
+        final = load_checkpoint(Path(resumed.path) / "checkpoint_epoch_0004")
+        assert {int(state["step"]) for state in final["optimizer"]["state"].values()} == {4 * steps}
+        assert final["scheduler"]["last_epoch"] == 4 * steps
+    print("val top-1 after 4 epochs: uninterrupted", plain.history[-1]["val_acc1"],
+          "resumed on 3", on_three.history[-1]["val_acc1"], "resumed on 1", on_one.history[-1]["val_acc1"])
 
 
 @pytest.mark.slow

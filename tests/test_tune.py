@@ -14,7 +14,7 @@ import pytest
 from test_train import tiny_config
 
 from ray_jobs.config import LossConfig, SweepConfig
-from ray_jobs.tuning.sweep import concurrency
+from ray_jobs.tuning.sweep import _scheduler, concurrency
 from tasks.tune import PARENT_TAG, SWEEP_TAG, Tracking, tune_and_log
 
 pytestmark = pytest.mark.slow
@@ -79,6 +79,7 @@ def test_asha_stops_a_weak_trial_early_and_later_trials_still_run(ray_cluster, c
     # and they lag behind it at ASHA's first rung (0.22 and 0.33).
     cfg = sweep_config(colour_dataset, tmp_path, epochs=3, lr=0.01, grid_lams=(1e-4, 0.1, 0.5), grid_alphas=(0.5,),
                        num_samples=1, scheduler="asha", grace_period=1, reduction_factor=2, max_concurrent_trials=1, name="asha")
+    assert _scheduler(cfg)._time_attr == "epoch", "ASHA's rungs count epochs, the unit of grace_period"
     result, _ = tune_and_log(cfg, Tracking(workspace=str(tmp_path / "ws")))
     table = result.table.sort_values("lam")
     assert list(table["lam"]) == [1e-4, 0.1, 0.5] and "error" not in set(table["status"])

@@ -47,12 +47,22 @@ def tag(action: argparse.Action, config: type[BaseModel], name: str) -> argparse
 
 
 def unwrap(annotation: Any) -> Any:
-    """`X | None` and `Annotated[X, ...]` -> X: argparse parses X, pydantic validates the rest."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
-    if typing.get_origin(annotation) is typing.Annotated:
-        annotation = typing.get_args(annotation)[0]
-    return annotation
+    """`X | None` and `Annotated[X, ...]` -> X: argparse parses X, pydantic validates the rest.
+
+    A union of several types (`int | tuple[int, int]`, the worker count) is read as a string: its
+    validator knows the forms (`2`, `1-4`).
+    """
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is typing.Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (typing.Union, types.UnionType):
+            kinds = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+            if len(kinds) > 1:
+                return str
+            annotation = kinds[0]
+        else:
+            return annotation
 
 
 def choices_of(annotation: Any) -> tuple[Any, ...] | None:

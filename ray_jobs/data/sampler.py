@@ -1,11 +1,14 @@
-"""Training order and augmentation seeds as a pure function of (seed, epoch, sample).
+"""Training order, global batches and augmentation seeds as a pure function of (seed, epoch, sample).
 
-`SeededShardSampler` shuffles the row groups, then the rows within windows of row groups of at
-most `READ_WINDOW_BYTES` (a split that small is one window: a full permutation), and hands each rank
-one contiguous part of that order with a per-sample augmentation seed. A rank therefore reads only
-its own row groups, every rank runs the same number of steps, and a run resumed from a checkpoint
-replays exactly the batches and crops an uninterrupted run would have seen, whatever the number of
-loader workers.
+`epoch_order` shuffles the row groups, then the rows within windows of row groups of at most
+`READ_WINDOW_BYTES` (a split that small is one window: a full permutation). Global batch k is
+positions `[k*B, (k+1)*B)` of that order, whatever the number of workers; `SeededShardSampler` hands
+each rank its slice of every global batch (`rank_slice`: sizes differ by at most one) with a
+per-sample augmentation seed. So 1, 2 or 4 workers train on the same global batches in the same
+order, every rank runs the same number of steps (`steps_per_epoch`, the per-step center all-reduce
+needs that), and a run resumed on any number of workers replays exactly the batches and crops an
+uninterrupted run would have seen. The price: each rank reads rows from every row group of a
+window, so the reader caches a window per rank (its memory bound is unchanged).
 """
 
 from __future__ import annotations
@@ -24,8 +27,6 @@ def augmentation_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for one sample's random crop and flip in one epoch."""
     digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
 
 
 def epoch_order(blocks: Sequence[Block], seed: int, epoch: int, window_bytes: int = READ_WINDOW_BYTES) -> list[int]:
@@ -54,20 +55,36 @@ def _shuffled_rows(window: list[Block], generator: torch.Generator) -> list[int]
     return rows[torch.randperm(len(rows), generator=generator)].tolist()
 
 
-class SeededShardSampler(Sampler[tuple[int, int]]):
-    """This rank's contiguous part of `epoch_order`, as `(index, augmentation seed)` keys.
+def steps_per_epoch(rows: int, global_batch: int) -> int:
+    """Optimizer steps in one epoch: the last partial batch is dropped when there are two full ones,
+    else the order wraps around to fill it (every global batch is full)."""
+    return rows // global_batch if rows >= 2 * global_batch else math.ceil(rows / global_batch)
 
-    Every rank gets `ceil(rows / world)` samples (the order wraps around to fill the last part), so
-    every rank runs the same number of steps: the per-step center all-reduce needs that.
-    Call `set_epoch` before each epoch, as with `DistributedSampler`.
+
+def rank_slice(size: int, rank: int, world: int) -> range:
+    """This rank's positions among `size` items split over `world` ranks: consecutive, sizes differ by
+    at most one, never empty when size >= world."""
+    world = max(world, 1)
+    return range(rank * size // world, (rank + 1) * size // world)
+
+
+class SeededShardSampler(Sampler[tuple[int, int]]):
+    """This rank's slice of every global batch of `epoch_order`, as `(index, augmentation seed)` keys.
+
+    Load it with `batch_size=len(sampler.share)`: each loader batch is then this rank's part of one
+    global batch. Call `set_epoch` before each epoch, as with `DistributedSampler`.
     """
 
-    def __init__(self, blocks: Sequence[Block], rank: int, world: int, seed: int,
+    def __init__(self, blocks: Sequence[Block], rank: int, world: int, seed: int, global_batch: int,
                  window_bytes: int = READ_WINDOW_BYTES) -> None:
         self.blocks, self.rank, self.world, self.seed = list(blocks), rank, max(world, 1), seed
-        self.window_bytes = window_bytes
+        if global_batch < self.world:
+            raise ValueError(f"a global batch of {global_batch} cannot give each of {self.world} workers a sample")
+        self.global_batch, self.window_bytes = global_batch, window_bytes
         self.epoch = 0
-        self.num_samples = math.ceil(sum(block.rows for block in self.blocks) / self.world)
+        self.steps = steps_per_epoch(sum(block.rows for block in self.blocks), global_batch)
+        self.share = rank_slice(global_batch, rank, self.world)
+        self.num_samples = self.steps * len(self.share)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -77,14 +94,9 @@ class SeededShardSampler(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = epoch_order(self.blocks, self.seed, self.epoch, self.window_bytes)
-        total = self.num_samples * self.world
+        total = self.steps * self.global_batch
         order = (order * math.ceil(total / max(len(order), 1)))[:total]
-        for index in order[self.rank * self.num_samples:(self.rank + 1) * self.num_samples]:
-            yield index, augmentation_seed(self.seed, self.epoch, index)
-
-
-
-def contiguous_share(rows: int, rank: int, world: int) -> range:
-    """This rank's consecutive rows of a split (so it reads only its own row groups); shares may be empty."""
-    size = math.ceil(rows / max(world, 1))
-    return range(min(rank * size, rows), min((rank + 1) * size, rows))
+        for step in range(self.steps):
+            for position in self.share:
+                index = order[step * self.global_batch + position]
+                yield index, augmentation_seed(self.seed, self.epoch, index)

@@ -17,17 +17,14 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from ray_jobs.config import TrainConfig
 from ray_jobs.errors import UserInputError
 from ray_jobs.model.checkpoint import checkpoint_dir_name, prune_checkpoints, save_checkpoint, stored_checkpoints
+from ray_jobs.training.engine import unwrap
 from ray_jobs.training.losses import distributed
 
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP: what is saved, and what evaluation runs (DDP's forward is a collective)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+BATCH_SEMANTICS = "global"  # checkpoint["batch"]["semantics"]: --batch-size is split over the workers
 
 
 @dataclass(frozen=True)
@@ -95,12 +92,22 @@ def checkpoint_state(model, objective, optimizer, scheduler, epoch, cfg, run, me
         "config": cfg.model_dump(mode="json"),
         "classes": run.classes,
         "dataset_fingerprint": run.dataset_fingerprint,
+        "batch": {"semantics": BATCH_SEMANTICS, "global_batch": cfg.data.batch_size},
         "metrics": metrics,
     }
 
 
 def check_resumable(state: dict[str, Any], cfg: TrainConfig, run: RunInputs, source: str) -> None:
-    """Refuse to resume from a checkpoint made by a different recipe instead of silently mixing the two."""
+    """Refuse to resume from a checkpoint made by a different recipe instead of silently mixing the two.
+
+    The number of workers may differ: the global batch, the data order and the schedule do not
+    depend on it. A checkpoint from before `--batch-size` meant the global batch is refused.
+    """
+    if (state.get("batch") or {}).get("semantics") != BATCH_SEMANTICS:
+        raise UserInputError(
+            f"cannot resume run {cfg.run.name!r} from {source}: it was trained when --batch-size was per worker "
+            "(an older train-food), and now it is the global batch; start a new run (another --name) instead"
+        )
     saved = TrainConfig.model_validate(state["config"])
     differences = []
     for section in ("model", "loss", "optim"):
@@ -151,3 +158,12 @@ def latest_checkpoint(local_dir: Path | None) -> ray.train.Checkpoint | None:
         return resumed
     stored = stored_checkpoints(str(local_dir))
     return ray.train.Checkpoint.from_directory(stored[-1].path) if stored else None
+
+
+def resume_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, saved: dict[str, Any], done_steps: int,
+                    source: str) -> None:
+    """Restore the schedule at `done_steps` optimizer steps (epochs done x steps per epoch)."""
+    scheduler.load_state_dict(saved)
+    if scheduler.last_epoch != done_steps:
+        raise UserInputError(f"cannot resume from {source}: its schedule is at step {scheduler.last_epoch}, but "
+                             f"the epochs it finished make {done_steps} steps at this global batch")

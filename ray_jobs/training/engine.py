@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from ray_jobs.data.sampler import rank_slice
 from ray_jobs.metrics import classification_metrics
 from ray_jobs.training.losses import Objective, distributed
 
@@ -60,9 +62,17 @@ def train_one_epoch(
     loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     epoch: int,
+    global_batch: int | None = None,
 ) -> dict[str, float]:
-    """Train for one pass over `loader`; the scheduler steps per iteration (warmup + cosine)."""
+    """Train for one pass over `loader`; the scheduler steps per iteration (warmup + cosine).
+
+    Each of `loader`'s batches is this rank's share of one global batch of `global_batch` samples
+    (None: the whole of it). DDP averages the ranks' gradients with equal weights, so each rank's
+    loss is weighted by its share: the average is then the gradient of the mean over the global batch,
+    whatever the number of workers and however unevenly the batch divides between them.
+    """
     model.train()
+    world = dist.get_world_size() if distributed() else 1
     precision = Precision(device)
     sums = {"loss": 0.0, "ce": 0.0, "aux": 0.0}
     seen = 0
@@ -78,7 +88,8 @@ def train_one_epoch(
         if _any_worker(not math.isfinite(loss_value), device):
             raise NonFiniteLossError(epoch, step)
         optimizer.zero_grad(set_to_none=True)
-        out.total.backward()
+        share = labels.shape[0] * world / global_batch if global_batch else 1.0
+        (out.total * share).backward()
         optimizer.step()
         scheduler.step()
         objective.after_step(features.detach(), labels)
@@ -128,13 +139,34 @@ def predict(
     return torch.cat(features), torch.cat(logits), torch.cat(labels)
 
 
-def _gather(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate a CPU tensor of any length from all workers (identity without a process group)."""
+def _gather(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Concatenate CPU tensors of any length from all workers in rank order, in one collective
+    (identity without a process group). An empty share adds nothing."""
     if not distributed():
-        return tensor
-    parts: list[torch.Tensor | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, tensor)
-    return torch.cat([part for part in parts if part is not None])
+        return tensors
+    parts: list[tuple[torch.Tensor, ...] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, tensors)
+    joined = []
+    for i, mine in enumerate(tensors):
+        pieces = [part[i] for part in parts if part is not None and len(part[i])]
+        joined.append(torch.cat(pieces) if pieces else mine)
+    return tuple(joined)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP: what is saved, and what evaluation runs."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def sync_buffers(model: nn.Module) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm statistics), as DDP's next forward would: a collective.
+
+    Evaluation then runs the unwrapped module, whose forward is no collective, so a rank with
+    nothing to evaluate cannot leave the others waiting (DDP's forward broadcasts buffers first).
+    """
+    if distributed():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def evaluate(
@@ -144,7 +176,25 @@ def evaluate(
     num_classes: int,
     prefix: str = "val",
 ) -> dict[str, float]:
-    """Top-1/top-5 accuracy and feature compactness over the whole split, all workers' shares joined."""
-    features, logits, labels = predict(model, loader, device)
-    features, logits, labels = _gather(features), _gather(logits), _gather(labels)
+    """Top-1/top-5 accuracy, loss and feature compactness over the whole split, all ranks' shares joined.
+
+    `model` is the plain module (never DDP-wrapped: see `sync_buffers`); `loader` this rank's share,
+    which may be empty. One gather, then the metrics of the whole split on every rank.
+    """
+    features, logits, labels = _gather(*predict(model, loader, device))
+    if len(features) == 0:  # nothing anywhere: keep the shapes the metrics expect
+        features, logits = features.reshape(0, 1), logits.reshape(0, num_classes)
     return classification_metrics(features, logits, labels, num_classes, prefix)
+
+
+def validate(
+    model: nn.Module, split: Dataset, rank: int, world: int, batch_size: int, device: torch.device,
+    num_classes: int, **loader_options: object,
+) -> dict[str, float]:
+    """The worker loop's evaluation: this rank scores its balanced share of `split` (never empty when
+    rows >= workers, possibly empty beyond), with rank 0's BatchNorm statistics, on the unwrapped
+    module; every rank returns the metrics of the whole split."""
+    plain = unwrap(model)
+    sync_buffers(plain)
+    share = Subset(split, rank_slice(len(split), rank, world))
+    return evaluate(plain, DataLoader(share, batch_size=batch_size, **loader_options), device, num_classes)

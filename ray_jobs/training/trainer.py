@@ -51,16 +51,17 @@ def new_run_name(prefix: str = "train") -> str:
 def check_resources(cfg: TrainConfig) -> None:
     """Fail within seconds when the request can never fit the cluster (Ray would wait forever)."""
     scaling = cfg.scaling
-    if scaling.num_workers == 0:
+    if scaling.local:
         return
     total = ray.cluster_resources()
-    wants = {"CPU": scaling.num_workers * scaling.cpus_per_worker}
+    least = scaling.min_workers  # an elastic group starts with what fits, from MIN up
+    wants = {"CPU": least * scaling.cpus_per_worker}
     if scaling.use_gpu:
-        wants["GPU"] = scaling.num_workers * scaling.gpus_per_worker
+        wants["GPU"] = least * scaling.gpus_per_worker
     for resource, amount in wants.items():
         if amount > total.get(resource, 0.0) + 1e-9:
             raise UserInputError(
-                f"{scaling.num_workers} workers need {amount:g} {resource} but the Ray cluster has "
+                f"{least} workers need {amount:g} {resource} but the Ray cluster has "
                 f"{total.get(resource, 0.0):g}: lower --workers or --cpus-per-worker, or add nodes"
             )
 
@@ -75,7 +76,7 @@ def build_trainer(
     scaling = cfg.scaling
     resources = {"CPU": scaling.cpus_per_worker} | ({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})
     storage = cfg.run.storage_path
-    if scaling.num_workers == 0:
+    if scaling.local:
         run = replace(run, local_dir=f"{storage}/{name}")
     # Ray takes a URI's options (an S3 endpoint, ...) as a file system object, not in the path.
     filesystem_, storage = filesystem(storage) if is_uri(storage) else (None, storage)
@@ -105,20 +106,24 @@ def prepare_driver(cfg: TrainConfig, *, uses_ray: bool) -> tuple[TrainConfig, Ru
     """On the driver, once: absolute paths, the dataset's classes and fingerprint, and (when the work
     runs on Ray workers) a cluster that can hold the request, with the worker start timeout set."""
     cfg = cfg.with_absolute_paths()
-    if cfg.scaling.num_workers == 0 and is_uri(cfg.run.storage_path):
+    if cfg.scaling.local and is_uri(cfg.run.storage_path):
         raise UserInputError(f"--storage-path {cfg.run.storage_path}: in-process runs (--workers 0) keep checkpoints "
                              "on local disk; use a local path, or Ray workers (--workers 1 or more)")
     info = dataset_info(cfg.data.dataset)
     if uses_ray:
         ensure_ray(cfg.run.ray_address)
         check_resources(cfg)
+    if cfg.data.batch_size < cfg.scaling.max_workers:
+        raise UserInputError(f"--batch-size {cfg.data.batch_size} is the global batch, split over the workers: it "
+                             f"needs at least one sample for each of up to {cfg.scaling.max_workers} workers")
+    if uses_ray:
         os.environ[START_TIMEOUT_ENV] = str(cfg.scaling.start_timeout_s)
     return cfg, RunInputs(classes=info.classes, dataset_fingerprint=info.fingerprint)
 
 
 def fit(cfg: TrainConfig, fault: FaultInjection | None = None) -> TrainResult:
     """Train one model; raise `UserInputError` for bad input and stop on a non-finite loss."""
-    cfg, run = prepare_driver(cfg, uses_ray=cfg.scaling.num_workers > 0)
+    cfg, run = prepare_driver(cfg, uses_ray=not cfg.scaling.local)
     name = cfg.run.name or new_run_name()
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
     run_dir = join(cfg.run.storage_path, name)

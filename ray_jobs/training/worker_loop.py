@@ -20,11 +20,11 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from ray_jobs.config import TrainConfig
 from ray_jobs.data.parquet import ParquetImageDataset
-from ray_jobs.data.sampler import SeededShardSampler, contiguous_share
+from ray_jobs.data.sampler import SeededShardSampler
 from ray_jobs.data.transforms import eval_transform, train_transform
 from ray_jobs.errors import UserInputError
 from ray_jobs.model.backbones import input_normalization
@@ -38,9 +38,9 @@ from ray_jobs.training.checkpointing import (
     rank_states,
     report_epoch,
     restore_rng,
-    unwrap,
+    resume_schedule,
 )
-from ray_jobs.training.engine import NonFiniteLossError, evaluate, train_one_epoch
+from ray_jobs.training.engine import NonFiniteLossError, train_one_epoch, unwrap, validate
 from ray_jobs.training.losses import build_objective
 from ray_jobs.training.optim import build_optimizer, build_scheduler, parameter_groups
 
@@ -57,22 +57,34 @@ class FaultInjection:
     delay_s: float = 5.0
 
 
-def _build_loaders(cfg: TrainConfig, rank: int, world: int) -> tuple[DataLoader, DataLoader]:
-    """Train loader over this rank's seeded share (same step count on every rank); val in disjoint shares."""
+@dataclass(frozen=True)
+class Loaders:
+    """This rank's train loader (its slice of every global batch) and the val split it scores a share of."""
+
+    train: DataLoader
+    val: ParquetImageDataset
+    local_batch: int  # this rank's samples per step
+    options: dict[str, Any]  # DataLoader options for the val share
+
+
+def _build_loaders(cfg: TrainConfig, rank: int, world: int) -> Loaders:
+    """Train loader over this rank's slice of each seeded global batch (same step count on every rank)."""
     data = cfg.data
+    if data.batch_size < world:
+        raise UserInputError(f"--batch-size {data.batch_size} is the global batch: it cannot give each of "
+                             f"{world} workers a sample; use at least {world}")
     norm = input_normalization(cfg.model.arch)
     augment = train_transform(image_size=data.image_size, norm=norm, min_crop_scale=data.min_crop_scale)
     train_set = ParquetImageDataset(data.dataset, "train", augment, data.limit_per_split)
     val_set = ParquetImageDataset(data.dataset, "val", eval_transform(image_size=data.image_size, norm=norm),
                                   data.limit_per_split)
-    loader_kwargs: dict[str, Any] = {"batch_size": data.batch_size, "num_workers": data.loader_workers}
+    options: dict[str, Any] = {"num_workers": data.loader_workers}
     if data.loader_workers > 0:
-        loader_kwargs |= {"multiprocessing_context": "forkserver", "persistent_workers": True}
-    sampler = SeededShardSampler(train_set.blocks, rank, world, cfg.run.seed)
-    drop_last = sampler.num_samples >= data.batch_size * 2
-    train_loader = DataLoader(train_set, sampler=sampler, drop_last=drop_last, **loader_kwargs)
-    val_loader = DataLoader(Subset(val_set, contiguous_share(len(val_set), rank, world)), **loader_kwargs)
-    return train_loader, val_loader
+        options |= {"multiprocessing_context": "forkserver", "persistent_workers": True}
+    sampler = SeededShardSampler(train_set.blocks, rank, world, cfg.run.seed, data.batch_size)
+    local_batch = len(sampler.share)
+    train_loader = DataLoader(train_set, sampler=sampler, batch_size=local_batch, **options)
+    return Loaders(train_loader, val_set, local_batch, options)
 
 
 def _rank_seed(seed: int, rank: int) -> int:
@@ -101,8 +113,11 @@ def _say(line: str, local_dir: Path | None) -> None:
 
 
 def _order_digest(sampler: SeededShardSampler) -> int:
-    """A 48-bit digest of this epoch's (sample, augmentation seed) order: equal runs see equal digests."""
-    digest = hashlib.blake2b(repr(list(sampler)).encode(), digest_size=6).digest()
+    """A 48-bit digest of this epoch's global batches (samples and augmentation seeds), whatever the
+    number of workers: equal runs see equal digests."""
+    whole = SeededShardSampler(sampler.blocks, 0, 1, sampler.seed, sampler.global_batch, sampler.window_bytes)
+    whole.set_epoch(sampler.epoch)
+    digest = hashlib.blake2b(repr(list(whole)).encode(), digest_size=6).digest()
     return int.from_bytes(digest, "little")
 
 
@@ -127,9 +142,9 @@ def _train(cfg: TrainConfig, run: RunInputs) -> dict[str, Any]:
     local_dir = Path(run.local_dir) if run.local_dir else None
     classes = run.classes
 
-    # [1] data
-    train_loader, val_loader = _build_loaders(cfg, rank, world)
-    sampler: SeededShardSampler = train_loader.sampler  # type: ignore[assignment]
+    # [1] data: this rank's slice of every global batch, and the val split
+    loaders = _build_loaders(cfg, rank, world)
+    sampler: SeededShardSampler = loaders.train.sampler  # type: ignore[assignment]
     device = ray.train.torch.get_device()
 
     # [2] model (same init on every rank), objective, optimizer; resume if there is a checkpoint
@@ -139,7 +154,9 @@ def _train(cfg: TrainConfig, run: RunInputs) -> dict[str, Any]:
     torch.manual_seed(_rank_seed(cfg.run.seed, rank))
     objective = build_objective(cfg.loss, len(classes), cfg.model.feat_dim, device)
     optimizer = build_optimizer(cfg.optim, parameter_groups(unwrap(model), cfg.optim.lr, cfg.backbone_lr_scale))
-    scheduler = build_scheduler(cfg.optim, optimizer, len(train_loader))
+    # The schedule is a function of progress: epochs x steps per epoch, which the global batch fixes
+    # (not the number of workers), so a run resumed on any number of workers continues the same curve.
+    scheduler = build_scheduler(cfg.optim, optimizer, sampler.steps)
     start_epoch = 0
     resumed = latest_checkpoint(local_dir)
     if resumed is not None:
@@ -149,9 +166,9 @@ def _train(cfg: TrainConfig, run: RunInputs) -> dict[str, Any]:
         unwrap(model).load_state_dict(state["model"])
         objective.load_state_dict(state["objective"])
         optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"], rank, world)
         start_epoch = state["epoch"]
+        resume_schedule(scheduler, state["scheduler"], start_epoch * sampler.steps, directory)
+        restore_rng(state["rng"], rank, world)
         if rank == 0:
             _say(f"resumed from checkpoint of epoch {start_epoch}", local_dir)
 
@@ -160,15 +177,17 @@ def _train(cfg: TrainConfig, run: RunInputs) -> dict[str, Any]:
     for epoch in range(start_epoch, cfg.optim.epochs):
         sampler.set_epoch(epoch)
         order = _order_digest(sampler)
-        loader = _with_fault(train_loader, fault, epoch) if fault and rank == 0 else train_loader
+        loader = _with_fault(loaders.train, fault, epoch) if fault and rank == 0 else loaders.train
         try:
-            metrics: dict[str, Any] = train_one_epoch(model, objective, optimizer, scheduler, loader, device, epoch + 1)
+            metrics: dict[str, Any] = train_one_epoch(model, objective, optimizer, scheduler, loader, device, epoch + 1,
+                                                      global_batch=cfg.data.batch_size)
         except NonFiniteLossError as err:
             if rank == 0:
                 _say(f"stopping: {err}; the last good checkpoint is kept", local_dir)
             return {"status": "non_finite", "epoch": err.epoch, "step": err.step, "history": history}
-        metrics |= evaluate(model, val_loader, device, len(classes))
-        metrics |= {"epoch": epoch + 1, "data_order_digest": order}
+        metrics |= validate(model, loaders.val, rank, world, loaders.local_batch, device, len(classes), **loaders.options)
+        metrics |= {"epoch": epoch + 1, "optimizer_steps": scheduler.last_epoch, "data_order_digest": order,
+                    "workers": world}
         rng, workers = rank_states(device, objective)
         state = (checkpoint_state(model, objective, optimizer, scheduler, epoch + 1, cfg, run, metrics, rng, workers)
                  if rank == 0 else None)

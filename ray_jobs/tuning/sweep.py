@@ -64,9 +64,10 @@ def concurrency(cfg: SweepConfig) -> int:
         return cfg.max_concurrent_trials
     scaling = cfg.train.scaling
     total = ray.cluster_resources()
-    fits = total.get("CPU", 0.0) / (scaling.num_workers * scaling.cpus_per_worker + TRIAL_DRIVER_CPU)
+    workers = scaling.max_workers  # an elastic trial may grow to its maximum
+    fits = total.get("CPU", 0.0) / (workers * scaling.cpus_per_worker + TRIAL_DRIVER_CPU)
     if scaling.use_gpu:
-        fits = min(fits, total.get("GPU", 0.0) / (scaling.num_workers * scaling.gpus_per_worker))
+        fits = min(fits, total.get("GPU", 0.0) / (workers * scaling.gpus_per_worker))
     return max(int(math.floor(fits + 1e-9)), 1)
 
 
@@ -74,7 +75,7 @@ def _scheduler(cfg: SweepConfig) -> TrialScheduler:
     if cfg.scheduler == "none":
         return FIFOScheduler()
     return ASHAScheduler(
-        time_attr="training_iteration",
+        time_attr="epoch",  # the epoch each report names: a resumed trial reports its real epoch
         max_t=cfg.train.optim.epochs,
         grace_period=min(cfg.grace_period, cfg.train.optim.epochs),
         reduction_factor=cfg.reduction_factor,
