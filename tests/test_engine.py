@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ray_jobs.data.sampler import rank_slice
-from ray_jobs.training.engine import evaluate, unwrap, validate
+from ray_jobs.training.engine import evaluate, share_loader, unwrap, validate
 
 WORLD = 16
 CLASSES = 3
@@ -60,8 +60,8 @@ def _rank(rank: int, world: int, init_method: str, out: str) -> None:
     model.train()
     nn.functional.cross_entropy(model(images)[1], labels).backward()
     optimizer.step()
-    results = {rows: validate(model, val_split(rows), rank, world, batch_size=2, device=torch.device("cpu"),
-                              num_classes=CLASSES) for rows in VAL_ROWS}
+    results = {rows: validate(model, share_loader(val_split(rows), rank, world, batch_size=2), torch.device("cpu"),
+                              CLASSES) for rows in VAL_ROWS}
     torch.save({"state": unwrap(model).state_dict(), "results": results}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 

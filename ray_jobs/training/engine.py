@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -187,14 +188,16 @@ def evaluate(
     return classification_metrics(features, logits, labels, num_classes, prefix)
 
 
-def validate(
-    model: nn.Module, split: Dataset, rank: int, world: int, batch_size: int, device: torch.device,
-    num_classes: int, **loader_options: object,
-) -> dict[str, float]:
-    """The worker loop's evaluation: this rank scores its balanced share of `split` (never empty when
-    rows >= workers, possibly empty beyond), with rank 0's BatchNorm statistics, on the unwrapped
-    module; every rank returns the metrics of the whole split."""
+def share_loader(split: Dataset, rank: int, world: int, batch_size: int, **options: Any) -> DataLoader:
+    """This rank's balanced share of `split` (consecutive rows, sizes differ by at most one, never empty
+    when rows >= workers), batched."""
+    return DataLoader(Subset(split, rank_slice(len(split), rank, world)), batch_size=batch_size, **options)
+
+
+def validate(model: nn.Module, share: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+             num_classes: int) -> dict[str, float]:
+    """The worker loop's evaluation: rank 0's BatchNorm statistics everywhere, then this rank's `share`
+    (possibly empty) on the unwrapped module; every rank returns the metrics of the whole split."""
     plain = unwrap(model)
     sync_buffers(plain)
-    share = Subset(split, rank_slice(len(split), rank, world))
-    return evaluate(plain, DataLoader(share, batch_size=batch_size, **loader_options), device, num_classes)
+    return evaluate(plain, share, device, num_classes)

@@ -40,7 +40,7 @@ from ray_jobs.training.checkpointing import (
     restore_rng,
     resume_schedule,
 )
-from ray_jobs.training.engine import NonFiniteLossError, train_one_epoch, unwrap, validate
+from ray_jobs.training.engine import NonFiniteLossError, share_loader, train_one_epoch, unwrap, validate
 from ray_jobs.training.losses import build_objective
 from ray_jobs.training.optim import build_optimizer, build_scheduler, parameter_groups
 
@@ -59,12 +59,10 @@ class FaultInjection:
 
 @dataclass(frozen=True)
 class Loaders:
-    """This rank's train loader (its slice of every global batch) and the val split it scores a share of."""
+    """This rank's train loader (its slice of every global batch) and its share of the val split."""
 
     train: DataLoader
-    val: ParquetImageDataset
-    local_batch: int  # this rank's samples per step
-    options: dict[str, Any]  # DataLoader options for the val share
+    val: DataLoader  # this rank's balanced share of the val split
 
 
 def _build_loaders(cfg: TrainConfig, rank: int, world: int) -> Loaders:
@@ -84,7 +82,7 @@ def _build_loaders(cfg: TrainConfig, rank: int, world: int) -> Loaders:
     sampler = SeededShardSampler(train_set.blocks, rank, world, cfg.run.seed, data.batch_size)
     local_batch = len(sampler.share)
     train_loader = DataLoader(train_set, sampler=sampler, batch_size=local_batch, **options)
-    return Loaders(train_loader, val_set, local_batch, options)
+    return Loaders(train_loader, share_loader(val_set, rank, world, local_batch, **options))
 
 
 def _rank_seed(seed: int, rank: int) -> int:
@@ -185,7 +183,7 @@ def _train(cfg: TrainConfig, run: RunInputs) -> dict[str, Any]:
             if rank == 0:
                 _say(f"stopping: {err}; the last good checkpoint is kept", local_dir)
             return {"status": "non_finite", "epoch": err.epoch, "step": err.step, "history": history}
-        metrics |= validate(model, loaders.val, rank, world, loaders.local_batch, device, len(classes), **loaders.options)
+        metrics |= validate(model, loaders.val, device, len(classes))
         metrics |= {"epoch": epoch + 1, "optimizer_steps": scheduler.last_epoch, "data_order_digest": order,
                     "workers": world}
         rng, workers = rank_states(device, objective)
