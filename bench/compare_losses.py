@@ -27,13 +27,11 @@ from torch.utils.data import DataLoader
 
 from ray_jobs.config import DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig
 from ray_jobs.data.parquet import ParquetImageDataset
-from ray_jobs.data.transforms import train_transform
 from ray_jobs.dataset_format import dataset_info
-from ray_jobs.inference.loading import eval_preprocessing
-from ray_jobs.model.backbones import input_normalization
+from ray_jobs.model.inputs import eval_preprocessing, train_augmentation
 from ray_jobs.model.foodnet import build_model
 from ray_jobs.training.losses import build_objective
-from ray_jobs.training.optim import build_optimizer, build_scheduler, parameter_groups
+from ray_jobs.training.optim import build_scheduler, optimizer_for
 from ray_jobs.training.trainer import fit
 from tasks.evaluation.evaluate import evaluate_checkpoint
 from tasks.evaluation.report import EvaluateConfig
@@ -69,13 +67,11 @@ def train_config(recipe: str, dataset: str, args: argparse.Namespace, loss: Loss
 def plain_pytorch_loop(cfg: TrainConfig, num_classes: int) -> float:
     """Test top-1 of a bare loop (torchvision reference style) with the pipeline's recipe, after the last epoch."""
     torch.manual_seed(cfg.run.seed)
-    norm = input_normalization(cfg.model.arch)
-    augment = train_transform(image_size=cfg.data.image_size, norm=norm, min_crop_scale=cfg.data.min_crop_scale)
-    train = ParquetImageDataset(cfg.data.dataset, "train", augment)
+    train = ParquetImageDataset(cfg.data.dataset, "train", train_augmentation(cfg))
     test = ParquetImageDataset(cfg.data.dataset, "test", eval_preprocessing(cfg))
     model = build_model(cfg.model, num_classes, "linear")
     objective = build_objective(LossConfig(kind="softmax"), num_classes, cfg.model.feat_dim)
-    optimizer = build_optimizer(cfg.optim, parameter_groups(model, cfg.optim.lr, cfg.backbone_lr_scale))
+    optimizer = optimizer_for(cfg, model)
     loader = DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, num_workers=1,
                         persistent_workers=True)
     scheduler = build_scheduler(cfg.optim, optimizer, len(loader))

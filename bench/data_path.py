@@ -95,9 +95,9 @@ def _reader_epoch(dataset: str, image_size: int, batch_size: int, epoch: int) ->
     from ray_jobs.data.parquet import ParquetImageDataset
     from ray_jobs.data.sampler import SeededShardSampler
     from ray_jobs.data.transforms import train_transform
-    from ray_jobs.model.backbones import input_normalization
+    from ray_jobs.model.inputs import backbone_inputs
 
-    augment = train_transform(image_size=image_size, norm=input_normalization("efficientnet_lite0"), min_crop_scale=0.35)
+    augment = train_transform(image_size=image_size, norm=backbone_inputs("efficientnet_lite0").norm, min_crop_scale=0.35)
     split = ParquetImageDataset(dataset, "train", augment)
     sampler = SeededShardSampler(split.blocks, 0, 1, seed=0, global_batch=batch_size)
     sampler.set_epoch(epoch)
@@ -118,9 +118,9 @@ def _ray_data_epoch(dataset: str, image_size: int, batch_size: int, epoch: int) 
     from ray_jobs.data.decode import decode_rgb
     from ray_jobs.data.transforms import train_transform
     from ray_jobs.dataset_format import shard_paths as _shard_paths
-    from ray_jobs.model.backbones import input_normalization
+    from ray_jobs.model.inputs import backbone_inputs
 
-    augment = train_transform(image_size=image_size, norm=input_normalization("efficientnet_lite0"), min_crop_scale=0.35)
+    augment = train_transform(image_size=image_size, norm=backbone_inputs("efficientnet_lite0").norm, min_crop_scale=0.35)
 
     def decode_and_augment(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = [augment(decode_rgb(bytes(data), "ray data row")).numpy() for data in batch["image"]]

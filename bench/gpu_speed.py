@@ -24,7 +24,7 @@ from ray_jobs.config import LossConfig, ModelConfig, OptimConfig
 from ray_jobs.data.parquet import ParquetImageDataset
 from ray_jobs.data.sampler import SeededShardSampler
 from ray_jobs.data.transforms import train_transform
-from ray_jobs.model.backbones import input_normalization
+from ray_jobs.model.inputs import backbone_inputs
 from ray_jobs.model.foodnet import build_model, head_for_loss
 from ray_jobs.training.engine import train_one_epoch
 from ray_jobs.training.losses import build_objective
@@ -55,7 +55,7 @@ def images_per_s(arch: str, kind: str, loader, device: torch.device, classes: in
     model_cfg = ModelConfig(arch=arch, pretrained=arch == "efficientnet_lite0")
     model = build_model(model_cfg, classes, head_for_loss(kind)).to(device).to(memory_format=torch.channels_last)
     objective = build_objective(LossConfig(kind=kind), classes, model_cfg.feat_dim, device)
-    optimizer = build_optimizer(OptimConfig(), parameter_groups(model, 1e-3, 0.3))
+    optimizer = build_optimizer(OptimConfig(), parameter_groups(model, 1e-3, 0.3, OptimConfig().weight_decay))
     scheduler = build_scheduler(OptimConfig(), optimizer, len(loader))
     train_one_epoch(model, objective, optimizer, scheduler, loader, device, epoch=1)
     if device.type == "cuda":
@@ -79,7 +79,7 @@ def main() -> None:
         dataset = ingest(IngestConfig(src=str(REPO / "data" / "food-sample"), out=f"{tmp}/data")).out
         rows = []
         for arch in ("resnet18", "efficientnet_lite0"):
-            augment = train_transform(image_size=IMAGE_SIZE, norm=input_normalization(arch), min_crop_scale=0.35)
+            augment = train_transform(image_size=IMAGE_SIZE, norm=backbone_inputs(arch).norm, min_crop_scale=0.35)
             split = ParquetImageDataset(dataset, "train", augment)
             wanted = args.batch_size * args.steps  # the sample repeated to fill the measured pass
             sampler = SeededShardSampler(split.blocks, 0, 1, seed=0, global_batch=args.batch_size)

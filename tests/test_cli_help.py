@@ -74,7 +74,7 @@ def test_help_renders_through_main(capsys):
         main(["tune", "--help"])
     assert done.value.code == 0
     out = capsys.readouterr().out
-    assert "--scheduler {asha,none}" in out and "--loss {softmax,center,lgm}" in out
+    assert "--scheduler {asha,none}" in out and "--loss {softmax,center,lgm,contrastive_center}" in out
 
 
 class _Demo(BaseModel):

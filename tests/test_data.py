@@ -136,10 +136,17 @@ def test_the_reader_returns_every_row_and_caches_a_bounded_number_of_row_groups(
     assert read_split(dataset_uri, "train").column("image").to_pylist() == rows
 
 
-def test_a_sample_is_augmented_the_same_way_whatever_ran_before(tiny_dataset):
-    dataset = ParquetImageDataset(tiny_dataset, "train", train_transform(image_size=32, norm=IMAGENET, min_crop_scale=0.08), limit=4)
+@pytest.mark.parametrize(("augment", "erasing"), [("crop_flip", 0.0), ("trivialaugment", 0.5), ("randaugment", 0.5)])
+def test_a_sample_is_augmented_the_same_way_whatever_ran_before(tiny_dataset, augment, erasing):
+    """Every draw comes from the per-sample seeded torch generator (not Python's `random`), so resume is exact."""
+    import random
+
+    transform = train_transform(image_size=32, norm=IMAGENET, min_crop_scale=0.08, interpolation="bicubic",
+                                augment=augment, random_erasing=erasing)
+    dataset = ParquetImageDataset(tiny_dataset, "train", transform, limit=4)
     first, _ = dataset[(2, 12345)]
     torch.rand(1000)  # another consumer of the global stream in between
+    random.random()  # and of Python's
     again, _ = dataset[(2, 12345)]
     other, _ = dataset[(2, 54321)]
     assert torch.equal(first, again)

@@ -16,6 +16,7 @@ from ray_jobs.errors import UserInputError
 from ray_jobs.training.losses import (
     CenterLoss,
     CenterLossObjective,
+    ContrastiveCenterObjective,
     LGMObjective,
     LossOutput,
     Objective,
@@ -254,7 +255,8 @@ def test_lgm_argmax_is_nearest_mean() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "cls"), [("softmax", SoftmaxObjective), ("center", CenterLossObjective), ("lgm", LGMObjective)]
+    ("kind", "cls"), [("softmax", SoftmaxObjective), ("center", CenterLossObjective), ("lgm", LGMObjective),
+                      ("contrastive_center", ContrastiveCenterObjective)]
 )
 def test_build_objective_kinds_share_the_interface(kind: str, cls: type) -> None:
     objective = build_objective(LossConfig(kind=kind, lam=0.5), num_classes=3, feat_dim=4)
@@ -283,7 +285,7 @@ def test_center_objective_after_step_moves_centers_and_round_trips() -> None:
     assert torch.equal(fresh.state_dict()["centers"], state["centers"])
 
 
-@pytest.mark.parametrize("kind", ["softmax", "center", "lgm"])
+@pytest.mark.parametrize("kind", ["softmax", "center", "lgm", "contrastive_center"])
 def test_objective_under_bf16_autocast_returns_fp32(kind: str) -> None:
     from ray_jobs.model.foodnet import LGMHead
 
@@ -302,3 +304,38 @@ def test_objective_under_bf16_autocast_returns_fp32(kind: str) -> None:
     ref_features = embed(x)
     ref = objective(ref_features, head(ref_features), y)
     assert out.total.item() == pytest.approx(ref.total.item(), rel=5e-2)
+
+
+# ---- recipe: label smoothing, contrastive-center loss -------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["softmax", "center", "lgm", "contrastive_center"])
+def test_label_smoothing_reaches_every_objective(kind: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    features, logits, labels = torch.randn(6, 4, generator=g), torch.randn(6, 3, generator=g), torch.tensor([0, 1, 2] * 2)
+    plain = build_objective(LossConfig(kind=kind, label_smoothing=0.0), num_classes=3, feat_dim=4)
+    smooth = build_objective(LossConfig(kind=kind, label_smoothing=0.2), num_classes=3, feat_dim=4)
+    assert smooth(features, logits, labels).ce.item() != pytest.approx(plain(features, logits, labels).ce.item())
+    if kind != "lgm":  # L-GM smooths the margin-scaled logits
+        expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.2)
+        torch.testing.assert_close(smooth(features, logits, labels).ce, expected)
+
+
+def test_contrastive_center_term_by_hand_and_its_gradient_pushes_from_other_centers() -> None:
+    objective = build_objective(LossConfig(kind="contrastive_center", lam=1.0, delta=1.0), num_classes=3, feat_dim=2)
+    objective.load_state_dict({"centers": torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]]), "alpha": 0.5})
+    x = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    out = objective(x, torch.zeros(1, 3), torch.tensor([0]))
+    # own: |(1,0)|^2 = 1; others: |(1,0)-(2,0)|^2 + |(1,0)-(0,2)|^2 = 1 + 5 = 6 -> 0.5 * 1 / (6 + 1)
+    assert out.aux.item() == pytest.approx(0.5 / 7)
+    out.aux.backward()
+    # d/dx of 0.5 * a/b, a = |x-c0|^2, b = |x-c1|^2 + |x-c2|^2 + 1: 0.5 * (2(x-c0) b - a (2(x-c1) + 2(x-c2))) / b^2
+    a, b = 1.0, 7.0
+    grad = 0.5 * (2 * torch.tensor([1.0, 0.0]) * b - a * (2 * torch.tensor([-1.0, 0.0]) + 2 * torch.tensor([1.0, -2.0]))) / b**2
+    torch.testing.assert_close(x.grad[0], grad)
+    center = build_objective(LossConfig(kind="center", alpha=0.5), num_classes=3, feat_dim=2)
+    center.load_state_dict(objective.state_dict())
+    features, labels = torch.tensor([[1.0, 1.0], [3.0, 0.0]]), torch.tensor([0, 1])
+    objective.after_step(features, labels)
+    center.after_step(features, labels)
+    assert torch.equal(objective.state_dict()["centers"], center.state_dict()["centers"]), "same alpha rule"

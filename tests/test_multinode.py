@@ -52,6 +52,7 @@ def _recipe(dataset: str, storage: Path, name: str, workers: str) -> list[str]:
     return [
         "--dataset", dataset, "--image-size", "32", "--batch-size", "8", "--limit-per-split", "8",
         "--loader-workers", "0", "--arch", "efficientnet_lite0", "--batch-norm", "frozen", "--feat-dim", "16",
+        "--drop-path-rate", "0", "--precision", "fp32",  # drop-path draws per rank; bf16 rounds per batch shape
         "--loss", "center", "--lam", "0.1", "--alpha", "0.5", "--epochs", str(EPOCHS), "--warmup-epochs", "1",
         "--optimizer", "sgd", "--lr", "0.05", "--weight-decay", "0", "--keep-checkpoints", str(EPOCHS),
         "--workers", workers, "--storage-path", str(storage), "--name", name, "--seed", "3",

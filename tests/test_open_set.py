@@ -24,7 +24,8 @@ from ray_jobs.inference.calibration_store import (
     read_calibration,
     write_calibration,
 )
-from ray_jobs.inference.loading import CheckpointModel, eval_preprocessing, load_model, model_from_checkpoint
+from ray_jobs.inference.loading import CheckpointModel, load_model, model_from_checkpoint
+from ray_jobs.model.inputs import eval_preprocessing
 from ray_jobs.inference.open_set import (
     DISTANCES,
     Calibration,
@@ -317,7 +318,7 @@ def test_val_images_are_accepted_at_the_requested_share(trained_checkpoint, tiny
     from torch.utils.data import DataLoader
 
     from ray_jobs.data.parquet import ParquetImageDataset
-    from ray_jobs.inference.loading import eval_preprocessing
+    from ray_jobs.model.inputs import eval_preprocessing
     from ray_jobs.training.engine import predict
 
     loaded = model_from_checkpoint(trained_checkpoint)

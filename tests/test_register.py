@@ -14,7 +14,8 @@ from flows.cli.main import main
 from ray_jobs.data.parquet import ParquetImageDataset
 from ray_jobs.data.transforms import IMAGENET
 from ray_jobs.errors import UserInputError
-from ray_jobs.inference.loading import eval_preprocessing, load_model, model_from_checkpoint
+from ray_jobs.inference.loading import load_model, model_from_checkpoint
+from ray_jobs.model.inputs import eval_preprocessing
 from tasks.evaluation.report import EvaluationReport
 from tasks.registry.config import RegisterConfig
 from tasks.registry.register import register_model

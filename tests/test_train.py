@@ -327,19 +327,25 @@ def test_centers_identical_on_ray_workers_and_equal_to_one_process(ray_cluster, 
 @pytest.mark.parametrize(("pretrained", "override", "expected"), [(True, None, 0.3), (False, None, 1.0), (True, 0.5, 0.5)])
 def test_backbone_learns_at_a_fraction_of_the_new_layers_lr(pretrained, override, expected):
     from ray_jobs.model.foodnet import build_model
-    from ray_jobs.training.optim import build_optimizer, build_scheduler, parameter_groups
+    from ray_jobs.training.optim import build_scheduler, optimizer_for
 
     cfg = TrainConfig(data=DataConfig(dataset="unused"), model=ModelConfig(pretrained=pretrained, feat_dim=8),
                       optim=OptimConfig(lr=0.002, backbone_lr_scale=override, epochs=2, warmup_epochs=0))
     assert cfg.backbone_lr_scale == expected
     model = build_model(cfg.model.model_copy(update={"pretrained": False}), num_classes=3, head="linear")
-    optimizer = build_optimizer(cfg.optim, parameter_groups(model, cfg.optim.lr, cfg.backbone_lr_scale))
-    new_layers, backbone = optimizer.param_groups
-    assert {id(p) for p in backbone["params"]} == {id(p) for p in model.backbone.parameters()}
-    assert {id(p) for p in new_layers["params"]} == {id(p) for p in [*model.embedding.parameters(), *model.head.parameters()]}
-    assert new_layers["lr"] == pytest.approx(0.002) and backbone["lr"] == pytest.approx(0.002 * expected)
+    optimizer = optimizer_for(cfg, model)
+    backbone_ids = {id(p) for p in model.backbone.parameters()}
+    backbone = [g for g in optimizer.param_groups if id(g["params"][0]) in backbone_ids]
+    new_layers = [g for g in optimizer.param_groups if id(g["params"][0]) not in backbone_ids]
+    assert {id(p) for g in backbone for p in g["params"]} == backbone_ids
+    assert {id(p) for g in new_layers for p in g["params"]} == {
+        id(p) for p in [*model.embedding.parameters(), *model.head.parameters()]}
+    assert optimizer.param_groups[0] is new_layers[0], "the reported lr (group 0) is the new layers'"
+    assert {g["lr"] for g in new_layers} == {pytest.approx(0.002)}
+    assert {g["lr"] for g in backbone} == {pytest.approx(0.002 * expected)}
     scheduler = build_scheduler(cfg.optim, optimizer, steps_per_epoch=4)
     for _ in range(4):
         optimizer.step()
         scheduler.step()
+    new_layers, backbone = new_layers[0], backbone[0]
     assert backbone["lr"] / new_layers["lr"] == pytest.approx(expected), "the schedule scales both groups alike"

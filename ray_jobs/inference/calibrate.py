@@ -16,15 +16,20 @@ from torch.utils.data import DataLoader
 from ray_jobs.data.parquet import ParquetImageDataset
 from ray_jobs.errors import UserInputError
 from ray_jobs.inference.calibration_store import calibration_document, write_calibration
-from ray_jobs.inference.loading import CheckpointModel, default_device, eval_preprocessing, model_from_checkpoint
+from ray_jobs.inference.loading import CheckpointModel, default_device, model_from_checkpoint
+from ray_jobs.model.inputs import eval_preprocessing
 from ray_jobs.inference.open_set import DEFAULT_ACCEPT_SHARE, DEFAULT_DISTANCE, Calibration, calibrate, class_means
 from ray_jobs.training.engine import predict
 
 
 def model_centers(loaded: CheckpointModel, val_features: Tensor, val_labels: Tensor) -> tuple[Tensor, str]:
-    """The class centers the loss trained, and their kind: center-loss centers, L-GM means, else val means."""
+    """The class centers the loss trained, and their kind: center-loss centers, L-GM means, else val means.
+
+    With an EMA of the weights kept, the trained centers followed the live model's features, not the
+    kept model's: the centers then come from the kept model's own val features, never a mix of the two.
+    """
     kind = loaded.config.loss.kind
-    if kind == "center":
+    if kind in ("center", "contrastive_center") and loaded.config.optim.ema_decay is None:
         try:
             return loaded.state["objective"]["centers"].float(), "center_loss"
         except (KeyError, TypeError, AttributeError):

@@ -21,15 +21,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.transforms import v2
 
-from ray_jobs.config import TrainConfig
-from ray_jobs.data.transforms import eval_transform
+from ray_jobs.config import TrainConfig, saved_train_config
 from ray_jobs.errors import UserInputError
 from ray_jobs.inference.calibration_store import read_calibration
 from ray_jobs.inference.mlflow_uri import env_default, using_tracking_uri
 from ray_jobs.inference.open_set import Calibration
-from ray_jobs.model.backbones import input_normalization
+from ray_jobs.model.inputs import input_spec
 from ray_jobs.model.checkpoint import UNSAFE_LOAD_ERRORS, load_checkpoint, load_error_line
 from ray_jobs.model.foodnet import FoodNet, trained_net
 
@@ -66,7 +64,7 @@ class LoadedModel:
 
     @property
     def image_size(self) -> int:
-        return self.config.data.image_size
+        return input_spec(self.config).image_size
 
     @property
     def net(self) -> FoodNet:
@@ -84,16 +82,11 @@ class CheckpointModel:
     state: dict[str, Any]
 
 
-def eval_preprocessing(config: TrainConfig) -> v2.Compose:
-    """Resize, center crop and normalise as the trained net expects (its image size and its backbone's stats)."""
-    return eval_transform(image_size=config.data.image_size, norm=input_normalization(config.model.arch))
-
-
 def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> CheckpointModel:
     """Rebuild the trained FoodNet (eval mode) from a checkpoint directory or file."""
     state = load_checkpoint(path, map_location="cpu")
     try:
-        config = TrainConfig.model_validate(state["config"])
+        config = saved_train_config(state["config"])
         classes = list(state["classes"])
         weights = state["model"]
     except (KeyError, TypeError, ValueError) as err:
@@ -160,7 +153,7 @@ def model_from_folder(folder: Path, source: str, device: torch.device) -> Loaded
             mlmodel.flavors or {}) else ""
         raise UserInputError(f"model {source} was not logged by train-food register as a state dict{older}")
     try:
-        config = TrainConfig.model_validate(metadata["train_config"])
+        config = saved_train_config(metadata["train_config"])
         classes = [str(name) for name in metadata["classes"]]
     except (KeyError, TypeError, ValueError) as err:
         raise UserInputError(f"model {source}: incomplete train-food metadata in MLmodel ({err})") from None

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from ray_jobs.data.decode import read_image
 from ray_jobs.errors import UserInputError
-from ray_jobs.inference.loading import LoadedModel, eval_preprocessing
+from ray_jobs.inference.loading import LoadedModel
+from ray_jobs.model.inputs import eval_preprocessing
 from ray_jobs.inference.open_set import open_set_scores
 
 

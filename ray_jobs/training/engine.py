@@ -41,15 +41,33 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-@dataclass
+def cpu_has_bf16() -> bool:
+    """The CPU runs bf16 natively (AVX512-BF16 / AMX): there autocast is faster, elsewhere emulated and slower."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@dataclass(frozen=True)
 class Precision:
-    """Mixed precision on GPU (bf16 autocast); full fp32 on CPU."""
+    """The model's forward under bf16 autocast, or fp32. `setting` is the config's: auto, fp32 or bf16.
+
+    auto: bf16 on a GPU and on a CPU with native bf16. The objectives cast features and logits to
+    fp32 before any loss arithmetic, so the center terms and the center updates never run in bf16.
+    """
 
     device: torch.device
+    setting: str = "auto"
 
     @property
     def enabled(self) -> bool:
-        return self.device.type == "cuda"
+        if self.setting == "fp32":
+            return False
+        if self.setting == "bf16" or self.device.type == "cuda":
+            return True
+        return self.device.type == "cpu" and cpu_has_bf16()
+
+    @property
+    def name(self) -> str:
+        return "bf16" if self.enabled else "fp32"
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.enabled)
@@ -64,8 +82,11 @@ def train_one_epoch(
     device: torch.device,
     epoch: int,
     global_batch: int | None = None,
+    precision: Precision | None = None,
+    ema: nn.Module | None = None,
 ) -> dict[str, float]:
-    """Train for one pass over `loader`; the scheduler steps per iteration (warmup + cosine).
+    """Train for one pass over `loader`; the scheduler steps per iteration (warmup + cosine), and `ema`
+    (timm's `ModelEmaV3` of the unwrapped model, if kept) follows the weights after every step.
 
     Each of `loader`'s batches is this rank's share of one global batch of `global_batch` samples
     (None: the whole of it). DDP averages the ranks' gradients with equal weights, so each rank's
@@ -74,7 +95,7 @@ def train_one_epoch(
     """
     model.train()
     world = dist.get_world_size() if distributed() else 1
-    precision = Precision(device)
+    precision = precision or Precision(device)
     sums = {"loss": 0.0, "ce": 0.0, "aux": 0.0}
     seen = 0
     start = time.perf_counter()
@@ -93,6 +114,8 @@ def train_one_epoch(
         (out.total * share).backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update(unwrap(model), step=scheduler.last_epoch)
         objective.after_step(features.detach(), labels)
         batch = labels.shape[0]
         seen += batch
@@ -122,11 +145,13 @@ def _any_worker(flag: bool, device: torch.device) -> bool:
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+    model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+    precision: Precision | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Features, logits and labels of every batch in `loader` (this worker's share), on CPU in fp32."""
+    """Features, logits and labels of every batch in `loader` (this worker's share), on CPU in fp32
+    (the forward in `precision`: by default fp32 on CPU, bf16 on GPU, as before the option existed)."""
     model.eval()
-    precision = Precision(device)
+    precision = precision or Precision(device, "fp32" if device.type == "cpu" else "auto")
     features, logits, labels = [], [], []
     for images, batch_labels in loader:
         images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -176,13 +201,14 @@ def evaluate(
     device: torch.device,
     num_classes: int,
     prefix: str = "val",
+    precision: Precision | None = None,
 ) -> dict[str, float]:
     """Top-1/top-5 accuracy, loss and feature compactness over the whole split, all ranks' shares joined.
 
     `model` is the plain module (never DDP-wrapped: see `sync_buffers`); `loader` this rank's share,
     which may be empty. One gather, then the metrics of the whole split on every rank.
     """
-    features, logits, labels = _gather(*predict(model, loader, device))
+    features, logits, labels = _gather(*predict(model, loader, device, precision))
     if len(features) == 0:  # nothing anywhere: keep the shapes the metrics expect
         features, logits = features.reshape(0, 1), logits.reshape(0, num_classes)
     return classification_metrics(features, logits, labels, num_classes, prefix)
@@ -196,8 +222,9 @@ def share_loader(split: Dataset, rank: int, world: int, batch_size: int, **optio
 
 def validate(model: nn.Module, share: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
              num_classes: int) -> dict[str, float]:
-    """The worker loop's evaluation: rank 0's BatchNorm statistics everywhere, then this rank's `share`
-    (possibly empty) on the unwrapped module; every rank returns the metrics of the whole split."""
+    """The worker loop's evaluation of the kept model (the trained one, or its EMA): rank 0's BatchNorm
+    statistics everywhere, then this rank's `share` (possibly empty) on the unwrapped module; every rank
+    returns the metrics of the whole split. Evaluated in fp32 on CPU, as evaluation and serving do."""
     plain = unwrap(model)
     sync_buffers(plain)
     return evaluate(plain, share, device, num_classes)

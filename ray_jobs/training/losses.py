@@ -1,4 +1,5 @@
-"""Training objectives: softmax baseline, softmax + center loss (Wen et al. 2016), L-GM (Wan et al. 2018).
+"""Training objectives: softmax baseline, softmax + center loss (Wen et al. 2016), L-GM (Wan et al. 2018),
+softmax + contrastive-center loss (Qi & Su 2017: compact classes *and* separated centers).
 
 Every objective has the same small interface (`Objective`) so the engine never branches on the
 loss kind. All math runs in fp32 whatever autocast does to the model.
@@ -133,12 +134,15 @@ class _StatelessObjective:
 
 
 class SoftmaxObjective(_StatelessObjective):
-    """Plain cross-entropy: the baseline the other two are compared with."""
+    """Plain cross-entropy (with label smoothing): the baseline the others are compared with."""
 
     kind = "softmax"
 
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        self.label_smoothing = float(label_smoothing)
+
     def __call__(self, features: Tensor, logits: Tensor, labels: Tensor) -> LossOutput:
-        ce = F.cross_entropy(logits.float(), labels)
+        ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         return LossOutput(total=ce, ce=ce, aux=torch.zeros((), device=ce.device))
 
 
@@ -148,14 +152,19 @@ class CenterLossObjective:
     kind = "center"
 
     def __init__(
-        self, num_classes: int, feat_dim: int, lam: float, alpha: float, device: torch.device | str = "cpu"
+        self, num_classes: int, feat_dim: int, lam: float, alpha: float, device: torch.device | str = "cpu",
+        label_smoothing: float = 0.0,
     ) -> None:
         self.lam = float(lam)
+        self.label_smoothing = float(label_smoothing)
         self.center_loss = CenterLoss(num_classes, feat_dim, alpha, device=device)
 
+    def center_term(self, features: Tensor, labels: Tensor) -> Tensor:
+        return self.center_loss.loss(features, labels)
+
     def __call__(self, features: Tensor, logits: Tensor, labels: Tensor) -> LossOutput:
-        ce = F.cross_entropy(logits.float(), labels)
-        aux = self.center_loss.loss(features, labels)
+        ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        aux = self.center_term(features, labels)
         return LossOutput(total=ce + self.lam * aux, ce=ce, aux=aux)
 
     def after_step(self, features: Tensor, labels: Tensor) -> None:
@@ -172,6 +181,31 @@ class CenterLossObjective:
         return self
 
 
+class ContrastiveCenterObjective(CenterLossObjective):
+    """`CE + lam * L_ct`: each feature's squared distance to its own center over its summed squared distances
+    to the other centers (+ `delta`), halved and averaged (contrastive-center loss, Qi & Su 2017).
+
+    Center loss only tightens each class; dishes of the same ingredients stay close. This term also
+    rewards distance from the other classes' centers. Gradient to the features only; the centers
+    move by the same all-reduced alpha rule as center loss, so every rank holds identical ones.
+    """
+
+    kind = "contrastive_center"
+
+    def __init__(self, num_classes: int, feat_dim: int, lam: float, alpha: float, delta: float,
+                 device: torch.device | str = "cpu", label_smoothing: float = 0.0) -> None:
+        super().__init__(num_classes, feat_dim, lam, alpha, device, label_smoothing)
+        self.delta = float(delta)
+
+    def center_term(self, features: Tensor, labels: Tensor) -> Tensor:
+        x = features.float()
+        centers = self.center_loss.centers.to(x.device)
+        squared = (x.unsqueeze(1) - centers.unsqueeze(0)).pow(2).sum(dim=2)  # B x C, exact differences
+        own = squared.gather(1, labels.long().unsqueeze(1)).squeeze(1)
+        others = squared.sum(dim=1) - own
+        return 0.5 * (own / (others + self.delta)).mean()
+
+
 class LGMObjective(_StatelessObjective):
     """L-GM with identity covariance, on the logits `-1/2 ||x - mu_k||^2` of `model.LGMHead`.
 
@@ -182,14 +216,15 @@ class LGMObjective(_StatelessObjective):
 
     kind = "lgm"
 
-    def __init__(self, lam: float, margin: float) -> None:
+    def __init__(self, lam: float, margin: float, label_smoothing: float = 0.0) -> None:
         self.lam = float(lam)
         self.margin = float(margin)
+        self.label_smoothing = float(label_smoothing)
 
     def __call__(self, features: Tensor, logits: Tensor, labels: Tensor) -> LossOutput:
         z = logits.float()
         onehot = F.one_hot(labels.long(), num_classes=z.shape[1]).to(z.dtype)
-        ce = F.cross_entropy(z * (1.0 + self.margin * onehot), labels)
+        ce = F.cross_entropy(z * (1.0 + self.margin * onehot), labels, label_smoothing=self.label_smoothing)
         aux = -z.gather(1, labels.long().unsqueeze(1)).mean()
         return LossOutput(total=ce + self.lam * aux, ce=ce, aux=aux)
 
@@ -198,10 +233,15 @@ def build_objective(
     cfg: LossConfig, num_classes: int, feat_dim: int, device: torch.device | str = "cpu"
 ) -> Objective:
     """The objective named by `cfg.kind`; pair it with `model.build_model(..., head_for_loss(cfg.kind))`."""
+    smoothing = cfg.label_smoothing
     if cfg.kind == "softmax":
-        return SoftmaxObjective()
+        return SoftmaxObjective(smoothing)
     if cfg.kind == "center":
-        return CenterLossObjective(num_classes, feat_dim, lam=cfg.lam, alpha=cfg.alpha, device=device)
+        return CenterLossObjective(num_classes, feat_dim, lam=cfg.lam, alpha=cfg.alpha, device=device,
+                                   label_smoothing=smoothing)
+    if cfg.kind == "contrastive_center":
+        return ContrastiveCenterObjective(num_classes, feat_dim, lam=cfg.lam, alpha=cfg.alpha, delta=cfg.delta,
+                                          device=device, label_smoothing=smoothing)
     if cfg.kind == "lgm":
-        return LGMObjective(lam=cfg.lam, margin=cfg.margin)
-    raise UserInputError(f"unknown loss kind {cfg.kind!r}; expected softmax, center or lgm")
+        return LGMObjective(lam=cfg.lam, margin=cfg.margin, label_smoothing=smoothing)
+    raise UserInputError(f"unknown loss kind {cfg.kind!r}; expected softmax, center, lgm or contrastive_center")

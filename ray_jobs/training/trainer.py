@@ -22,6 +22,7 @@ from ray_jobs.config import TrainConfig
 from ray_jobs.dataset_format import dataset_info
 from ray_jobs.errors import UserInputError
 from ray_jobs.model.checkpoint import best_checkpoint
+from ray_jobs.model.inputs import with_resolved_inputs
 from ray_jobs.storage import filesystem, is_uri, join
 from ray_jobs.training.checkpointing import RunInputs
 from ray_jobs.training.worker_loop import FaultInjection, train_loop_per_worker
@@ -103,9 +104,10 @@ def build_trainer(
 
 
 def prepare_driver(cfg: TrainConfig, *, uses_ray: bool) -> tuple[TrainConfig, RunInputs]:
-    """On the driver, once: absolute paths, the dataset's classes and fingerprint, and (when the work
-    runs on Ray workers) a cluster that can hold the request, with the worker start timeout set."""
-    cfg = cfg.with_absolute_paths()
+    """On the driver, once: absolute paths, the backbone's input defaults written out (so the checkpoint
+    records them), the dataset's classes and fingerprint, and (when the work runs on Ray workers) a
+    cluster that can hold the request, with the worker start timeout set."""
+    cfg = with_resolved_inputs(cfg.with_absolute_paths())
     if cfg.scaling.local and is_uri(cfg.run.storage_path):
         raise UserInputError(f"--storage-path {cfg.run.storage_path}: in-process runs (--workers 0) keep checkpoints "
                              "on local disk; use a local path, or Ray workers (--workers 1 or more)")

@@ -20,16 +20,16 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import torch
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from ray_jobs.config import TrainConfig
 from ray_jobs.data.parquet import ParquetImageDataset
 from ray_jobs.data.sampler import SeededShardSampler
-from ray_jobs.data.transforms import eval_transform, train_transform
 from ray_jobs.errors import UserInputError
-from ray_jobs.model.backbones import input_normalization
 from ray_jobs.model.checkpoint import load_checkpoint
 from ray_jobs.model.foodnet import build_model, head_for_loss
+from ray_jobs.model.inputs import eval_preprocessing, train_augmentation
 from ray_jobs.training.checkpointing import (
     RunInputs,
     check_resumable,
@@ -40,9 +40,9 @@ from ray_jobs.training.checkpointing import (
     restore_rng,
     resume_schedule,
 )
-from ray_jobs.training.engine import NonFiniteLossError, share_loader, train_one_epoch, unwrap, validate
+from ray_jobs.training.engine import NonFiniteLossError, Precision, share_loader, train_one_epoch, unwrap, validate
 from ray_jobs.training.losses import build_objective
-from ray_jobs.training.optim import build_optimizer, build_scheduler, parameter_groups
+from ray_jobs.training.optim import build_scheduler, optimizer_for
 
 
 @dataclass(frozen=True)
@@ -71,11 +71,8 @@ def _build_loaders(cfg: TrainConfig, rank: int, world: int) -> Loaders:
     if data.batch_size < world:
         raise UserInputError(f"--batch-size {data.batch_size} is the global batch: it cannot give each of "
                              f"{world} workers a sample; use at least {world}")
-    norm = input_normalization(cfg.model.arch)
-    augment = train_transform(image_size=data.image_size, norm=norm, min_crop_scale=data.min_crop_scale)
-    train_set = ParquetImageDataset(data.dataset, "train", augment, data.limit_per_split)
-    val_set = ParquetImageDataset(data.dataset, "val", eval_transform(image_size=data.image_size, norm=norm),
-                                  data.limit_per_split)
+    train_set = ParquetImageDataset(data.dataset, "train", train_augmentation(cfg), data.limit_per_split)
+    val_set = ParquetImageDataset(data.dataset, "val", eval_preprocessing(cfg), data.limit_per_split)
     options: dict[str, Any] = {"num_workers": data.loader_workers}
     if data.loader_workers > 0:
         options |= {"multiprocessing_context": "forkserver", "persistent_workers": True}
@@ -151,7 +148,9 @@ def _train(cfg: TrainConfig, run: RunInputs) -> dict[str, Any]:
     model = ray.train.torch.prepare_model(model.to(memory_format=torch.channels_last))
     torch.manual_seed(_rank_seed(cfg.run.seed, rank))
     objective = build_objective(cfg.loss, len(classes), cfg.model.feat_dim, device)
-    optimizer = build_optimizer(cfg.optim, parameter_groups(unwrap(model), cfg.optim.lr, cfg.backbone_lr_scale))
+    optimizer = optimizer_for(cfg, unwrap(model))
+    ema = ModelEmaV3(unwrap(model), decay=cfg.optim.ema_decay, use_warmup=True) if cfg.optim.ema_decay else None
+    kept = ema.module if ema is not None else model  # what is evaluated, saved and served
     # The schedule is a function of progress: epochs x steps per epoch, which the global batch fixes
     # (not the number of workers), so a run resumed on any number of workers continues the same curve.
     scheduler = build_scheduler(cfg.optim, optimizer, sampler.steps)
@@ -161,7 +160,9 @@ def _train(cfg: TrainConfig, run: RunInputs) -> dict[str, Any]:
         with resumed.as_directory() as directory:
             state = load_checkpoint(directory, map_location=device)
             check_resumable(state, cfg, run, directory)
-        unwrap(model).load_state_dict(state["model"])
+        unwrap(model).load_state_dict(state["trained_model"] if ema is not None else state["model"])
+        if ema is not None:
+            ema.module.load_state_dict(state["model"])
         objective.load_state_dict(state["objective"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"]
@@ -171,6 +172,7 @@ def _train(cfg: TrainConfig, run: RunInputs) -> dict[str, Any]:
             _say(f"resumed from checkpoint of epoch {start_epoch}", local_dir)
 
     # [3] train, evaluate, report
+    precision = Precision(device, cfg.scaling.precision)
     history: list[dict[str, Any]] = []
     for epoch in range(start_epoch, cfg.optim.epochs):
         sampler.set_epoch(epoch)
@@ -178,17 +180,17 @@ def _train(cfg: TrainConfig, run: RunInputs) -> dict[str, Any]:
         loader = _with_fault(loaders.train, fault, epoch) if fault and rank == 0 else loaders.train
         try:
             metrics: dict[str, Any] = train_one_epoch(model, objective, optimizer, scheduler, loader, device, epoch + 1,
-                                                      global_batch=cfg.data.batch_size)
+                                                      global_batch=cfg.data.batch_size, precision=precision, ema=ema)
         except NonFiniteLossError as err:
             if rank == 0:
                 _say(f"stopping: {err}; the last good checkpoint is kept", local_dir)
             return {"status": "non_finite", "epoch": err.epoch, "step": err.step, "history": history}
-        metrics |= validate(model, loaders.val, device, len(classes))
+        metrics |= validate(kept, loaders.val, device, len(classes))
         metrics |= {"epoch": epoch + 1, "optimizer_steps": scheduler.last_epoch, "data_order_digest": order,
-                    "workers": world}
+                    "workers": world, "precision": precision.name}
         rng, workers = rank_states(device, objective)
-        state = (checkpoint_state(model, objective, optimizer, scheduler, epoch + 1, cfg, run, metrics, rng, workers)
-                 if rank == 0 else None)
+        state = (checkpoint_state(model, objective, optimizer, scheduler, epoch + 1, cfg, run, metrics, rng, workers,
+                                  kept=kept) if rank == 0 else None)
         report_epoch(metrics, state, local_dir, cfg.run.keep_checkpoints)
         history.append(metrics)
         if rank == 0:

@@ -39,7 +39,8 @@ from ray_jobs.dataset_format import dataset_info, digest_of_test_split, read_man
 from ray_jobs.errors import UserInputError
 from ray_jobs.inference.calibrate import calibrate_checkpoint
 from ray_jobs.inference.calibration_store import calibration_path, read_calibration
-from ray_jobs.inference.loading import CheckpointModel, default_device, eval_preprocessing, model_from_checkpoint
+from ray_jobs.inference.loading import CheckpointModel, default_device, model_from_checkpoint
+from ray_jobs.model.inputs import eval_preprocessing, input_spec
 from ray_jobs.inference.open_set import Calibration, OpenSetResult, open_set_scores
 from ray_jobs.storage import absolute, local_checkpoint
 from ray_jobs.training.engine import predict
@@ -153,7 +154,7 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> EvaluationReport:
     trained_on = str(loaded.state.get("dataset_fingerprint", ""))
     _check_dataset(str(checkpoint), trained_on, dataset, info.fingerprint, cfg.cross_dataset)
 
-    image_size = loaded.config.data.image_size
+    image_size = input_spec(loaded.config).image_size
     split = ParquetImageDataset(dataset, cfg.split, eval_preprocessing(loaded.config), cfg.limit)
     loader = DataLoader(split, batch_size=cfg.batch_size, num_workers=cfg.loader_workers)
     features, logits, labels = predict(loaded.net, loader, device)

@@ -43,11 +43,10 @@ from ray_jobs.inference.loading import (
     MODEL_WEIGHTS,
     CheckpointModel,
     LogitsModel,
-    eval_preprocessing,
     model_from_checkpoint,
 )
 from ray_jobs.inference.mlflow_uri import using_tracking_uri
-from ray_jobs.model.backbones import input_normalization
+from ray_jobs.model.inputs import eval_preprocessing, input_spec
 from ray_jobs.model.foodnet import head_for_loss
 from tasks.evaluation.report import EvaluationReport, load_report
 from tasks.registry import champion
@@ -95,17 +94,18 @@ def _report_calibration(report: EvaluationReport, checkpoint: Path) -> bytes | N
 
 def _model_metadata(loaded: CheckpointModel, report: EvaluationReport) -> dict[str, Any]:
     """What `ray_jobs.inference.loading` needs to rebuild the net, and a consumer to preprocess inputs and read outputs."""
-    norm = input_normalization(loaded.config.model.arch)
+    spec = input_spec(loaded.config)
     return {
         "format": MODEL_FORMAT,
         "weights": MODEL_WEIGHTS,
         "train_config": report.train_config,
         "classes": loaded.classes,
         "image_size": report.image_size,
-        "resize": round(report.image_size * 256 / 224),
-        "mean": list(norm.mean),
-        "std": list(norm.std),
-        "input": "float32 NCHW RGB, resized, center-cropped and normalised with mean/std (ray_jobs.data.transforms.eval_transform)",
+        "resize": spec.resize,
+        "interpolation": spec.interpolation,
+        "mean": list(spec.norm.mean),
+        "std": list(spec.norm.std),
+        "input": "float32 NCHW RGB, resized (interpolation), center-cropped and normalised with mean/std (ray_jobs.data.transforms.eval_transform)",
         "output": "logits, one per class in `classes` order",
         "arch": loaded.config.model.arch,
         "feat_dim": loaded.config.model.feat_dim,

@@ -1,0 +1,249 @@
+"""The fine-tuning recipe part by part, and center loss against softmax in a paired, fair fight.
+
+Every run trains in local mode on food101_mini10, scores its best-by-val checkpoint on the test split
+and is stored as one JSON file under --results (its config, wall time, val and test top-1, test
+compactness and margin, and which test photos it got right). A run whose file exists is skipped, so
+the bench resumes where a session stopped; `report` reads whatever is there.
+
+    python bench/recipe.py ablate [--seeds 0 1]     # Lite0, 128 px, softmax: old recipe, new, new minus each part
+    python bench/recipe.py grid [--seeds 0 1]       # lambda x alpha of center and contrastive_center, on val
+    python bench/recipe.py final [--arch efficientnet_lite0] [--seeds 0 1 2]
+    python bench/recipe.py report                   # markdown tables for docs/results.md
+
+Paired difference of an objective against softmax: per seed, the same test photos, the same data
+order and initial weights; the 95% interval is a bootstrap over photos (resampled alike in every seed)
+of the mean over seeds of the accuracy difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ray_jobs.config import (  # noqa: E402
+    DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig,
+)
+from ray_jobs.data.parquet import ParquetImageDataset  # noqa: E402
+from ray_jobs.inference.loading import model_from_checkpoint  # noqa: E402
+from ray_jobs.metrics import classification_metrics  # noqa: E402
+from ray_jobs.model.inputs import backbone_inputs, eval_preprocessing  # noqa: E402
+from ray_jobs.training.engine import Precision, predict  # noqa: E402
+from ray_jobs.training.trainer import fit  # noqa: E402
+from tasks.ingest.config import IngestConfig  # noqa: E402
+from tasks.ingest.pipeline import ingest  # noqa: E402
+
+SOURCE = REPO.parent / "shared" / "data" / "food101_mini10"
+# The code before this recipe, spelled out: crop and flip only, bilinear, no smoothing, no drop-path,
+# every parameter decayed, fp32 on CPU.
+OLD = {"augment": "crop_flip", "random_erasing": 0.0, "interpolation": "bilinear", "label_smoothing": 0.0,
+       "drop_path_rate": 0.0, "decay_norm_and_bias": True, "precision": "fp32"}
+NEW = {"augment": "trivialaugment", "random_erasing": 0.25, "interpolation": "bicubic", "label_smoothing": 0.1,
+       "drop_path_rate": 0.1, "decay_norm_and_bias": False, "precision": "auto"}
+ABLATIONS = {  # name -> change to NEW
+    "old recipe": OLD,
+    "new recipe": {},
+    "- trivialaugment": {"augment": "crop_flip"},
+    "randaugment instead": {"augment": "randaugment"},
+    "- random erasing": {"random_erasing": 0.0},
+    "- bicubic (bilinear)": {"interpolation": "bilinear"},
+    "- label smoothing": {"label_smoothing": 0.0},
+    "- drop-path": {"drop_path_rate": 0.0},
+    "- no-decay groups": {"decay_norm_and_bias": True},
+    "- bf16 (fp32)": {"precision": "fp32"},
+    "+ EMA 0.99": {"ema_decay": 0.99},
+}
+GRID = {"center": {"lam": (0.01, 0.1, 1.0), "alpha": (0.1, 0.5)},
+        "contrastive_center": {"lam": (0.1, 1.0, 10.0), "alpha": (0.1, 0.5)}}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the bench: what it trains and under which key its result is stored."""
+
+    stage: str
+    name: str
+    arch: str
+    image_size: int
+    epochs: int
+    seed: int
+    recipe: dict[str, Any]
+    loss: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        loss = "-".join(f"{k}{v}" for k, v in sorted(self.loss.items()))
+        recipe = "-".join(f"{k}{v}" for k, v in sorted(self.recipe.items())) or "default"
+        return f"{self.stage}_{self.arch}_{self.image_size}px_{self.epochs}ep_s{self.seed}_{loss}_{recipe}".replace(" ", "")
+
+    def config(self, dataset: str, storage: str) -> TrainConfig:
+        recipe = {**NEW, **self.recipe}
+        return TrainConfig(
+            data=DataConfig(dataset=dataset, image_size=self.image_size, batch_size=32, loader_workers=1,
+                            augment=recipe["augment"], random_erasing=recipe["random_erasing"],
+                            interpolation=recipe["interpolation"]),
+            model=ModelConfig(arch=self.arch, drop_path_rate=recipe["drop_path_rate"]),
+            loss=LossConfig(label_smoothing=recipe["label_smoothing"], **self.loss),
+            optim=OptimConfig(epochs=self.epochs, warmup_epochs=1, decay_norm_and_bias=recipe["decay_norm_and_bias"],
+                              ema_decay=recipe.get("ema_decay")),
+            scaling=ScalingConfig(num_workers=0, precision=recipe["precision"]),
+            run=RunConfig(storage_path=storage, name=self.key[:180], seed=self.seed, keep_checkpoints=1),
+        )
+
+
+def plan(stage: str, args: argparse.Namespace) -> list[Run]:
+    if stage == "ablate":
+        return [Run("ablate", name, "efficientnet_lite0", 128, args.epochs, seed, change, {"kind": "softmax"})
+                for seed in args.seeds for name, change in ABLATIONS.items()]
+    if stage == "grid":
+        return [Run("grid", f"{kind} lam {lam:g} alpha {alpha:g}", "efficientnet_lite0", 128, args.epochs, seed, {},
+                    {"kind": kind, "lam": lam, "alpha": alpha})
+                for seed in args.seeds for kind, grid in GRID.items() for lam in grid["lam"] for alpha in grid["alpha"]]
+    size = args.image_size or backbone_inputs(args.arch).image_size
+    chosen = json.loads(Path(args.objectives).read_text()) if args.objectives else {
+        "softmax": {"kind": "softmax"}, "center": {"kind": "center"}, "contrastive_center": {"kind": "contrastive_center"}}
+    runs = [Run("final", name, args.arch, size, args.epochs, seed, {}, loss)
+            for seed in args.seeds for name, loss in chosen.items()]
+    runs += [Run("final", f"old recipe {name}", args.arch, size, args.epochs, seed, OLD, chosen[name])
+             for seed in args.seeds for name in ("softmax", "center") if args.old_rows]
+    return runs
+
+
+def dataset_for(image_size: int, workspace: Path) -> str:
+    """food101_mini10 ingested once per size, long side twice the eval resize (as the results so far)."""
+    max_side = round(image_size * 256 / 224) * 2
+    out = workspace / f"food101_mini10-{max_side}"
+    return ingest(IngestConfig(src=str(SOURCE), out=str(out), max_side=max_side)).out
+
+
+def score(checkpoint: str, dataset: str) -> dict[str, Any]:
+    """Test top-1/top-5, compactness, margin to the nearest other class mean, and the photos it got right."""
+    loaded = model_from_checkpoint(checkpoint)
+    test = ParquetImageDataset(dataset, "test", eval_preprocessing(loaded.config))
+    features, logits, labels = predict(loaded.net, DataLoader(test, batch_size=50), torch.device("cpu"),
+                                       Precision(torch.device("cpu"), "fp32"))
+    metrics = classification_metrics(features, logits, labels, len(loaded.classes), "test")
+    means = torch.stack([features[labels == c].mean(0) for c in range(len(loaded.classes))])
+    distances = torch.cdist(features, means)
+    own = distances.gather(1, labels.unsqueeze(1)).squeeze(1)
+    others = distances.scatter(1, labels.unsqueeze(1), float("inf")).min(1).values
+    metrics["test_margin"] = float(((others - own) / metrics["test_inter"]).mean())
+    metrics["correct"] = "".join("1" if ok else "0" for ok in (logits.argmax(1) == labels).tolist())
+    return metrics
+
+
+def execute(run: Run, results: Path, workspace: Path) -> dict[str, Any]:
+    path = results / f"{run.key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    dataset = dataset_for(run.image_size, workspace)
+    cfg = run.config(dataset, str(workspace / "runs"))
+    start = time.perf_counter()
+    result = fit(cfg)
+    minutes = (time.perf_counter() - start) / 60
+    best = result.best_metrics
+    record = {"stage": run.stage, "name": run.name, "arch": run.arch, "image_size": run.image_size,
+              "epochs": run.epochs, "seed": run.seed, "recipe": {**NEW, **run.recipe}, "loss": run.loss,
+              "train_minutes": round(minutes, 2), "best_epoch": best["epoch"], "val_acc1": best["val_acc1"],
+              "last_val_acc1": result.history[-1]["val_acc1"], "precision": result.history[-1].get("precision"),
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                       text=True).stdout.strip(),
+              **score(result.best_checkpoint, dataset)}
+    results.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
+    path.with_suffix(".tmp").rename(path)
+    return record
+
+
+# ---- report -----------------------------------------------------------------------------------------
+
+
+def mean_sd(values: list[float]) -> str:
+    return f"{values[0]:.3f}" if len(values) == 1 else f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def paired_difference(runs: list[dict], baseline: list[dict], draws: int = 2000) -> tuple[float, float, float]:
+    """Mean over paired seeds of (this - baseline) test top-1, and a 95% bootstrap interval over photos."""
+    pairs = [(run["correct"], base["correct"]) for run in runs for base in baseline if base["seed"] == run["seed"]]
+    if not pairs:
+        return float("nan"), float("nan"), float("nan")
+    diffs = [[int(a) - int(b) for a, b in zip(x, y, strict=True)] for x, y in pairs]
+    photos = len(diffs[0])
+    point = statistics.mean(sum(d) / photos for d in diffs)
+    rng = random.Random(0)
+    boots = []
+    for _ in range(draws):
+        sample = [rng.randrange(photos) for _ in range(photos)]
+        boots.append(statistics.mean(sum(d[i] for i in sample) / photos for d in diffs))
+    boots.sort()
+    return point, boots[int(0.025 * draws)], boots[int(0.975 * draws) - 1]
+
+
+def report(results: Path) -> str:
+    records = [json.loads(path.read_text()) for path in sorted(results.glob("*.json"))]
+    lines = []
+    for stage in ("ablate", "grid", "final"):
+        groups: dict[tuple[str, str, int], list[dict]] = {}
+        for record in records:
+            if record["stage"] == stage:
+                groups.setdefault((record["name"], record["arch"], record["image_size"]), []).append(record)
+        if not groups:
+            continue
+        lines += [f"\n### {stage}\n", "| run | arch | px | seeds | val top-1 (best) | test top-1 | test compactness "
+                  "| test margin | paired vs baseline (95% CI) | train min/run |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for (name, arch, size), done in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0])):
+            base_name = {"ablate": "new recipe", "final": "old recipe softmax" if name.startswith("old") else "softmax"}
+            base = groups.get((base_name.get(stage, ""), arch, size), [])
+            diff, low, high = paired_difference(done, base) if base and base is not done else (float("nan"),) * 3
+            paired = "-" if diff != diff else f"{100 * diff:+.1f} ({100 * low:+.1f}, {100 * high:+.1f})"
+            lines.append(
+                f"| {name} | {arch} | {size} | {', '.join(str(r['seed']) for r in done)} "
+                f"| {mean_sd([r['val_acc1'] for r in done])} | {mean_sd([r['test_acc1'] for r in done])} "
+                f"| {mean_sd([r['test_compactness'] for r in done])} | {mean_sd([r['test_margin'] for r in done])} "
+                f"| {paired} | {statistics.mean(r['train_minutes'] for r in done):.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=("ablate", "grid", "final", "report"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="ablate/grid: 0 1; final: 0 1 2")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--arch", default="efficientnet_lite0", help="final: the backbone")
+    parser.add_argument("--image-size", type=int, default=None, help="final: None = the backbone's native size")
+    parser.add_argument("--objectives", default=None,
+                        help="final: JSON file {name: loss config} (e.g. the grid's best lambda and alpha)")
+    parser.add_argument("--no-old-rows", dest="old_rows", action="store_false", help="final: skip the old recipe rows")
+    parser.add_argument("--results", default=str(REPO / "bench" / "results" / "recipe"))
+    parser.add_argument("--workspace", default=str(REPO / "workspace" / "bench-recipe"))
+    args = parser.parse_args()
+    results = Path(args.results)
+    if args.stage == "report":
+        print(report(results))
+        return
+    args.seeds = args.seeds or ([0, 1, 2] if args.stage == "final" else [0, 1])
+    runs = plan(args.stage, args)
+    for index, run in enumerate(runs, 1):
+        done = (results / f"{run.key}.json").is_file()
+        record = execute(run, results, Path(args.workspace))
+        took = "stored earlier" if done else f"{record['train_minutes']} min"
+        print(f"[{index}/{len(runs)}] {run.name} seed {run.seed}: val {record['val_acc1']:.3f} test "
+              f"{record['test_acc1']:.3f} compactness {record['test_compactness']:.3f} margin "
+              f"{record['test_margin']:.3f} ({took})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
