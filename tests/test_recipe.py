@@ -99,7 +99,7 @@ def test_resuming_an_old_checkpoint_under_the_new_recipe_is_refused_in_one_line(
     with pytest.raises(UserInputError) as refused:
         fit(cfg)
     message = str(refused.value)
-    assert "\n" not in message and "data.augment 'crop_flip' -> 'trivialaugment'" in message
+    assert "\n" not in message and "data.augment 'crop_flip' -> 'randaugment'" in message
     assert "loss.label_smoothing 0.0 -> 0.1" in message and "data.interpolation 'bilinear' -> 'bilinear'" not in message
 
 
@@ -143,6 +143,15 @@ def test_the_center_loss_arithmetic_stays_fp32_when_the_model_runs_in_bf16() -> 
     expected = torch.stack([0.5 * x[labels == j].sum(0) / (1 + (labels == j).sum()) for j in range(3)])
     torch.testing.assert_close(centers, expected, atol=1e-6, rtol=0)
     assert Precision(torch.device("cpu"), "fp32").enabled is False
+
+
+def test_auto_precision_picks_bf16_on_a_cpu_only_where_it_measured_faster() -> None:
+    from ray_jobs.training.engine import cpu_has_bf16
+
+    cpu = torch.device("cpu")
+    assert Precision(cpu, "auto", image_size=128).enabled is False
+    assert Precision(cpu, "auto", image_size=224).enabled is cpu_has_bf16()
+    assert Precision(cpu, "bf16", image_size=32).enabled is True
 
 
 def test_the_resolved_input_is_what_the_checkpoint_records(tiny_dataset, tmp_path) -> None:

@@ -1,4 +1,4 @@
-"""The network: backbones by arch (weights, input normalisation), FoodNet with its heads, checkpoint files.
+"""The network: backbones by arch (weights, the input each expects), FoodNet with its heads, checkpoint files.
 
 May import: `ray_jobs.config`, `ray_jobs.data.transforms`, `errors`, `storage`.
 """

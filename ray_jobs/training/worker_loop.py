@@ -29,7 +29,7 @@ from ray_jobs.data.sampler import SeededShardSampler
 from ray_jobs.errors import UserInputError
 from ray_jobs.model.checkpoint import load_checkpoint
 from ray_jobs.model.foodnet import build_model, head_for_loss
-from ray_jobs.model.inputs import eval_preprocessing, train_augmentation
+from ray_jobs.model.inputs import eval_preprocessing, input_spec, train_augmentation
 from ray_jobs.training.checkpointing import (
     RunInputs,
     check_resumable,
@@ -172,7 +172,7 @@ def _train(cfg: TrainConfig, run: RunInputs) -> dict[str, Any]:
             _say(f"resumed from checkpoint of epoch {start_epoch}", local_dir)
 
     # [3] train, evaluate, report
-    precision = Precision(device, cfg.scaling.precision)
+    precision = Precision(device, cfg.scaling.precision, input_spec(cfg).image_size)
     history: list[dict[str, Any]] = []
     for epoch in range(start_epoch, cfg.optim.epochs):
         sampler.set_epoch(epoch)
