@@ -79,6 +79,12 @@ def test_asha_stops_a_weak_trial_early_and_later_trials_still_run(ray_cluster, c
     # and they lag behind it at ASHA's first rung (0.22 and 0.33).
     cfg = sweep_config(colour_dataset, tmp_path, epochs=3, lr=0.01, grid_lams=(1e-4, 0.1, 0.5), grid_alphas=(0.5,),
                        num_samples=1, scheduler="asha", grace_period=1, reduction_factor=2, max_concurrent_trials=1, name="asha")
+    # The colour is the only signal here: RandAugment's colour operations, random erasing and smoothed targets
+    # would blur the differences between trials this test needs (the old recipe's augmentation keeps it).
+    train = cfg.train.model_copy(update={"data": cfg.train.data.model_copy(update={"augment": "crop_flip",
+                                                                                  "random_erasing": 0.0}),
+                                         "loss": cfg.train.loss.model_copy(update={"label_smoothing": 0.0})})
+    cfg = cfg.model_copy(update={"train": train})
     assert _scheduler(cfg)._time_attr == "epoch", "ASHA's rungs count epochs, the unit of grace_period"
     result, _ = tune_and_log(cfg, Tracking(workspace=str(tmp_path / "ws")))
     table = result.table.sort_values("lam")
