@@ -40,12 +40,12 @@ from ray_jobs.inference.loading import LoadedModel, load_model
 from ray_jobs.model.inputs import eval_preprocessing
 from ray_jobs.inference.open_set import (
     DISTANCES,
-    auroc,
     center_distances,
     max_logit,
     max_softmax_probability,
     open_set_scores,
 )
+from ray_jobs.metrics import auroc
 from ray_jobs.training.trainer import fit
 from tasks.evaluation.evaluate import evaluate_checkpoint
 from tasks.evaluation.report import EvaluateConfig
