@@ -276,10 +276,12 @@ def test_a_huge_file_is_quarantined_by_its_size_without_being_read(tmp_path: Pat
     with open(src / CLASSES[0] / "holiday.jpg", "wb") as stream:  # sparse: costs no disk and no memory
         stream.truncate(3 * 2**30)
     # A fresh interpreter, so the peak is this ingest's, not that of the tests that ran before in this process.
-    measure = ("import resource, sys; from tasks.ingest.config import IngestConfig; "
+    # Its own peak is VmHWM (ru_maxrss would carry this big process's peak over the fork and exec); its decode
+    # workers, spawned from the small interpreter, report theirs through RUSAGE_CHILDREN.
+    measure = ("import re, resource, sys; from pathlib import Path; from tasks.ingest.config import IngestConfig; "
                "from tasks.ingest.pipeline import ingest; ingest(IngestConfig(src=sys.argv[1], out=sys.argv[2], "
-               "workers=1)); print(max(resource.getrusage(who).ru_maxrss for who in "
-               "(resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) * 1024)")
+               "workers=1)); own = int(re.search(r'VmHWM:\\s+(\\d+) kB', Path('/proc/self/status').read_text())[1]); "
+               "print(max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024)")
     done = subprocess.run([sys.executable, "-c", measure, str(src), str(tmp_path / "out")], capture_output=True,
                           text=True, cwd=REPO, check=True)
     manifest = read_ingested_manifest(tmp_path / "out")
