@@ -40,7 +40,7 @@ from open_set import features_and_logits, held_out, known_source  # noqa: E402
 from ray_jobs.config import DataConfig, LossConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig  # noqa: E402
 from ray_jobs.data.parquet import ParquetImageDataset  # noqa: E402
 from ray_jobs.inference.detectors import DETECTORS, FitData, make_detector  # noqa: E402
-from ray_jobs.inference.loading import LogitsModel, LoadedModel, model_from_checkpoint  # noqa: E402
+from ray_jobs.inference.loading import CheckpointModel, LoadedModel, LogitsModel, model_from_checkpoint  # noqa: E402
 from ray_jobs.metrics import auroc  # noqa: E402
 from ray_jobs.model.inputs import eval_preprocessing  # noqa: E402
 from ray_jobs.training.engine import Precision, predict  # noqa: E402
@@ -53,8 +53,7 @@ KNN_CHOICES = (1, 5, 10, 20, 50)
 UNKNOWN_FOR_K = 15  # train photos per held-out class, used only to choose KNN's k
 
 
-def _split_features(checkpoint: str, dataset: str, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    loaded = model_from_checkpoint(checkpoint)
+def _split_features(loaded: CheckpointModel, dataset: str, split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     data = ParquetImageDataset(dataset, split, eval_preprocessing(loaded.config))
     return predict(loaded.net, DataLoader(data, batch_size=50), torch.device("cpu"), Precision(torch.device("cpu"), "fp32"))
 
@@ -76,7 +75,7 @@ def cache_model(split: int, seed: int, args: argparse.Namespace, out: Path) -> N
         result = fit(cfg)
         loaded = model_from_checkpoint(result.best_checkpoint)
         served = LoadedModel(module=LogitsModel(loaded.net), classes=loaded.classes, config=loaded.config, source="")
-        train, val = (_split_features(result.best_checkpoint, dataset, name) for name in ("train", "val"))
+        train, val = (_split_features(loaded, dataset, name) for name in ("train", "val"))
         test_known = [p for name in loaded.classes for p in sorted((SOURCE / "test" / name).iterdir())]
         test_labels = torch.tensor([i for i, name in enumerate(loaded.classes)
                                     for _ in sorted((SOURCE / "test" / name).iterdir())])
