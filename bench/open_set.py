@@ -1,23 +1,23 @@
-"""Open-set rejection on food101_mini10: can a model trained on 8 dishes tell the other 2 apart as "unknown"?
+"""Open-set detectors against each other on food101_mini10: can a model trained on 8 dishes flag the other 2?
 
-For each split (seeded), 2 of the 10 classes are held out; a center-loss model and a softmax
-model (and, with `--losses ... lgm`, an L-GM model; the pipeline's default recipe otherwise:
-pretrained EfficientNet-Lite0) train on the other 8 in local
-mode; the best-by-val checkpoint is evaluated (which calibrates it on the val split, as the
-pipeline does) and then scores every test photo, known and held-out alike, through the same
-decoder and preprocessing a user's photo goes through (`ray_jobs.data.decode`, `ray_jobs.inference`).
+For each split (2 of the 10 classes held out, seeded) and training seed, one model trains on the
+other 8 with the default recipe at the backbone's native size (`--loss` for a training-time
+option), in this process. Its best-by-val checkpoint's eval-mode features and logits are cached
+(under --workspace, not committed): the train photos the detectors fit on (the same capped,
+seeded subset `ray_jobs.inference.calibrate` uses), val, and the known and unknown test photos
+read from their files, as a user's photo is. Then the shipped code fits and thresholds every
+detector (`ray_jobs.inference.open_set.fit_open_set`: KNN's k chosen on val by leaving a class
+out, thresholds accepting 95% of val) and each model's per-photo test scores go to a small JSON
+file under --results (committed), so `report` needs only those and a session that ends mid-run
+resumes at the next model (`--rescore` refits from the cached features after a detector changes).
 
-Reported per model, mean ± sample sd over splits:
-- AUROC of known vs unknown test photos for five "known" scores: minus the relative, the cosine
-  and the Euclidean distance to the nearest class center (`ray_jobs.inference.open_set`; center loss: its
-  trained centers; softmax: val class means; L-GM: its means), the max softmax probability and
-  the max logit;
-- the share of known test photos accepted and of unknown ones rejected at the calibrated
-  thresholds (relative distance, set to accept 95% of val images: the pipeline's defaults);
-- closed-set top-1 on the known classes.
+Per detector, mean ± sd over models: AUROC (known = positive); FPR@95, the share of unknown test
+photos accepted at the threshold that accepts 95% of the known test photos (`roc_curve`); AUPR
+(known positive); at the val threshold, the shares of known test photos accepted and unknown
+ones flagged; the paired AUROC difference against MSP with a 95% bootstrap interval over models.
 
-    python bench/open_set.py [--epochs 4] [--image-size 128] [--splits 3] [--losses center softmax lgm]
-                             [--limit-per-class N] [--json out.json]
+    python bench/open_set.py run [--splits 5] [--seeds 0 1] [--epochs 5] [--loss center]
+    python bench/open_set.py report [--loss center]
 """
 
 from __future__ import annotations
@@ -28,50 +28,49 @@ import os
 import random
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-from ray_jobs.config import DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig
-from ray_jobs.data.decode import read_image
-from ray_jobs.inference.loading import LoadedModel, load_model
-from ray_jobs.model.inputs import eval_preprocessing
-from ray_jobs.inference.open_set import (
-    DISTANCES,
-    center_distances,
-    max_logit,
-    max_softmax_probability,
-    open_set_scores,
-)
-from ray_jobs.metrics import auroc
-from ray_jobs.training.trainer import fit
-from tasks.evaluation.evaluate import evaluate_checkpoint
-from tasks.evaluation.report import EvaluateConfig
-from tasks.ingest.config import IngestConfig
-from tasks.ingest.pipeline import ingest
+from sklearn.metrics import average_precision_score, roc_curve
+from torch.utils.data import DataLoader, Subset
 
 REPO = Path(__file__).resolve().parents[1]
-LOSSES = {"center": LossConfig(kind="center"), "softmax": LossConfig(kind="softmax"), "lgm": LossConfig(kind="lgm")}
+sys.path.insert(0, str(REPO))
+
+from ray_jobs.config import DataConfig, LossConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig  # noqa: E402
+from ray_jobs.data.decode import read_image  # noqa: E402
+from ray_jobs.data.parquet import ParquetImageDataset  # noqa: E402
+from ray_jobs.inference.calibrate import fit_subset  # noqa: E402
+from ray_jobs.inference.detector_names import DETECTORS  # noqa: E402
+from ray_jobs.inference.detectors import FitData  # noqa: E402
+from ray_jobs.inference.loading import CheckpointModel, model_from_checkpoint  # noqa: E402
+from ray_jobs.inference.open_set import fit_open_set  # noqa: E402
+from ray_jobs.metrics import auroc  # noqa: E402
+from ray_jobs.model.inputs import eval_preprocessing, input_spec  # noqa: E402
+from ray_jobs.training.engine import Precision, predict  # noqa: E402
+from ray_jobs.training.trainer import fit  # noqa: E402
+from tasks.ingest.config import IngestConfig  # noqa: E402
+from tasks.ingest.pipeline import ingest  # noqa: E402
+
+SOURCE = REPO.parent / "shared" / "data" / "food101_mini10"
+CPU = torch.device("cpu")
 
 
-def held_out(classes: list[str], split: int, seed: int, count: int) -> list[str]:
+def held_out(classes: list[str], split: int, seed: int = 0, count: int = 2) -> list[str]:
     """The `count` classes split `split` treats as unknown (seeded, so reruns hold out the same ones)."""
     return sorted(random.Random(f"{seed}:{split}").sample(classes, count))
 
 
-def _files(folder: Path, limit: int | None) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file())[:limit]
-
-
-def known_source(source: Path, known: list[str], out: Path, limit: int | None) -> Path:
+def known_source(known: list[str], out: Path, limit: int | None) -> Path:
     """`out/{train,test}/<known class>/` with (at most `limit` per class of) the source's photos, hard-linked."""
     for split in ("train", "test"):
         for name in known:
             folder = out / split / name
             folder.mkdir(parents=True)
-            for path in _files(source / split / name, limit):
+            for path in sorted(p for p in (SOURCE / split / name).iterdir() if p.is_file())[:limit]:
                 try:
                     os.link(path, folder / path.name)
                 except OSError:  # another filesystem
@@ -79,130 +78,165 @@ def known_source(source: Path, known: list[str], out: Path, limit: int | None) -
     return out
 
 
+def _split(loaded: CheckpointModel, dataset: ParquetImageDataset | Subset) -> tuple[torch.Tensor, ...]:
+    return predict(loaded.net, DataLoader(dataset, batch_size=50), CPU, Precision(CPU, "fp32"))
+
+
 @torch.no_grad()
-def features_and_logits(model: LoadedModel, paths: list[Path], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the model sees of each photo, decoded and preprocessed as `train-food predict` does it."""
-    preprocess = eval_preprocessing(model.config)
-    features, logits = [], []
-    for start in range(0, len(paths), batch_size):
-        images = torch.stack([preprocess(read_image(p)) for p in paths[start : start + batch_size]])
-        batch_features, batch_logits = model.net(images)
-        features.append(batch_features.float())
-        logits.append(batch_logits.float())
-    return torch.cat(features), torch.cat(logits)
+def _files(loaded: CheckpointModel, paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and logits of photo files, decoded and preprocessed as `train-food predict` does it."""
+    preprocess, net = eval_preprocessing(loaded.config), loaded.net.eval()
+    parts = [net(torch.stack([preprocess(read_image(p)) for p in paths[i : i + 50]])) for i in range(0, len(paths), 50)]
+    return torch.cat([f for f, _ in parts]).float(), torch.cat([lg for _, lg in parts]).float()
 
 
-def score_model(model: LoadedModel, known: dict[str, list[Path]], unknown: list[Path]) -> dict[str, float]:
-    """AUROCs, accepted/rejected shares at the calibrated thresholds and closed-set top-1."""
-    paths = [p for name in model.classes for p in known[name]]
-    labels = torch.tensor([i for i, name in enumerate(model.classes) for _ in known[name]])
-    known_features, known_logits = features_and_logits(model, paths)
-    unknown_features, unknown_logits = features_and_logits(model, unknown)
-    known_scores = open_set_scores(known_features, model.calibration)
-    unknown_scores = open_set_scores(unknown_features, model.calibration)
-    centers = model.calibration.centers
+def cache_features(split: int, seed: int, args: argparse.Namespace, out: Path) -> None:
+    """Train one model on the known classes of `split`; store what the detectors fit on and score."""
+    classes = sorted(p.name for p in (SOURCE / "train").iterdir())
+    unknown = held_out(classes, split)
+    known = [name for name in classes if name not in unknown]
+    with tempfile.TemporaryDirectory(prefix="bench-open-set-") as tmp:
+        source = known_source(known, Path(tmp) / "src", args.limit_per_class)
+        dataset = ingest(IngestConfig(src=str(source), out=f"{tmp}/data", max_side=args.max_side)).out
+        cfg = TrainConfig(data=DataConfig(dataset=dataset, batch_size=32, loader_workers=1, image_size=args.image_size),
+                          loss=loss_config(args.loss), optim=OptimConfig(epochs=args.epochs, warmup_epochs=1),
+                          scaling=ScalingConfig(num_workers=0),
+                          run=RunConfig(storage_path=f"{tmp}/runs", name=f"split{split}-seed{seed}", seed=seed,
+                                        keep_checkpoints=1))
+        start = time.perf_counter()
+        result = fit(cfg)
+        minutes = (time.perf_counter() - start) / 60
+        loaded = model_from_checkpoint(result.best_checkpoint)
+        preprocess = eval_preprocessing(loaded.config)
+        train = ParquetImageDataset(dataset, "train", preprocess)
+        test_known = [p for name in loaded.classes for p in sorted((SOURCE / "test" / name).iterdir())]
+        head = loaded.net.head
+        state = {
+            "split": split, "seed": seed, "loss": args.loss, "unknown_classes": unknown, "classes": loaded.classes,
+            "best_epoch": loaded.state["epoch"], "train_minutes": round(minutes, 2),
+            "image_size": input_spec(loaded.config).image_size,
+            "train": _split(loaded, Subset(train, fit_subset(train.labels))),
+            "val": _split(loaded, ParquetImageDataset(dataset, "val", preprocess)),
+            "test_known": (*_files(loaded, test_known), torch.tensor(
+                [i for i, name in enumerate(loaded.classes) for _ in sorted((SOURCE / "test" / name).iterdir())])),
+            "test_unknown": _files(loaded, [p for name in unknown for p in sorted((SOURCE / "test" / name).iterdir())]),
+            "head": (head.weight.detach().float(), head.bias.detach().float()),
+        }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out.with_suffix(".tmp"))
+    out.with_suffix(".tmp").rename(out)
 
-    def nearest(features: torch.Tensor, distance: str) -> torch.Tensor:
-        return center_distances(features, centers, distance).min(dim=1).values
 
-    return {
-        **{f"auroc_{distance}": auroc(-nearest(known_features, distance), -nearest(unknown_features, distance))
-           for distance in DISTANCES},
-        "auroc_max_softmax": auroc(max_softmax_probability(known_logits), max_softmax_probability(unknown_logits)),
-        "auroc_max_logit": auroc(max_logit(known_logits), max_logit(unknown_logits)),
-        "known_accepted": float((~known_scores.unknown).float().mean()),
-        "unknown_rejected": float(unknown_scores.unknown.float().mean()),
-        "known_top1": float((known_logits.argmax(dim=1) == labels).float().mean()),
-        "known_images": len(paths),
-        "unknown_images": len(unknown),
-    }
+def loss_config(name: str) -> LossConfig:
+    """The default objective, or a named one at the knobs `bench/recipe.py`'s grid chose."""
+    if name == "default":
+        return LossConfig()
+    if name == "softmax":
+        return LossConfig(kind="softmax")
+    sys.path.insert(0, str(REPO / "bench"))
+    from recipe import best_of_grid
+
+    return LossConfig(**best_of_grid(REPO / "bench" / "results" / "recipe")[name])
 
 
-def train_config(dataset: str, args: argparse.Namespace, loss: LossConfig, split: int, storage: str) -> TrainConfig:
-    """The pipeline's default recipe (pretrained Lite0) at the bench's budget, in this process."""
-    return TrainConfig(
-        data=DataConfig(dataset=dataset, image_size=args.image_size, batch_size=32, loader_workers=0),
-        model=ModelConfig(),
-        loss=loss,
-        optim=OptimConfig(epochs=args.epochs, warmup_epochs=min(1, args.epochs - 1)),
-        scaling=ScalingConfig(num_workers=0),
-        run=RunConfig(storage_path=storage, name=f"open-set-{loss.kind}-{split}", seed=args.seed + split),
-    )
+def score(state: dict) -> dict:
+    """Fit and threshold every detector as `train-food evaluate` does; the test photos' scores per detector."""
+    train_f, train_l, train_y = state["train"]
+    weight, bias = state["head"]
+    calibration = fit_open_set(FitData(train_f, train_l, train_y, weight, bias), *state["val"], accept_share=0.95)
+    known_f, known_l, known_y = state["test_known"]
+    unknown_f, unknown_l = state["test_unknown"]
+    per_detector = {}
+    for name in DETECTORS:
+        per_detector[name] = {
+            "threshold": calibration.thresholds[name],
+            "known": [round(v, 6) for v in calibration.judge(known_f, known_l, name).score.tolist()],
+            "unknown": [round(v, 6) for v in calibration.judge(unknown_f, unknown_l, name).score.tolist()],
+        }
+    return {key: state[key] for key in ("split", "seed", "loss", "unknown_classes", "classes", "best_epoch",
+                                        "train_minutes", "image_size")} | {
+        "top1": float((known_l.argmax(1) == known_y).double().mean()), "knn_k": calibration.detectors["knn"].options["k"],
+        "default": calibration.default, "detectors": per_detector}
+
+
+def fpr_at_95(known: torch.Tensor, unknown: torch.Tensor) -> float:
+    """Share of unknown photos accepted by the threshold that accepts 95% of known ones (known = positive)."""
+    fpr, tpr, _ = roc_curve([1] * len(known) + [0] * len(unknown), torch.cat([known, unknown]).numpy())
+    return float(fpr[(tpr >= 0.95).argmax()])
+
+
+def metrics(entry: dict) -> dict[str, float]:
+    known, unknown = torch.tensor(entry["known"]).double(), torch.tensor(entry["unknown"]).double()
+    labels = [1] * len(known) + [0] * len(unknown)
+    return {"auroc": auroc(known, unknown), "fpr95": fpr_at_95(known, unknown),
+            "aupr": float(average_precision_score(labels, torch.cat([known, unknown]).numpy())),
+            "known_accepted": float((known >= entry["threshold"]).double().mean()),
+            "unknown_flagged": float((unknown < entry["threshold"]).double().mean())}
+
+
+def report(results: Path, loss: str) -> str:
+    models = [json.loads(path.read_text()) for path in sorted(results.glob(f"{loss}-split*-seed*.json"))]
+    if not models:
+        return f"no results for --loss {loss} under {results}: run `bench/open_set.py run` first"
+    rows = {name: [metrics(model["detectors"][name]) for model in models] for name in DETECTORS}
+    ranked = sorted(DETECTORS, key=lambda name: -statistics.mean(r["auroc"] for r in rows[name]))
+    lines = [f"{len(models)} models ({loss}; splits {sorted({m['split'] for m in models})} x seeds "
+             f"{sorted({m['seed'] for m in models})}), closed-set top-1 {_mean_sd([m['top1'] for m in models])}, "
+             f"KNN k chosen {sorted(m['knn_k'] for m in models)}, train {_mean_sd([m['train_minutes'] for m in models])} "
+             "min a model", "",
+             "| detector | AUROC | FPR@95 | AUPR | known accepted (val 95%) | unknown flagged | AUROC - MSP (95% CI) |",
+             "|---|---|---|---|---|---|---|"]
+    rng = random.Random(0)
+    msp = [row["auroc"] for row in rows["msp"]]
+    for name in ranked:
+        diffs = [row["auroc"] - base for row, base in zip(rows[name], msp, strict=True)]
+        boots = sorted(statistics.mean(rng.choice(diffs) for _ in diffs) for _ in range(2000))
+        cells = [_mean_sd([row[key] for row in rows[name]]) for key in ("auroc", "fpr95", "aupr", "known_accepted",
+                                                                         "unknown_flagged")]
+        paired = "-" if name == "msp" else f"{statistics.mean(diffs):+.3f} ({boots[50]:+.3f}, {boots[1949]:+.3f})"
+        lines.append(f"| {name} | {' | '.join(cells)} | {paired} |")
+    lines += ["", f"ranking by mean AUROC: {', '.join(ranked)}"]
+    return "\n".join(lines)
 
 
 def _mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
-def table(runs: dict[str, list[dict]]) -> str:
-    columns = (*(f"auroc_{distance}" for distance in DISTANCES), "auroc_max_softmax", "auroc_max_logit", "known_accepted",
-               "unknown_rejected", "known_top1")
-    lines = [
-        "| model | " + " | ".join(f"AUROC: {distance} center distance" for distance in DISTANCES)
-        + " | AUROC: max softmax prob. | AUROC: max logit "
-        "| known test accepted at 95% val | unknown test rejected | closed-set top-1 (known) | min/run |",
-        "|---" * (len(columns) + 2) + "|",
-    ]
-    for name, done in runs.items():
-        cells = [_mean_sd([run["scores"][key] for run in done]) for key in columns]
-        minutes = statistics.mean(run["minutes"] for run in done)
-        lines.append(f"| {name} | {' | '.join(cells)} | {minutes:.1f} |")
-    return "\n".join(lines)
+    return f"{values[0]:.3f}" if len(values) == 1 else f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", default=str(REPO.parent / "shared" / "data" / "food101_mini10"))
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--splits", type=int, default=3, help="random choices of the held-out classes")
-    parser.add_argument("--unknown-classes", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit-per-class", type=int, default=None,
-                        help="smoke test: at most N train and N test photos per class")
-    parser.add_argument("--losses", nargs="+", choices=list(LOSSES), default=["center", "softmax"])
-    parser.add_argument("--out", default=None, help="write the markdown table here")
-    parser.add_argument("--json", default=None, help="write every run's figures here")
+    parser.add_argument("stage", choices=("run", "report"))
+    parser.add_argument("--splits", type=int, default=5)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--image-size", type=int, default=None, help="None: the backbone's native size")
+    parser.add_argument("--max-side", type=int, default=512)
+    parser.add_argument("--loss", default="default",
+                        help="default (LossConfig's), softmax, or a center objective at the recipe grid's knobs")
+    parser.add_argument("--limit-per-class", type=int, default=None, help="smoke runs: photos per class and split")
+    parser.add_argument("--rescore", action="store_true", help="run: refit the detectors on every cached model")
+    parser.add_argument("--results", default=str(REPO / "bench" / "results" / "open_set"))
+    parser.add_argument("--workspace", default=str(REPO / "workspace" / "bench-open-set"))
     args = parser.parse_args()
-    source = Path(args.source).resolve()
-    classes = sorted(p.name for p in (source / "train").iterdir() if p.is_dir())
-    if not 0 < args.unknown_classes <= len(classes) - 2:
-        parser.error(f"--unknown-classes must leave at least 2 of the {len(classes)} classes known")
-
-    runs: dict[str, list[dict]] = {name: [] for name in args.losses}
-    with tempfile.TemporaryDirectory(prefix="open-set-") as tmp:
-        for split in range(args.splits):
-            unknown = held_out(classes, split, args.seed, args.unknown_classes)
-            known = [name for name in classes if name not in unknown]
-            src = known_source(source, known, Path(tmp) / f"src-{split}", args.limit_per_class)
-            max_side = round(args.image_size * 256 / 224) * 2
-            dataset = ingest(IngestConfig(src=str(src), out=f"{tmp}/data-{split}", max_side=max_side,
-                                          seed=args.seed)).out
-            known_test = {name: _files(source / "test" / name, args.limit_per_class) for name in known}
-            unknown_test = [p for name in unknown for p in _files(source / "test" / name, args.limit_per_class)]
-            for name in args.losses:
-                start = time.perf_counter()
-                result = fit(train_config(dataset, args, LOSSES[name], split, f"{tmp}/runs"))
-                report = evaluate_checkpoint(EvaluateConfig(checkpoint=result.best_checkpoint, dataset=dataset,
-                                                            reports=f"{tmp}/reports/{name}-{split}"))
-                scores = score_model(load_model(result.best_checkpoint), known_test, unknown_test)
-                minutes = (time.perf_counter() - start) / 60
-                runs[name].append({"split": split, "unknown": unknown, "scores": scores, "minutes": minutes,
-                                   "best_epoch": result.best_metrics.get("epoch"), "test": report.metrics,
-                                   "center_kind": report.open_set.center_kind if report.open_set else None})
-                print(f"split {split} (unknown: {', '.join(unknown)}) {name}: "
-                      + ", ".join(f"{key} {value:.3f}" for key, value in scores.items() if isinstance(value, float))
-                      + f", {minutes:.1f} min", flush=True)
-            shutil.rmtree(Path(tmp) / "runs", ignore_errors=True)  # checkpoints: ~60 MB a run
-
-    text = table(runs)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1, default=str))
+    results = Path(args.results)
+    if args.stage == "report":
+        print(report(results, args.loss))
+        return
+    for split in range(args.splits):
+        for seed in args.seeds:
+            name = f"{args.loss}-split{split}-seed{seed}"
+            cached, scored = Path(args.workspace) / f"{name}.pt", results / f"{name}.json"
+            if scored.is_file() and not args.rescore:
+                print(f"{name}: scored earlier", flush=True)
+                continue
+            if not cached.is_file():
+                cache_features(split, seed, args, cached)
+            record = score(torch.load(cached))
+            results.mkdir(parents=True, exist_ok=True)
+            scored.with_suffix(".tmp").write_text(json.dumps(record))
+            scored.with_suffix(".tmp").rename(scored)
+            print(f"{name}: top-1 {record['top1']:.3f}, default {record['default']} AUROC "
+                  f"{metrics(record['detectors'][record['default']])['auroc']:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Open-set rejection: thresholds accept the requested share, far photos are `unknown`, and the
-calibration travels with the checkpoint, the evaluation report and the registered model."""
+"""Open-set rejection: every detector's threshold accepts the requested share of val photos, the
+calibration is fit on eval-mode train features and travels with the checkpoint, the evaluation
+report and the registered model; `--detector` picks another; an older calibration still loads."""
 
 from __future__ import annotations
 
@@ -11,32 +12,31 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
 
 from flows.cli.main import main
-from ray_jobs.config import DataConfig, LossConfig, ModelConfig, TrainConfig
 from ray_jobs.data.decode import read_image
+from ray_jobs.data.parquet import ParquetImageDataset
 from ray_jobs.errors import UserInputError
-from ray_jobs.inference.calibrate import model_centers
+from ray_jobs.inference.calibrate import FIT_PHOTOS_PER_CLASS, fit_subset
 from ray_jobs.inference.calibration_store import (
     CALIBRATION_FILE,
-    calibration_document,
+    LEGACY_FORMAT,
+    TENSORS_FILE,
     calibration_path,
     read_calibration,
     write_calibration,
 )
-from ray_jobs.inference.loading import CheckpointModel, load_model, model_from_checkpoint
-from ray_jobs.model.inputs import eval_preprocessing
-from ray_jobs.inference.open_set import (
-    DISTANCES,
-    Calibration,
-    calibrate,
-    center_distances,
-    class_means,
-    open_set_scores,
-)
+from ray_jobs.inference.detector_names import DETECTORS
+from ray_jobs.inference.detectors import FitData, accept_threshold, choose_knn_k
+from ray_jobs.inference.legacy_calibration import LEGACY_DETECTOR, LegacyCalibration
+from ray_jobs.inference.loading import load_model, model_from_checkpoint
+from ray_jobs.inference.open_set import DETECTOR_RANKING, fit_open_set
 from ray_jobs.inference.predict import predict_files, predict_tensors
 from ray_jobs.metrics import auroc
-from ray_jobs.model.foodnet import build_model
+from ray_jobs.model.inputs import eval_preprocessing
+from ray_jobs.training.engine import predict
 from tasks.evaluation.evaluate import evaluate_checkpoint
 from tasks.evaluation.report import EvaluateConfig
 from tasks.registry.config import RegisterConfig
@@ -46,180 +46,151 @@ from tasks.registry.store import default_tracking_uri
 # ---------------------------------------------------------------- synthetic features (exact)
 
 
-def _two_classes() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Class 0: 20 points at distances 1..20 from (0, 0); class 1: 40 points at 0.1..4.0 from (100, 0)."""
-    centers = torch.tensor([[0.0, 0.0], [100.0, 0.0]])
-    near0 = torch.stack([torch.zeros(20), torch.arange(1, 21).float()], dim=1)
-    near1 = torch.stack([torch.full((40,), 100.0), torch.arange(1, 41).float() / 10], dim=1)
-    labels = torch.cat([torch.zeros(20, dtype=torch.long), torch.ones(40, dtype=torch.long)])
-    return torch.cat([near0, near1]), labels, centers
+def _clusters(per_class: int, seed: int, classes: int = 4, dim: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """`classes` Gaussian clusters around scaled unit vectors, `per_class` points each."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    features = torch.eye(classes, dim)[labels] * 6 + torch.randn(len(labels), dim, generator=generator)
+    return features, labels
 
 
-@pytest.mark.parametrize(("share", "expected"), [(0.95, [19.0, 3.8]), (0.5, [10.0, 2.0]), (1.0, [20.0, 4.0])])
-def test_per_class_thresholds_accept_exactly_the_requested_share(share, expected):
-    features, labels, centers = _two_classes()
-    calibration = calibrate(features, centers, "center_loss", accept_share=share, distance="euclidean")
-    # scales (lower medians) 10 and 2.0; factor = the 95% order statistic of distance / scale over all 60
-    assert calibration.thresholds.tolist() == pytest.approx(expected)
-    assert calibration.fallback_classes == [] and calibration.val_counts == [20, 40]
-    scores = open_set_scores(features, calibration)
-    assert scores.nearest.tolist() == labels.tolist()
-    for cls, count in enumerate((20, 40)):
-        accepted = int((~scores.unknown[labels == cls]).sum())
-        assert accepted == math.ceil(share * count - 1e-9), cls
-    assert float((~scores.unknown).float().mean()) == pytest.approx(share)
+def _fit_data(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> FitData:
+    return FitData(features, features @ weight.T, labels, head_weight=weight, head_bias=torch.zeros(len(weight)))
 
 
-def test_classes_nearest_to_few_or_no_val_images_get_the_global_scale():
-    features, _, centers = _two_classes()
-    keep = torch.cat([torch.arange(3), torch.arange(20, 60)])  # class 0 keeps 3 images; class 2 has none
-    centers = torch.cat([centers, torch.tensor([[0.0, 500.0]])])
-    calibration = calibrate(features[keep], centers, "center_loss", 0.95, "euclidean", min_class_images=10)
-    # every scale is 2.0 (the global lower median of {1, 2, 3, 0.1..4.0}, and class 1's of 0.1..4.0);
-    # the factor is the 41st smallest of the 43 distances / 2.0: 3.8 / 2.0
-    assert calibration.fallback_classes == [0, 2] and calibration.val_counts == [3, 40, 0]
-    assert calibration.thresholds.tolist() == pytest.approx([3.8, 3.8, 3.8])
+def test_accept_threshold_is_the_order_statistic_that_accepts_at_least_the_share():
+    scores = torch.arange(1, 21).double()  # 1..20, known when >= threshold
+    assert accept_threshold(scores, 0.95) == 2.0  # ceil(19) = 19 accepted: 2..20
+    assert accept_threshold(scores, 0.5) == 11.0 and accept_threshold(scores, 1.0) == 1.0
+    assert accept_threshold(scores[:3], 0.95) == 1.0  # ceil(2.85) = 3 of 3
+    with pytest.raises(ValueError, match="no scores"):
+        accept_threshold(torch.empty(0), 0.95)
 
 
-def test_fifteen_val_images_a_class_still_give_a_95_percent_rule():
-    """8 classes of 15 val images: a per-class 95% order statistic would be each class's largest distance
-    (all 120 accepted); one factor over all 120 accepts ceil(0.95 x 120) = 114 of them."""
-    generator = torch.Generator().manual_seed(0)
-    centers = torch.eye(8) * 50
-    labels = torch.arange(8).repeat_interleave(15)
-    features = centers[labels] + torch.randn(120, 8, generator=generator) * torch.linspace(0.5, 3.0, 8)[labels, None]
-    for distance in DISTANCES:
-        calibration = calibrate(features, centers, "center_loss", 0.95, distance)
-        assert calibration.val_counts == [15] * 8 and calibration.fallback_classes == []
-        assert int((~open_set_scores(features, calibration).unknown).sum()) == 114, distance
-        if distance != "relative":  # positive distances: classes that are spread wider get wider thresholds
-            assert calibration.thresholds[7] > 3 * calibration.thresholds[0], distance
+@pytest.mark.parametrize("share", [0.95, 0.8])
+def test_every_detector_accepts_the_requested_share_of_its_val_photos(share):
+    weight = torch.eye(4, 8) * 2
+    train, val = _clusters(30, seed=0), _clusters(15, seed=1)
+    calibration = fit_open_set(_fit_data(*train, weight), val[0], val[0] @ weight.T, val[1], share)
+    assert set(calibration.detector_names) == set(DETECTORS) and calibration.default == DETECTOR_RANKING[0]
+    assert (calibration.fit_photos, calibration.val_photos) == (120, 60)
+    for name in DETECTORS:
+        verdicts = calibration.judge(val[0], val[0] @ weight.T, name)
+        assert verdicts.detector == name
+        assert int((~verdicts.unknown).sum()) == math.ceil(share * 60 - 1e-9), name
+        assert torch.equal(verdicts.unknown, verdicts.score < verdicts.threshold), name
 
 
-def test_relative_thresholds_are_each_class_median_plus_one_margin():
-    """Points on the line through each center: relative distance = -|c|^2 + 2 |c| u at u short of it.
-    Class 0 (|c| 10): 20 points at -100 + k, k = 1..20 (median -90); class 1 (|c| 10): 40 points at
-    -100 + k/10 (median -98). Minus its median: -9..10 and -1.9..2; the 57th smallest of those 60 is 7."""
-    centers = torch.tensor([[10.0, 0.0], [0.0, 10.0]])
-    u0, u1 = torch.arange(1, 21).double() / 20, torch.arange(1, 41).double() / 200
-    features = torch.cat([torch.stack([10 - u0, torch.zeros(20, dtype=torch.double)], dim=1),
-                          torch.stack([torch.zeros(40, dtype=torch.double), 10 - u1], dim=1)]).float()
-    calibration = calibrate(features, centers, "center_loss", 0.95, "relative")
-    assert calibration.thresholds.tolist() == pytest.approx([-83.0, -91.0], abs=1e-3)
-    unknown = open_set_scores(features, calibration).unknown
-    assert int((~unknown[:20]).sum()) == 17 and not unknown[20:].any()
+def test_far_photos_are_flagged_and_the_default_is_the_best_ranked_detector_present():
+    weight = torch.eye(4, 8) * 2
+    train, val = _clusters(30, seed=0), _clusters(15, seed=1)
+    far = torch.zeros(20, 8)
+    far[:, 4:] = 6 + torch.randn(20, 4, generator=torch.Generator().manual_seed(2))  # outside the known subspace
+    calibration = fit_open_set(_fit_data(*train, weight), val[0], val[0] @ weight.T, val[1])
+    for name in ("center_distance", "mahalanobis", "rmd", "knn", "vim"):
+        assert calibration.judge(far, far @ weight.T, name).unknown.all(), name
+    without_vim = fit_open_set(_fit_data(*train, weight), val[0], val[0] @ weight.T, val[1],
+                               names=tuple(name for name in DETECTORS if name != "vim"))
+    assert without_vim.default == DETECTOR_RANKING[1]  # L-GM models have no linear head for ViM
+    with pytest.raises(ValueError, match="has no detector 'vim'"):
+        without_vim.judge(far, far @ weight.T, "vim")
 
 
-def test_a_relative_fallback_class_is_measured_from_its_own_center():
-    """Class 1 (|c| 2) has 3 val images, too few for its own median: it takes the overall median of
-    `distance - (-|c|^2)` (9, over 1..20 from class 0 and 1, 2, 3 from class 1) from its own center's
-    value -4, not the overall median distance (-88, set by class 0's longer center), which would
-    reject its own photos. Margin: the 22nd smallest of the 23 `distance - typical` is 9."""
-    centers = torch.tensor([[10.0, 0.0], [0.0, 2.0]])
-    u0, v1 = torch.arange(1, 21).double() / 20, torch.arange(1, 4).double() / 4
-    features = torch.cat([torch.stack([10 - u0, torch.zeros(20, dtype=torch.double)], dim=1),
-                          torch.stack([torch.zeros(3, dtype=torch.double), 2 - v1], dim=1)]).float()
-    calibration = calibrate(features, centers, "center_loss", 0.95, "relative", min_class_images=10)
-    assert calibration.fallback_classes == [1] and calibration.val_counts == [20, 3]
-    assert calibration.thresholds.tolist() == pytest.approx([-90.0 + 9, -4.0 + 9 + 9], abs=1e-3)
-    unknown = open_set_scores(features, calibration).unknown
-    assert int((~unknown[:20]).sum()) == 19 and not unknown[20:].any()
+def test_knn_k_is_chosen_on_val_alone_and_never_beyond_the_bank():
+    """10 train photos per class: the 20th or 50th neighbour lies in another class for every photo, so
+    leaving a class out cannot tell it apart any more; the chosen k is one of those that can."""
+    weight = torch.eye(4, 8)
+    (features, labels), val = _clusters(10, seed=0), _clusters(15, seed=1)
+    data = _fit_data(features, labels, weight)
+    k = choose_knn_k(data, *val)
+    assert k in (1, 5, 10)
+
+    def loco(k: int) -> float:  # the rule, written out: mean AUROC of each val class against the others
+        bank = F.normalize(features.double(), dim=1)
+        query = F.normalize(val[0].double(), dim=1)
+        values = []
+        for c in range(4):
+            score = -torch.cdist(query, bank[labels != c]).kthvalue(k, dim=1).values
+            values.append(auroc(score[val[1] != c], score[val[1] == c]))
+        return sum(values) / 4
+
+    assert loco(k) == max(loco(choice) for choice in (1, 5, 10, 20))
+    assert choose_knn_k(data, *val, choices=(50, 100)) == 1  # none fits a 30-photo bank: k = 1
 
 
-def test_relative_distance_puts_short_features_far_from_every_center():
-    """||x - c||^2 - ||x||^2: a short feature pointing at a center is farther from it than a long one."""
-    centers = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
-    probes = torch.tensor([[0.1, 0.0], [40.0, 0.0], [1.0, 1.0]])
-    expected = [[3.6, 9.0], [-156.0, 9.0], [0.0, 3.0]]
-    assert torch.allclose(center_distances(probes, centers, "relative"), torch.tensor(expected), atol=1e-5)
-    # the nearest center is the Euclidean nearest one: both subtract the same ||x||^2 from a row
-    assert torch.equal(center_distances(probes, centers, "relative").argmin(dim=1),
-                       center_distances(probes, centers, "euclidean").argmin(dim=1))
-
-
-def test_cosine_distance_is_the_angle_not_the_length():
-    centers = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
-    probes = torch.tensor([[0.1, 0.0], [40.0, 0.0], [1.0, 1.0], [-1.0, 0.0]])
-    expected = [[0.0, 1.0], [0.0, 1.0], [1 - 2 ** -0.5, 1 - 2 ** -0.5], [2.0, 1.0]]
-    assert torch.allclose(center_distances(probes, centers, "cosine"), torch.tensor(expected), atol=1e-6)
-    assert center_distances(probes, centers, "euclidean")[1].tolist() == pytest.approx([38.0, math.hypot(40, 3)])
-
-
-def test_points_far_from_every_center_are_unknown_and_near_ones_are_not():
-    features, _, centers = _two_classes()
-    calibration = calibrate(features, centers, "center_loss", distance="euclidean")
-    probes = torch.tensor([[50.0, 1000.0], [-300.0, 0.0], [0.0, 0.5], [100.5, 0.0]])
-    scores = open_set_scores(probes, calibration)
-    assert scores.unknown.tolist() == [True, True, False, False]
-    assert scores.nearest.tolist() == [0, 0, 0, 1]
-    assert scores.distance.tolist() == pytest.approx([math.hypot(50, 1000), 300.0, 0.5, 0.5])
-    assert scores.threshold.tolist() == pytest.approx([19.0, 19.0, 19.0, 3.8])
-
-
-def test_softmax_centers_are_val_class_means_and_an_absent_class_is_never_nearest():
-    features = torch.tensor([[0.0, 0.0], [2.0, 2.0], [10.0, 10.0]])
-    means = class_means(features, torch.tensor([0, 0, 1]), 3)
-    assert means[:2].tolist() == [[1.0, 1.0], [10.0, 10.0]] and torch.isnan(means[2]).all()
-    calibration = calibrate(features, means, "val_means", distance="euclidean", min_class_images=1)
-    assert calibration.fallback_classes == [2]
-    assert open_set_scores(torch.tensor([[9.0, 9.0]]), calibration).nearest.tolist() == [1]
-
-
-def test_centers_follow_the_loss(trained_checkpoint):
-    center = model_from_checkpoint(trained_checkpoint)
-    features, labels = torch.randn(6, 16), torch.tensor([0, 1, 2, 0, 1, 2])
-    centers, kind = model_centers(center, features, labels)
-    assert kind == "center_loss" and torch.equal(centers, center.state["objective"]["centers"])
-
-    def rebuilt(loss: str, head: str) -> CheckpointModel:
-        net = build_model(ModelConfig(arch="resnet18", pretrained=False, feat_dim=16), 3, head)
-        config = TrainConfig(data=DataConfig(dataset="unused"), loss=LossConfig(kind=loss))
-        return CheckpointModel(net=net, config=config, classes=["a", "b", "c"], state={})
-
-    lgm = rebuilt("lgm", "lgm")
-    centers, kind = model_centers(lgm, features, labels)
-    assert kind == "lgm_means" and torch.equal(centers, lgm.net.head.means.detach())
-    centers, kind = model_centers(rebuilt("softmax", "linear"), features, labels)
-    assert kind == "val_means" and torch.allclose(centers, class_means(features, labels, 3))
-
-
-def test_auroc_against_brute_force():
-    assert auroc(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0])) == 1.0
-    assert auroc(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])) == 0.0
-    assert auroc(torch.tensor([1.0, 1.0]), torch.tensor([1.0])) == 0.5
-    generator = torch.Generator().manual_seed(0)
-    known = torch.randint(0, 8, (50,), generator=generator).float()  # many ties
-    unknown = torch.randint(0, 6, (30,), generator=generator).float()
-    pairs = known.unsqueeze(1) - unknown.unsqueeze(0)
-    brute = ((pairs > 0).sum() + 0.5 * (pairs == 0).sum()).item() / pairs.numel()
-    assert auroc(known, unknown) == pytest.approx(brute)
+def test_fit_subset_draws_at_most_the_cap_per_class_in_row_order():
+    labels = torch.tensor([0] * 5 + [1] * 300 + [2] * 3)
+    rows = fit_subset(labels, per_class=FIT_PHOTOS_PER_CLASS)
+    assert rows == sorted(rows) and rows == fit_subset(labels)
+    assert torch.bincount(labels[rows]).tolist() == [5, FIT_PHOTOS_PER_CLASS, 3]
 
 
 # ---------------------------------------------------------------- files
 
 
-def test_calibration_round_trips_through_its_file_and_refuses_another_model(tmp_path):
-    features, _, centers = _two_classes()
-    calibration = calibrate(features, centers, "center_loss")
-    write_calibration(tmp_path, calibration_document(calibration, ["a", "b"], 3, "f" * 64))
-    back = read_calibration(tmp_path, ["a", "b"], feat_dim=2, epoch=3)
-    assert torch.equal(back.centers, calibration.centers) and torch.equal(back.thresholds, calibration.thresholds)
-    assert back.to_dict() == calibration.to_dict() and back.distance == "relative"
-    document = json.loads((tmp_path / CALIBRATION_FILE).read_text())
-    del document["calibration"]["distance"]  # as written before a choice of distance existed
-    write_calibration(tmp_path, document)
-    assert read_calibration(tmp_path, ["a", "b"], feat_dim=2, epoch=3).distance == "euclidean"
+def _synthetic_calibration():
+    weight = torch.eye(4, 8) * 2
+    train, val = _clusters(30, seed=0), _clusters(15, seed=1)
+    return fit_open_set(_fit_data(*train, weight), val[0], val[0] @ weight.T, val[1]), val[0], val[0] @ weight.T
+
+
+def test_calibration_round_trips_through_its_files_and_refuses_another_model(tmp_path):
+    calibration, features, logits = _synthetic_calibration()
+    classes = ["a", "b", "c", "d"]
+    write_calibration(tmp_path, calibration, classes, 3, "f" * 64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CALIBRATION_FILE, TENSORS_FILE]
+    back = read_calibration(tmp_path, classes, feat_dim=8, epoch=3)
+    assert back.metadata() == calibration.metadata()
+    for name in DETECTORS:  # the stored detector scores exactly as the fitted one, against the same threshold
+        assert torch.equal(back.judge(features, logits, name).score, calibration.judge(features, logits, name).score)
     (tmp_path / "uncalibrated").mkdir()
-    assert read_calibration(tmp_path / "uncalibrated", ["a", "b"], 2) is None  # no file: no calibration
+    assert read_calibration(tmp_path / "uncalibrated", classes, 8) is None  # no file: no calibration
     with pytest.raises(UserInputError, match="made for other classes"):
-        read_calibration(tmp_path, ["a", "c"], 2)
+        read_calibration(tmp_path, ["a", "b", "c", "e"], 8)
     with pytest.raises(UserInputError, match="made for epoch 3, the checkpoint is epoch 4"):
-        read_calibration(tmp_path, ["a", "b"], 2, epoch=4)
-    with pytest.raises(UserInputError, match="2-d, the model's features 16-d"):
-        read_calibration(tmp_path, ["a", "b"], 16)
+        read_calibration(tmp_path, classes, 8, epoch=4)
+    with pytest.raises(UserInputError, match="does not fit a model with 4 classes and 16-d features"):
+        read_calibration(tmp_path, classes, 16)
+    tensors = tmp_path / TENSORS_FILE
+    data = tensors.read_bytes()
+    tensors.write_bytes(data[:-8] + bytes(byte ^ 0xFF for byte in data[-8:]))
+    with pytest.raises(UserInputError, match=f"{TENSORS_FILE} does not match the hash"):
+        read_calibration(tmp_path, classes, 8)
+    tensors.unlink()
+    with pytest.raises(UserInputError, match=f"cannot read .*{TENSORS_FILE}"):
+        read_calibration(tmp_path, classes, 8)
     (tmp_path / CALIBRATION_FILE).write_text("{not json")
     with pytest.raises(UserInputError, match=f"{CALIBRATION_FILE}: unusable open-set calibration"):
-        read_calibration(tmp_path, ["a", "b"], 2)
+        read_calibration(tmp_path, classes, 8)
+
+
+def _legacy_document(classes: list[str], centers: list[list[float]], thresholds: list[float], epoch: int | None,
+                     distance: str | None = "relative") -> dict:
+    """A calibration as train-food wrote it before the detectors (format /1; `distance` absent in the oldest)."""
+    calibration = {"centers": centers, "thresholds": thresholds, "accept_share": 0.95, "center_kind": "center_loss",
+                   "val_counts": [10] * len(classes), "fallback_classes": []}
+    if distance is not None:
+        calibration["distance"] = distance
+    return {"format": LEGACY_FORMAT, "classes": classes, "checkpoint_epoch": epoch, "dataset_fingerprint": "",
+            "calibration": calibration}
+
+
+def test_an_older_calibration_loads_judges_as_it_did_and_says_so(tmp_path):
+    (tmp_path / CALIBRATION_FILE).write_text(json.dumps(
+        _legacy_document(["a", "b"], [[0.0, 0.0], [100.0, 0.0]], [19.0, 3.8], 3, distance=None)))
+    legacy = read_calibration(tmp_path, ["a", "b"], feat_dim=2, epoch=3)
+    assert isinstance(legacy, LegacyCalibration) and legacy.older and legacy.distance == "euclidean"
+    assert "older calibration: euclidean distance" in legacy.describe()
+    probes = torch.tensor([[50.0, 1000.0], [0.0, 18.0], [100.5, 0.0], [104.0, 0.0]])
+    verdicts = legacy.judge(probes, torch.zeros(4, 2))
+    assert verdicts.detector == LEGACY_DETECTOR and verdicts.unknown.tolist() == [True, False, False, True]
+    assert verdicts.score.tolist() == pytest.approx([-math.hypot(50, 1000), -18.0, -0.5, -4.0])
+    assert verdicts.threshold.tolist() == pytest.approx([-19.0, -19.0, -3.8, -3.8])
+    with pytest.raises(ValueError, match="older calibration.*evaluate the checkpoint again"):
+        legacy.judge(probes, torch.zeros(4, 2), "vim")
+
+
+# ---------------------------------------------------------------- the trained checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -227,108 +198,143 @@ def photos(sample_dir) -> list[str]:
     return [str(p) for p in sorted((sample_dir / "test" / "apple_pie").glob("*.jpg"))[:3]]
 
 
-def _copy_checkpoint(trained_checkpoint: str, folder: Path, calibration: Calibration | None) -> str:
-    """The trained checkpoint in a new folder, with `calibration` (a hand-made one) or none at all."""
+def _copy_checkpoint(trained_checkpoint: str, folder: Path, calibrated: bool = True) -> str:
     shutil.copytree(trained_checkpoint, folder)
-    calibration_path(folder).unlink()
-    if calibration is not None:
-        state = model_from_checkpoint(folder).state
-        write_calibration(folder, calibration_document(calibration, list(state["classes"]), state["epoch"], ""))
+    if not calibrated:
+        for path in (calibration_path(folder), calibration_path(folder).with_name(TENSORS_FILE)):
+            path.unlink()
     return str(folder)
 
 
-def _with_thresholds(trained_checkpoint: str, value: float) -> Calibration:
-    stored = load_model(trained_checkpoint).calibration
-    return Calibration(centers=stored.centers, thresholds=torch.full_like(stored.thresholds, value),
-                       accept_share=stored.accept_share, center_kind=stored.center_kind,
-                       val_counts=stored.val_counts, fallback_classes=stored.fallback_classes,
-                       distance=stored.distance)
+def test_the_detectors_are_fit_on_eval_mode_train_features_of_the_kept_model(trained_checkpoint, tiny_dataset):
+    """The stored KNN bank is exactly the normalised features of the train photos through the eval
+    preprocessing (no augmentation) of the checkpoint's saved model, in fp32."""
+    loaded = model_from_checkpoint(trained_checkpoint)
+    train = ParquetImageDataset(tiny_dataset, "train", eval_preprocessing(loaded.config))
+    features, _, _ = predict(loaded.net, DataLoader(Subset(train, fit_subset(train.labels)), batch_size=64),
+                             torch.device("cpu"))
+    calibration = load_model(trained_checkpoint).calibration
+    assert calibration.precision == "fp32" and calibration.fit_photos == len(features)
+    bank = calibration.detectors["knn"].tensors["bank"]
+    torch.testing.assert_close(bank, F.normalize(features.double(), dim=1).float().double(), atol=1e-6, rtol=0)
 
 
-def test_checkpoint_predictions_give_the_distance_to_the_nearest_center(trained_checkpoint, photos):
+def test_val_photos_are_accepted_at_the_requested_share_by_every_detector(trained_checkpoint, tiny_dataset):
+    loaded = model_from_checkpoint(trained_checkpoint)
+    calibration = load_model(trained_checkpoint).calibration
+    val = ParquetImageDataset(tiny_dataset, "val", eval_preprocessing(loaded.config))
+    features, logits, _ = predict(loaded.net, DataLoader(val, batch_size=64), torch.device("cpu"))
+    assert len(features) == calibration.val_photos > 20
+    for name in calibration.detector_names:
+        accepted = int((~calibration.judge(features, logits, name).unknown).sum())
+        assert accepted == math.ceil(0.95 * len(features) - 1e-9), name
+
+
+def test_checkpoint_predictions_carry_the_default_detector_and_another_on_request(trained_checkpoint, photos):
     model = load_model(trained_checkpoint)
-    stored = json.loads(calibration_path(trained_checkpoint).read_text())["calibration"]
-    assert model.calibration is not None and model.calibration.to_dict() == stored
     predictions, failures = predict_files(model, photos)
     assert not failures
     preprocess = eval_preprocessing(model.config)
     with torch.no_grad():
-        features = model.net(torch.stack([preprocess(read_image(path)) for path in photos]))[0]
-    assert model.calibration.distance == "relative"  # the default: ||x - c||^2 - ||x||^2
-    x, c = features.double(), model.calibration.centers.double()
-    distances = (x.unsqueeze(1) - c.unsqueeze(0)).pow(2).sum(dim=2) - x.pow(2).sum(dim=1, keepdim=True)
-    for prediction, row in zip(predictions, distances, strict=True):
-        assert prediction.distance == pytest.approx(row.min().item(), rel=1e-4, abs=1e-4)
-        assert prediction.nearest == model.classes[int(row.argmin())]
-        assert prediction.threshold == pytest.approx(model.calibration.thresholds[int(row.argmin())].item())
-        assert prediction.unknown == (prediction.distance > prediction.threshold)
-    decoded = predict_tensors(model, [read_image(path) for path in photos], names=photos)
-    assert decoded == predictions
+        features, logits = model.net(torch.stack([preprocess(read_image(path)) for path in photos]))
+    for name in (None, "knn", "msp"):
+        expected = model.calibration.judge(features, logits, name)
+        got = predict_files(model, photos, detector=name)[0]
+        assert [p.detector for p in got] == [expected.detector] * len(photos)
+        assert [p.score for p in got] == pytest.approx(expected.score.tolist(), rel=1e-4, abs=1e-4)
+        assert all(p.unknown == (p.score < p.threshold) for p in got)
+    assert predictions[0].detector == model.calibration.default
+    assert predict_tensors(model, [read_image(path) for path in photos], names=photos) == predictions
 
 
-@pytest.mark.parametrize(("threshold", "word", "sign"), [(-1e6, "unknown", ">"), (1e6, "known", "<=")])
-def test_predict_cli_says_unknown_beyond_the_threshold(trained_checkpoint, photos, tmp_path, capsys,
-                                                        threshold, word, sign):
-    checkpoint = _copy_checkpoint(trained_checkpoint, tmp_path / "ckpt", _with_thresholds(trained_checkpoint, threshold))
-    assert main(["predict", *photos, "--model", checkpoint, "--top-k", "2"]) == 0
+@pytest.mark.parametrize(("threshold", "word", "sign"), [(1e6, "unknown", "<"), (-1e6, "known", ">=")])
+def test_predict_cli_says_unknown_below_the_threshold(trained_checkpoint, photos, tmp_path, capsys,
+                                                      threshold, word, sign):
+    checkpoint = _copy_checkpoint(trained_checkpoint, tmp_path / "ckpt")
+    document = json.loads(calibration_path(checkpoint).read_text())
+    document["calibration"]["detectors"]["energy"]["threshold"] = threshold
+    calibration_path(checkpoint).write_text(json.dumps(document))
+    assert main(["predict", *photos, "--model", checkpoint, "--top-k", "2", "--detector", "energy"]) == 0
     out, err = capsys.readouterr()
     assert err == ""
     lines = out.splitlines()
     assert len(lines) == 3 * len(photos)
-    expected = predict_files(load_model(checkpoint), photos, top_k=2)[0]
+    expected = predict_files(load_model(checkpoint), photos, top_k=2, detector="energy")[0]
     for block, prediction in zip(range(0, len(lines), 3), expected, strict=True):
         assert lines[block] == prediction.path
-        verdict = f"   {word} (nearest: {prediction.nearest}, distance {prediction.distance:.3f} {sign} {threshold:.3f})"
+        verdict = f"   {word} (energy score {prediction.score:.3f} {sign} {threshold:.3f})"
         assert lines[block + 1].startswith("  1. ") and lines[block + 1].endswith(verdict)
         assert prediction.unknown == (word == "unknown")
 
 
-def test_old_checkpoint_without_calibration_still_predicts_and_says_so_once(trained_checkpoint, photos, tmp_path,
-                                                                           capsys):
-    checkpoint = _copy_checkpoint(trained_checkpoint, tmp_path / "old", None)
+def test_an_unknown_detector_name_is_refused_by_the_flag(trained_checkpoint, photos, capsys):
+    with pytest.raises(SystemExit) as stopped:  # argparse's choices: usage and one error line
+        main(["predict", *photos, "--model", trained_checkpoint, "--detector", "odin"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "--detector" in err and "invalid choice: 'odin'" in err
+
+
+def test_a_checkpoint_with_an_older_calibration_predicts_and_says_what_it_uses(trained_checkpoint, photos, tmp_path,
+                                                                               capsys):
+    checkpoint = _copy_checkpoint(trained_checkpoint, tmp_path / "old", calibrated=False)
+    state = model_from_checkpoint(checkpoint).state
+    classes = list(state["classes"])
+    centers = torch.randn(len(classes), 16, generator=torch.Generator().manual_seed(0)).tolist()
+    calibration_path(checkpoint).write_text(json.dumps(
+        _legacy_document(classes, centers, [1e9] * len(classes), state["epoch"])))
+    model = load_model(checkpoint)
+    assert model.calibration.older
+    predictions, _ = predict_files(model, photos)
+    assert all(p.detector == LEGACY_DETECTOR and not p.unknown for p in predictions)
+    assert main(["predict", *photos, "--model", checkpoint, "--top-k", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("has an older calibration: relative distance") == 1 and err.count("\n") == 1
+    assert main(["predict", *photos, "--model", checkpoint, "--detector", "vim"]) == 2
+    err = capsys.readouterr().err
+    assert "--detector vim" in err and "evaluate the checkpoint again" in err and err.count("\n") == 1
+
+
+def test_a_checkpoint_without_calibration_predicts_and_says_so_once(trained_checkpoint, photos, tmp_path, capsys):
+    checkpoint = _copy_checkpoint(trained_checkpoint, tmp_path / "none", calibrated=False)
     model = load_model(checkpoint)
     assert model.calibration is None
     predictions, _ = predict_files(model, photos)
-    assert all(not p.unknown and p.distance is None and p.nearest is None for p in predictions)
+    assert all(not p.unknown and p.score is None and p.detector is None for p in predictions)
     assert main(["predict", *photos, "--model", checkpoint, "--top-k", "2"]) == 0
     out, err = capsys.readouterr()
     assert err.count("has no open-set calibration") == 1 and err.count("\n") == 1
-    assert "known" not in out and "distance" not in out and len(out.splitlines()) == 3 * len(photos)
+    assert "known" not in out and "score" not in out and len(out.splitlines()) == 3 * len(photos)
 
 
 # ---------------------------------------------------------------- evaluation and registry
 
 
-def test_report_says_which_share_is_accepted_and_per_image_csv_agrees(evaluation, trained_checkpoint):
+def test_report_names_the_detector_and_per_image_csv_agrees(evaluation):
     summary = evaluation.open_set
-    assert summary is not None and summary.center_kind == "center_loss" and summary.accept_share == 0.95
+    assert summary is not None and summary.detector == "vim" and summary.accept_share == 0.95
+    assert set(summary.detectors) == set(DETECTORS) and summary.description.startswith("detector vim, threshold")
     with evaluation.file("per_image_csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == evaluation.counts["images"] == 160
     assert summary.accepted == sum(row["unknown"] == "false" for row in rows)
     assert evaluation.metrics["test_accepted_share"] == pytest.approx(summary.accepted / 160)
+    assert {row["detector"] for row in rows} == {"vim"} and len({row["threshold"] for row in rows}) == 1
     for row in rows:
-        assert (float(row["distance"]) > float(row["threshold"])) == (row["unknown"] == "true")
-        assert float(row["threshold"]) == pytest.approx(summary.thresholds[row["nearest"]], rel=1e-5)
+        assert (float(row["score"]) < float(row["threshold"])) == (row["unknown"] == "true")
 
 
-def test_val_images_are_accepted_at_the_requested_share(trained_checkpoint, tiny_dataset):
-    """The stored calibration of the real trained checkpoint, applied to its own val split as
-    `predict` applies it, accepts exactly ceil(0.95 x N) of the N val images."""
-    from torch.utils.data import DataLoader
-
-    from ray_jobs.data.parquet import ParquetImageDataset
-    from ray_jobs.model.inputs import eval_preprocessing
-    from ray_jobs.training.engine import predict
-
-    loaded = model_from_checkpoint(trained_checkpoint)
-    calibration = load_model(trained_checkpoint).calibration
-    val = ParquetImageDataset(tiny_dataset, "val", eval_preprocessing(loaded.config))
-    features, _, _ = predict(loaded.net, DataLoader(val, batch_size=64), torch.device("cpu"))
-    assert len(features) == sum(calibration.val_counts) > 20
-    assert 0 < len(calibration.fallback_classes) < 10  # some classes nearest to fewer than 10 val images
-    accepted = int((~open_set_scores(features, calibration).unknown).sum())
-    assert accepted == math.ceil(0.95 * len(features) - 1e-9)
+def test_evaluate_judges_with_the_named_detector_without_refitting(trained_checkpoint, tiny_dataset, tmp_path,
+                                                                   capsys):
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(trained_checkpoint, checkpoint)
+    before = calibration_path(checkpoint).read_bytes()
+    assert main(["evaluate", str(checkpoint), "--dataset", tiny_dataset, "--reports", str(tmp_path / "r"),
+                 "--detector", "mahalanobis", "--limit", "20"]) == 0
+    assert "accepted as known by detector mahalanobis, threshold" in capsys.readouterr().out
+    assert calibration_path(checkpoint).read_bytes() == before  # same share: the stored calibration serves
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["open_set"]["detector"] == "mahalanobis"
 
 
 @pytest.mark.slow
@@ -339,36 +345,27 @@ def test_registered_model_carries_the_calibration(evaluation, trained_checkpoint
     result = register_model(cfg, evaluation, trained_checkpoint)
     served = load_model(result.model_uri, default_tracking_uri(cfg.workspace))
     local = load_model(trained_checkpoint)
-    assert served.calibration is not None and served.calibration.to_dict() == local.calibration.to_dict()
+    assert served.calibration is not None and served.calibration.metadata() == local.calibration.metadata()
     assert served.metadata["open_set_calibration"] == CALIBRATION_FILE
-    assert predict_files(served, photos)[0] == predict_files(local, photos)[0]
+    for name in (None, "knn"):
+        assert predict_files(served, photos, detector=name)[0] == predict_files(local, photos, detector=name)[0]
 
 
 @pytest.mark.slow
-def test_register_refuses_a_calibration_changed_since_the_report(trained_checkpoint, tiny_dataset, tmp_path):
+@pytest.mark.parametrize("changed", [CALIBRATION_FILE, TENSORS_FILE])
+def test_register_refuses_a_calibration_changed_since_the_report(trained_checkpoint, tiny_dataset, tmp_path, changed):
     checkpoint = tmp_path / "ckpt"
     shutil.copytree(trained_checkpoint, checkpoint)
     report = evaluate_checkpoint(EvaluateConfig(checkpoint=str(checkpoint), dataset=tiny_dataset,
                                                 reports=str(tmp_path / "r"), accept_share=0.5, limit=20))
-    assert report.open_set.accept_share == 0.5  # a new share recalibrates (and rewrites the file)
+    assert report.open_set.accept_share == 0.5  # a new share recalibrates (and rewrites the files)
     assert read_calibration(checkpoint, report.classes, 16).accept_share == 0.5
-    document = json.loads(calibration_path(checkpoint).read_text())
-    document["calibration"]["thresholds"][0] += 1.0
-    calibration_path(checkpoint).write_text(json.dumps(document))
-    with pytest.raises(UserInputError, match="changed since report .* evaluate this checkpoint again"):
+    if changed == CALIBRATION_FILE:
+        document = json.loads(calibration_path(checkpoint).read_text())
+        document["calibration"]["detectors"]["vim"]["threshold"] += 1.0
+        calibration_path(checkpoint).write_text(json.dumps(document))
+    else:
+        tensors = calibration_path(checkpoint).with_name(TENSORS_FILE)
+        tensors.write_bytes(tensors.read_bytes() + b" ")
+    with pytest.raises(UserInputError, match=f"{changed} is missing or changed since report .* evaluate this"):
         register_model(RegisterConfig(workspace=str(tmp_path / "ws")), report, checkpoint)
-
-
-def test_evaluating_with_another_distance_recalibrates_and_says_which(trained_checkpoint, tiny_dataset, tmp_path,
-                                                                     capsys):
-    checkpoint = tmp_path / "ckpt"
-    shutil.copytree(trained_checkpoint, checkpoint)
-    relative = load_model(str(checkpoint)).calibration
-    assert relative.distance == "relative"
-    assert main(["evaluate", str(checkpoint), "--dataset", tiny_dataset, "--reports", str(tmp_path / "r"),
-                 "--distance", "cosine"]) == 0
-    assert "nearest class's cosine distance threshold" in capsys.readouterr().out
-    cosine = load_model(str(checkpoint)).calibration
-    assert cosine.distance == "cosine" and not torch.allclose(cosine.thresholds, relative.thresholds)
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert report["open_set"]["distance"] == "cosine"

@@ -130,7 +130,9 @@ def test_a_missing_alias_is_refused_before_ray_starts(registry, capsys):
 @pytest.mark.slow
 def test_health_names_the_champion_version(server):
     health = httpx.get(f"{server}/health", timeout=30).json()
-    assert health == {"status": "ok", "model": MODEL, "version": "1", "classes": 10, "image_size": 32}
+    assert health["open_set"].startswith("detector vim, threshold ")  # the trained checkpoint's calibration default
+    assert {k: v for k, v in health.items() if k != "open_set"} == {
+        "status": "ok", "model": MODEL, "version": "1", "classes": 10, "image_size": 32}
 
 
 @pytest.mark.slow
@@ -142,7 +144,9 @@ def test_predict_answers_like_the_predict_command(server, photos, trained_checkp
         assert response.status_code == 200, response.text
         body = response.json()
         assert (body["model"], body["version"], body["unknown"]) == (MODEL, "1", reference.unknown)
-        assert body["distance"] == pytest.approx(reference.distance, rel=1e-4, abs=1e-4)  # abs: can be near 0
+        assert body["detector"] == reference.detector == "vim"
+        assert body["score"] == pytest.approx(reference.score, rel=1e-4, abs=1e-4)  # abs: can be near 0
+        assert body["threshold"] == reference.threshold
         assert [row["class"] for row in body["top"]] == [name for name, _ in reference.top]
         assert [row["probability"] for row in body["top"]] == pytest.approx([p for _, p in reference.top], abs=1e-5)
 

@@ -38,8 +38,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         print("open set: the checkpoint has no calibration (no val split of its own dataset); nothing flagged unknown")
     else:
         o = report.open_set
-        print(f"open set: {o.accepted} of {report.counts['images']} images ({o.accepted_share:.1%}) within their "
-              f"nearest class's {o.distance} distance threshold (set to accept {o.accept_share:.0%} of val images)")
+        print(f"open set: {o.accepted} of {report.counts['images']} images ({o.accepted_share:.1%}) accepted as known "
+              f"by {o.description}")
     if report.cross_dataset:
         print(f"note: cross-dataset evaluation (trained on dataset {report.train_dataset_fingerprint[:12] or 'unknown'}, "
               f"scored on {report.dataset_fingerprint[:12]})")

@@ -29,6 +29,7 @@ class FieldRef:
 
     config: type[BaseModel]
     name: str
+    borrowed: bool = False  # the verb takes only some fields of this config (`Fields.only`), on purpose
 
     @property
     def info(self) -> FieldInfo:
@@ -40,9 +41,9 @@ def field_of(action: argparse.Action) -> FieldRef | None:
     return getattr(action, _FIELD_ATTR, None)
 
 
-def tag(action: argparse.Action, config: type[BaseModel], name: str) -> argparse.Action:
+def tag(action: argparse.Action, config: type[BaseModel], name: str, borrowed: bool = False) -> argparse.Action:
     """Mark a hand-added alias (e.g. `--lower-is-better`) as setting `config.name`."""
-    setattr(action, _FIELD_ATTR, FieldRef(config, name))
+    setattr(action, _FIELD_ATTR, FieldRef(config, name, borrowed))
     return action
 
 
@@ -143,7 +144,7 @@ class Fields:
             else:
                 action = target.add_argument(self.flag(name), dest=self.prefix + name,
                                              required=info.is_required(), **kwargs)
-            tag(action, self.config, name)
+            tag(action, self.config, name, borrowed=self.only is not None)
         return target
 
     def given(self, args: argparse.Namespace) -> dict[str, Any]:

@@ -6,12 +6,11 @@ from ray_jobs.inference.predict import Prediction
 
 
 def open_set_verdict(prediction: Prediction) -> str:
-    """`unknown (nearest: pizza, distance -3.120 > -4.870)` or `known (nearest: ..., distance -9.410 <= -4.870)`;
-    "" uncalibrated. Three decimals, which cosine distances (mostly 0.1 to 0.5) need."""
-    if prediction.distance is None:
+    """`unknown (vim score 3.120 < 4.870)` or `known (vim score 9.410 >= 4.870)`; "" uncalibrated."""
+    if prediction.score is None:
         return ""
-    word, sign = ("unknown", ">") if prediction.unknown else ("known", "<=")
-    return f"{word} (nearest: {prediction.nearest}, distance {prediction.distance:.3f} {sign} {prediction.threshold:.3f})"
+    word, sign = ("unknown", "<") if prediction.unknown else ("known", ">=")
+    return f"{word} ({prediction.detector} score {prediction.score:.3f} {sign} {prediction.threshold:.3f})"
 
 
 def format_prediction(prediction: Prediction) -> str:

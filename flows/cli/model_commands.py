@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.cli.command import Verb
 from flows.cli.flags import Fields
+from ray_jobs.inference.detector_names import DetectorName
 
 
 class PredictConfig(BaseModel):
@@ -24,6 +25,9 @@ class PredictConfig(BaseModel):
         default=None, description="MLflow model URI or checkpoint path; None: models:/food-classifier@champion."
     )
     top_k: int = Field(default=5, ge=1, description="Classes to print per image.")
+    detector: DetectorName | None = Field(
+        default=None, description="Open-set detector that flags unknown dishes; None: the model calibration's default."
+    )
     tracking_uri: str | None = Field(
         default=None, description="MLflow server or store; None: MLFLOW_TRACKING_URI, else the workspace SQLite."
     )
@@ -43,7 +47,7 @@ def _is_uri(model: str | None) -> bool:
 def _predict(args: argparse.Namespace) -> int:
     from flows.cli.format import format_prediction
     from ray_jobs.inference.loading import load_model
-    from ray_jobs.inference.predict import predict_files
+    from ray_jobs.inference.predict import check_detector, predict_files
 
     cfg: PredictConfig = _predict_fields().validated(args)
     tracking_uri = None
@@ -52,10 +56,14 @@ def _predict(args: argparse.Namespace) -> int:
 
         tracking_uri = resolve_tracking_uri(cfg.tracking_uri, cfg.workspace, create=False)
     model = load_model(cfg.model, tracking_uri)
+    check_detector(model, cfg.detector)
     if model.calibration is None:
         print(f"train-food predict: note: model {model.source} has no open-set calibration (evaluate the checkpoint "
               "to add one): no photo is flagged unknown", file=sys.stderr)
-    predictions, failures = predict_files(model, cfg.images, top_k=cfg.top_k)
+    elif model.calibration.older:
+        print(f"train-food predict: note: model {model.source} has an {model.calibration.describe()}",
+              file=sys.stderr)
+    predictions, failures = predict_files(model, cfg.images, top_k=cfg.top_k, detector=cfg.detector)
     for prediction in predictions:
         print(format_prediction(prediction))
     for failure in failures:
@@ -84,6 +92,11 @@ def _serve(args: argparse.Namespace) -> int:
     serve_fields, workspace_fields, cluster_fields = _serve_fields()
     cfg = _absolute(serve_fields.validated(args), workspace_fields.value(args, "workspace"))
     serving = check_model_source(parse_model_ref(cfg.model), cfg.tracking_uri)
+    if cfg.detector is not None:  # refuse here, in one line, rather than in every replica
+        from ray_jobs.inference.loading import load_model
+        from ray_jobs.inference.predict import check_detector
+
+        check_detector(load_model(cfg.model, cfg.tracking_uri), cfg.detector)
 
     from ray import serve
 

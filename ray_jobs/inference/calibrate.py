@@ -1,8 +1,10 @@
-"""Calibrate a trained checkpoint for open-set rejection on its dataset's val split, and store the result.
+"""Calibrate a trained checkpoint for open-set rejection on its dataset, and store the result.
 
 Runs after training, on the checkpoint that will be evaluated and registered (`tasks.evaluation.evaluate`
-calls it): val features come from the same eval path as evaluation (`engine.predict` on the
-eval preprocessing), the centers from what the loss trained (see `ray_jobs.inference.open_set`).
+calls it), so every feature comes from the kept model (the EMA of the weights when one was kept):
+the detectors are fit on its eval-mode train features (the eval preprocessing, no augmentation)
+and thresholded on its val features, both from the fp32 forward that serving runs
+(`ray_jobs.inference.open_set`). The trained centers serve training and resume only.
 """
 
 from __future__ import annotations
@@ -10,58 +12,68 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
 
 from ray_jobs.data.parquet import ParquetImageDataset
 from ray_jobs.errors import UserInputError
-from ray_jobs.inference.calibration_store import calibration_document, write_calibration
+from ray_jobs.inference.calibration_store import write_calibration
+from ray_jobs.inference.detectors import DETECTORS, FitData
 from ray_jobs.inference.loading import CheckpointModel, default_device, model_from_checkpoint
+from ray_jobs.inference.open_set import DEFAULT_ACCEPT_SHARE, SERVING_PRECISION, OpenSetCalibration, fit_open_set
 from ray_jobs.model.inputs import eval_preprocessing
-from ray_jobs.inference.open_set import DEFAULT_ACCEPT_SHARE, DEFAULT_DISTANCE, Calibration, calibrate, class_means
-from ray_jobs.training.engine import predict
+from ray_jobs.training.engine import Precision, predict
+
+FIT_PHOTOS_PER_CLASS = 200  # bounds the stored KNN bank (photos x feature width, float32) on large datasets
 
 
-def model_centers(loaded: CheckpointModel, val_features: Tensor, val_labels: Tensor) -> tuple[Tensor, str]:
-    """The class centers the loss trained, and their kind: center-loss centers, L-GM means, else val means.
-
-    With an EMA of the weights kept, the trained centers followed the live model's features, not the
-    kept model's: the centers then come from the kept model's own val features, never a mix of the two.
-    """
-    kind = loaded.config.loss.kind
-    if kind in ("center", "contrastive_center") and loaded.config.optim.ema_decay is None:
-        try:
-            return loaded.state["objective"]["centers"].float(), "center_loss"
-        except (KeyError, TypeError, AttributeError):
-            raise UserInputError("center-loss checkpoint holds no centers in its objective state") from None
-    if kind == "lgm":
-        return loaded.net.head.means.detach().float().cpu(), "lgm_means"
-    return class_means(val_features, val_labels, len(loaded.classes)), "val_means"
+def fit_subset(labels: Tensor, per_class: int = FIT_PHOTOS_PER_CLASS, seed: int = 0) -> list[int]:
+    """Row indices of at most `per_class` photos of each class, drawn with a fixed seed, in row order."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen: list[int] = []
+    for label in labels.unique().tolist():
+        rows = torch.nonzero(labels == label).flatten()
+        chosen += rows[torch.randperm(len(rows), generator=generator)[:per_class]].tolist()
+    return sorted(chosen)
 
 
 def calibrate_checkpoint(
     checkpoint: str | Path,
     dataset: str,
     accept_share: float = DEFAULT_ACCEPT_SHARE,
-    distance: str = DEFAULT_DISTANCE,
     batch_size: int = 64,
     loader_workers: int = 0,
     device: str | torch.device | None = None,
     loaded: CheckpointModel | None = None,
-) -> Calibration:
-    """Thresholds from the whole val split of `dataset`, written as `calibration.json` next to the checkpoint.
+) -> OpenSetCalibration:
+    """Fit every detector on the train split of `dataset`, threshold them on its val split, and write
+    the calibration next to the checkpoint.
 
     `dataset` must be the build the checkpoint trained on (the caller checks); `loaded` saves
     rebuilding a model the caller already has.
     """
     device = torch.device(device) if device else default_device()
     loaded = loaded or model_from_checkpoint(checkpoint, device)
-    split = ParquetImageDataset(dataset, "val", eval_preprocessing(loaded.config))
-    features, _, labels = predict(loaded.net, DataLoader(split, batch_size=batch_size, num_workers=loader_workers),
-                                  device)
-    centers, kind = model_centers(loaded, features, labels)
-    calibration = calibrate(features, centers, kind, accept_share, distance)
-    document = calibration_document(calibration, loaded.classes, loaded.state.get("epoch"),
-                                    str(loaded.state.get("dataset_fingerprint", "")))
-    write_calibration(Path(checkpoint), document)
+    preprocess = eval_preprocessing(loaded.config)
+    precision = Precision(device, SERVING_PRECISION)
+
+    def run(split: ParquetImageDataset | Subset) -> tuple[Tensor, Tensor, Tensor]:
+        return predict(loaded.net, DataLoader(split, batch_size=batch_size, num_workers=loader_workers), device,
+                       precision)
+
+    train = ParquetImageDataset(dataset, "train", preprocess)
+    train_features, train_logits, train_labels = run(Subset(train, fit_subset(train.labels)))
+    val_features, val_logits, val_labels = run(ParquetImageDataset(dataset, "val", preprocess))
+    head = loaded.net.head
+    linear = isinstance(head, nn.Linear)  # ViM needs the linear head that makes the logits (L-GM has none)
+    fit = FitData(train_features, train_logits, train_labels, head_weight=head.weight.detach().float().cpu()
+                  if linear else None, head_bias=head.bias.detach().float().cpu() if linear else None)
+    names = tuple(name for name in DETECTORS if linear or name != "vim")
+    try:
+        calibration = fit_open_set(fit, val_features, val_logits, val_labels, accept_share, names=names)
+    except ValueError as err:
+        raise UserInputError(f"cannot calibrate {checkpoint} for open-set rejection on {dataset}: {err}") from None
+    write_calibration(Path(checkpoint), calibration, loaded.classes, loaded.state.get("epoch"),
+                      str(loaded.state.get("dataset_fingerprint", "")))
     return calibration
+

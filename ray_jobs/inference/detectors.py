@@ -18,12 +18,15 @@ plain tensors and numbers (`state()` / `from_state`), stored beside the model as
 - `vim`: ViM (Wang et al. 2022): energy minus a virtual logit, the norm of the feature's part
   outside the train features' principal subspace, scaled to match the logits.
 
-Pure torch, fp32 or fp64 arithmetic whatever the model ran in; `tests/test_detectors.py` checks
+Thresholds: `accept_threshold`, the rule every detector's threshold is set by (in serving and in
+the bench alike). Pure torch, fp64 arithmetic whatever the model ran in; `tests/test_detectors.py` checks
 each against pytorch-ood's implementation on fixed tensors.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,7 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DETECTORS = ("msp", "max_logit", "energy", "center_distance", "mahalanobis", "rmd", "knn", "vim")
+from ray_jobs.inference.detector_names import DETECTORS
+from ray_jobs.metrics import auroc
+
+KNN_K_CHOICES = (1, 5, 10, 20, 50)
 
 
 @dataclass
@@ -227,5 +233,42 @@ def make_detector(name: str, **options: Any) -> Detector:
 def detector_from_state(state: dict[str, Any]) -> Detector:
     """A fitted detector back from `Detector.state()`."""
     detector = make_detector(state["name"], **state.get("options", {}))
-    detector.tensors = {key: torch.tensor(value, dtype=torch.float64) for key, value in state["tensors"].items()}
+    detector.tensors = {key: torch.as_tensor(value, dtype=torch.float64) for key, value in state["tensors"].items()}
     return detector
+
+
+def accept_threshold(scores: Tensor, accept_share: float) -> float:
+    """The largest threshold accepting at least `accept_share` of `scores` (a photo is known when
+    `score >= threshold`): an order statistic, so it is defined for any number of photos."""
+    if len(scores) == 0:
+        raise ValueError("no scores to set a threshold on")
+    if not 0.0 < accept_share <= 1.0:
+        raise ValueError(f"accept_share must be in (0, 1], got {accept_share}")
+    k = min(max(math.ceil(accept_share * len(scores) - 1e-9), 1), len(scores))
+    return float(scores.double().sort(descending=True).values[k - 1])
+
+
+def choose_knn_k(data: FitData, val_features: Tensor, val_labels: Tensor,
+                 choices: Sequence[int] = KNN_K_CHOICES) -> int:
+    """KNN's k chosen on val photos alone, with no unknown dish to tune on: leave one class out.
+
+    For each class c, the train bank without c scores val photos: those of c stand in for an
+    unknown dish, the others for known ones. The k with the best mean AUROC over classes wins (the
+    smallest on a tie); with fewer than two classes in val, the smallest choice of at least 10.
+    """
+    bank = F.normalize(data.features.double(), dim=1)
+    distances = torch.cdist(F.normalize(val_features.double(), dim=1), bank)
+    classes = sorted(set(val_labels.tolist()))
+    smallest_bank = min(int((data.labels != c).sum()) for c in classes) if classes else len(bank)
+    usable = [k for k in choices if k <= smallest_bank] or [1]
+    if len(classes) < 2:
+        return min([k for k in usable if k >= 10] or [max(usable)])
+
+    def mean_auroc(k: int) -> float:
+        per_class = []
+        for c in classes:
+            score = -distances[:, data.labels != c].kthvalue(k, dim=1).values
+            per_class.append(auroc(score[val_labels != c], score[val_labels == c]))
+        return sum(per_class) / len(per_class)
+
+    return max(usable, key=lambda k: (mean_auroc(k), -k))

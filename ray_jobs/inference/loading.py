@@ -24,9 +24,8 @@ from torch import Tensor, nn
 
 from ray_jobs.config import TrainConfig, saved_train_config
 from ray_jobs.errors import UserInputError
-from ray_jobs.inference.calibration_store import read_calibration
+from ray_jobs.inference.calibration_store import AnyCalibration, read_calibration
 from ray_jobs.inference.mlflow_uri import env_default, using_tracking_uri
-from ray_jobs.inference.open_set import Calibration
 from ray_jobs.model.inputs import input_spec
 from ray_jobs.model.checkpoint import UNSAFE_LOAD_ERRORS, load_checkpoint, load_error_line
 from ray_jobs.model.foodnet import FoodNet, trained_net
@@ -60,7 +59,7 @@ class LoadedModel:
     config: TrainConfig  # the training config: image size, arch (so normalisation), loss
     source: str
     metadata: dict[str, Any] = field(default_factory=dict)
-    calibration: Calibration | None = None  # open-set centers and thresholds; None: never "unknown"
+    calibration: AnyCalibration | None = None  # open-set detectors and thresholds; None: never "unknown"
 
     @property
     def image_size(self) -> int:

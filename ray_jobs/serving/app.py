@@ -71,14 +71,14 @@ def one_line(err: Exception) -> str:
 
 
 def answer(prediction: Prediction, served: Served) -> dict[str, Any]:
-    """The JSON answer; `unknown`/`distance`/`nearest`/`threshold` from open-set rejection (null when uncalibrated)."""
+    """The JSON answer; `unknown`/`detector`/`score`/`threshold` from open-set rejection (null when uncalibrated)."""
     return {
         "model": served.name,
         "version": served.version,
         "top": [{"class": name, "probability": prob} for name, prob in prediction.top],
         "unknown": prediction.unknown,
-        "distance": prediction.distance,
-        "nearest": prediction.nearest,
+        "detector": prediction.detector,
+        "score": prediction.score,
         "threshold": prediction.threshold,
     }
 
@@ -98,8 +98,10 @@ class Classifier:
     @app.get("/health")
     def health(self) -> dict[str, Any]:
         served = self.live.current
+        calibration = served.model.calibration
         return {"status": "ok", "model": served.name, "version": served.version,
-                "classes": len(served.model.classes), "image_size": served.model.image_size}
+                "classes": len(served.model.classes), "image_size": served.model.image_size,
+                "open_set": calibration.describe(self.cfg.detector) if calibration is not None else None}
 
     @app.post("/predict")
     async def predict(self, request: Request) -> dict[str, Any]:
@@ -114,7 +116,8 @@ class Classifier:
     async def classify(self, images: list[Tensor]) -> list[dict[str, Any]]:
         served = self.live.current  # one snapshot per batch: a version switch never splits a batch
         names = [f"request-{next(self._ids)}" for _ in images]
-        predictions = await asyncio.to_thread(predict_tensors, served.model, images, names, self.cfg.top_k)
+        predictions = await asyncio.to_thread(predict_tensors, served.model, images, names, self.cfg.top_k,
+                                              detector=self.cfg.detector)
         return [answer(prediction, served) for prediction in predictions]
 
     def __del__(self) -> None:

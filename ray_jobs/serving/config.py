@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ray_jobs.data.image_prep import MAX_FILE_BYTES
+from ray_jobs.inference.detector_names import DetectorName
 from ray_jobs.inference.loading import DEFAULT_MODEL_URI
 
 
@@ -28,6 +29,9 @@ class ServeConfig(BaseModel):
     port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
     app_name: str = Field(default="train-food", min_length=1, description="Ray Serve application name.")
     top_k: int = Field(default=5, ge=1, description="Classes returned per image.")
+    detector: DetectorName | None = Field(
+        default=None, description="Open-set detector that flags unknown dishes; None: the model calibration's default."
+    )
     max_batch_size: int = Field(default=16, ge=1, description="Requests classified in one forward pass (1: no batching).")
     batch_wait_timeout_s: float = Field(
         default=0.01, ge=0.0, description="How long a batch waits for more requests before it runs."

@@ -7,12 +7,14 @@ PNGs into artifacts. Everything lands in one reports directory:
     confusion_matrix.csv      counts, class names as header and index (rows = true class)
     confusion_matrix.png      the same, labelled and annotated
     projection.png            2-D PCA of the split's features, coloured by class
-    per_image.csv             per image: label, prediction, nearest class center, distance, threshold, unknown
+    per_image.csv             per image: label, prediction, open-set detector, score, threshold, unknown
 
-Open set: before scoring, the checkpoint gets an open-set calibration (`ray_jobs.inference.calibrate`: per-class
-distance thresholds from the val split of its own dataset, stored as `calibration.json` next to
-the checkpoint) unless it already has one with the same `accept_share` and `distance`. The report says
-which share of the scored images would be accepted as known dishes. A cross-dataset evaluation
+Open set: before scoring, the checkpoint gets an open-set calibration (`ray_jobs.inference.calibrate`:
+every detector fit on the eval-mode train features of its own dataset and thresholded on its val
+split, stored as `calibration.json` + `calibration.safetensors` next to the checkpoint) unless it
+already has a current one with the same `accept_share`. The report says which detector judged
+(`detector`, else the calibration's default) and which share of the scored images it accepts as
+known dishes. A cross-dataset evaluation
 never calibrates (its val split is not the model's); it uses an existing calibration or none.
 
 Files are staged in a hidden temp folder and renamed into place with report.json last (and any
@@ -38,10 +40,10 @@ from ray_jobs.data.parquet import ParquetImageDataset
 from ray_jobs.dataset_format import dataset_info, digest_of_test_split, read_manifest
 from ray_jobs.errors import UserInputError
 from ray_jobs.inference.calibrate import calibrate_checkpoint
-from ray_jobs.inference.calibration_store import calibration_path, read_calibration
+from ray_jobs.inference.calibration_store import AnyCalibration, calibration_path, read_calibration
 from ray_jobs.inference.loading import CheckpointModel, default_device, model_from_checkpoint
 from ray_jobs.model.inputs import eval_preprocessing, input_spec
-from ray_jobs.inference.open_set import Calibration, OpenSetResult, open_set_scores
+from ray_jobs.inference.verdicts import Verdicts
 from ray_jobs.storage import absolute, local_checkpoint
 from ray_jobs.training.engine import predict
 from tasks.evaluation.plots import plot_confusion_matrix, plot_projection
@@ -93,27 +95,27 @@ def _write_csv(matrix: np.ndarray, classes: list[str], path: Path) -> None:
             writer.writerow([name, *row])
 
 
-def _write_per_image_csv(logits: Tensor, labels: Tensor, classes: list[str], scores: OpenSetResult | None,
+def _write_per_image_csv(logits: Tensor, labels: Tensor, classes: list[str], verdicts: Verdicts | None,
                          path: Path) -> None:
     """One row per scored image (`row` = its index in the split); open-set columns empty without a calibration."""
     probability, predicted = logits.float().softmax(dim=1).max(dim=1)
-    if scores is None:
+    if verdicts is None:
         open_set = [["", "", "", ""]] * len(labels)
     else:
-        open_set = [[classes[n], f"{d:.6f}", f"{t:.6f}", str(u).lower()] for n, d, t, u in zip(
-            scores.nearest.tolist(), scores.distance.tolist(), scores.threshold.tolist(), scores.unknown.tolist(),
-            strict=True)]
+        open_set = [[verdicts.detector, f"{score:.6f}", f"{threshold:.6f}", str(unknown).lower()]
+                    for score, threshold, unknown in zip(verdicts.score.tolist(), verdicts.threshold.tolist(),
+                                                         verdicts.unknown.tolist(), strict=True)]
     rows = zip(labels.tolist(), predicted.tolist(), probability.tolist(), open_set, strict=True)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["row", "label", "predicted", "probability", "nearest", "distance", "threshold", "unknown"])
+        writer.writerow(["row", "label", "predicted", "probability", "detector", "score", "threshold", "unknown"])
         for row, (label, guess, prob, cells) in enumerate(rows):
             writer.writerow([row, classes[label], classes[guess], f"{prob:.6f}", *cells])
 
 
 def _calibration(cfg: EvaluateConfig, checkpoint: Path, loaded: CheckpointModel, dataset: str, own_dataset: bool,
-                 val_rows: int, device: torch.device) -> Calibration | None:
-    """The calibration at `cfg.accept_share` and `cfg.distance`: the stored one, else a new one from the val split.
+                 val_rows: int, device: torch.device) -> AnyCalibration | None:
+    """The calibration at `cfg.accept_share`: the stored one if current, else a new one from the train and val splits.
 
     Another dataset's val split says nothing about this model's classes, so a cross-dataset
     evaluation takes the stored calibration as it is (or none).
@@ -121,26 +123,37 @@ def _calibration(cfg: EvaluateConfig, checkpoint: Path, loaded: CheckpointModel,
     stored = read_calibration(checkpoint, loaded.classes, loaded.config.model.feat_dim, loaded.state.get("epoch"))
     if not own_dataset or val_rows == 0:
         return stored
-    if stored is not None and (stored.accept_share, stored.distance) == (cfg.accept_share, cfg.distance):
+    if stored is not None and not stored.older and stored.accept_share == cfg.accept_share:
         return stored
-    return calibrate_checkpoint(checkpoint, dataset, cfg.accept_share, cfg.distance, cfg.batch_size,
-                                cfg.loader_workers, device, loaded=loaded)
+    return calibrate_checkpoint(checkpoint, dataset, cfg.accept_share, cfg.batch_size, cfg.loader_workers, device,
+                                loaded=loaded)
 
 
-def _open_set_summary(checkpoint: Path, calibration: Calibration, scores: OpenSetResult,
-                      classes: list[str]) -> OpenSetSummary:
-    accepted = int((~scores.unknown).sum())
+def _open_set_summary(checkpoint: Path, calibration: AnyCalibration, verdicts: Verdicts) -> OpenSetSummary:
+    accepted = int((~verdicts.unknown).sum())
     return OpenSetSummary(
         calibration_sha256=_sha256(calibration_path(checkpoint)),
         accept_share=calibration.accept_share,
-        center_kind=calibration.center_kind,
-        distance=calibration.distance,
-        thresholds=dict(zip(classes, calibration.thresholds.tolist(), strict=True)),
-        fallback_classes=[classes[index] for index in calibration.fallback_classes],
-        val_images=sum(calibration.val_counts),
+        detector=verdicts.detector,
+        description=calibration.describe(verdicts.detector),
+        detectors=list(calibration.detector_names),
         accepted=accepted,
-        accepted_share=accepted / max(len(scores.unknown), 1),
+        accepted_share=accepted / max(len(verdicts.unknown), 1),
     )
+
+
+def _verdicts(cfg: EvaluateConfig, calibration: AnyCalibration | None, features: torch.Tensor,
+              logits: torch.Tensor) -> Verdicts | None:
+    """The open-set verdicts of `cfg.detector` (None: the calibration's default); refused in one line if it lacks it."""
+    if calibration is None:
+        if cfg.detector is not None:
+            raise UserInputError(f"--detector {cfg.detector}: {cfg.checkpoint} has no open-set calibration and its "
+                                 "dataset no val split to make one")
+        return None
+    try:
+        return calibration.judge(features, logits, cfg.detector)
+    except ValueError as err:
+        raise UserInputError(f"--detector {cfg.detector}: the calibration of {cfg.checkpoint} {err}") from None
 
 
 def evaluate_checkpoint(cfg: EvaluateConfig) -> EvaluationReport:
@@ -162,8 +175,8 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> EvaluationReport:
     points, explained = pca_2d(features)
     calibration = _calibration(cfg, checkpoint, loaded, dataset, trained_on == info.fingerprint,
                                info.rows.get("val", 0), device)
-    scores = open_set_scores(features, calibration) if calibration is not None else None
-    open_set = _open_set_summary(checkpoint, calibration, scores, loaded.classes) if scores is not None else None
+    verdicts = _verdicts(cfg, calibration, features, logits)
+    open_set = _open_set_summary(checkpoint, calibration, verdicts) if verdicts is not None else None
     if open_set is not None:
         metrics[f"{cfg.split}_accepted_share"] = open_set.accepted_share
 
@@ -173,7 +186,7 @@ def evaluate_checkpoint(cfg: EvaluateConfig) -> EvaluationReport:
     try:
         title = f"{cfg.split} split, {len(labels)} images, top-1 {metrics[f'{cfg.split}_acc1']:.3f}"
         _write_csv(matrix, loaded.classes, staging / FILES["confusion_matrix_csv"])
-        _write_per_image_csv(logits, labels, loaded.classes, scores, staging / FILES["per_image_csv"])
+        _write_per_image_csv(logits, labels, loaded.classes, verdicts, staging / FILES["per_image_csv"])
         plot_confusion_matrix(
             matrix, loaded.classes, staging / FILES["confusion_matrix_png"], f"Confusion matrix: {title}"
         )

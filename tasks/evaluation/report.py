@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ray_jobs.dataset_format import Split
 from ray_jobs.errors import UserInputError
-from ray_jobs.inference.open_set import DEFAULT_ACCEPT_SHARE, DEFAULT_DISTANCE, Distance
+from ray_jobs.inference.detector_names import DetectorName
+from ray_jobs.inference.open_set import DEFAULT_ACCEPT_SHARE
 
 REPORT_FILE = "report.json"
 FILES = {
@@ -46,9 +47,11 @@ class EvaluateConfig(_Frozen):
     device: str | None = Field(default=None, description="torch device; None = cuda if available, else cpu.")
     accept_share: float = Field(
         default=DEFAULT_ACCEPT_SHARE, gt=0.0, le=1.0,
-        description="Open set: share of known val images the per-class distance thresholds accept.",
+        description="Open set: share of known val images each detector's threshold accepts.",
     )
-    distance: Distance = Field(default=DEFAULT_DISTANCE, description="Open set: distance to the class centers.")
+    detector: DetectorName | None = Field(
+        default=None, description="Open set: the detector the report judges with; None: the calibration's default."
+    )
 
 
 class ClassMetrics(_Frozen):
@@ -62,16 +65,14 @@ class ClassMetrics(_Frozen):
 
 
 class OpenSetSummary(_Frozen):
-    """How the calibration next to the checkpoint judged the scored images (unknown = too far from every center)."""
+    """How the calibration next to the checkpoint judged the scored images (unknown = score below the threshold)."""
 
-    calibration_sha256: str  # of calibration.json as used: registration carries exactly this file
+    calibration_sha256: str  # of calibration.json as used (it names its tensor file's hash): registration carries it
     accept_share: float
-    center_kind: str
-    distance: str
-    thresholds: dict[str, float]
-    fallback_classes: list[str]  # classes nearest to too few val images, given the global scale
-    val_images: int
-    accepted: int  # scored images within their nearest class's threshold
+    detector: str  # the detector that judged
+    description: str  # what it is and how its threshold was set, in words
+    detectors: list[str]  # every detector the calibration holds
+    accepted: int  # scored images at or above the threshold
     accepted_share: float
 
 

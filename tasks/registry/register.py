@@ -6,7 +6,7 @@ scalar metrics, report.json and its figures (artifacts under `evaluation/`) and 
 `MLmodel` file without any flavour whose metadata holds what `ray_jobs.inference.loading` needs to rebuild
 the net (training config, classes, image size, normalisation, arch, head) and whose signature
 comes from a real test image. Nothing is pickled, so loading never runs code from the registry.
-The checkpoint's open-set calibration (`calibration.json`, plain JSON) goes into `model/` too when
+The checkpoint's open-set calibration (`calibration.json` and its `calibration.safetensors`) goes into `model/` too when
 the report was made with it (same sha256), so a registered model flags unknown dishes as the
 checkpoint does.
 
@@ -37,7 +37,7 @@ import torch
 from ray_jobs.config import TrainConfig
 from ray_jobs.data.parquet import ParquetImageDataset
 from ray_jobs.errors import UserInputError
-from ray_jobs.inference.calibration_store import CALIBRATION_FILE, calibration_path
+from ray_jobs.inference.calibration_store import CALIBRATION_FILE, TENSORS_FILE, calibration_path
 from ray_jobs.inference.loading import (
     MODEL_FORMAT,
     MODEL_WEIGHTS,
@@ -80,16 +80,25 @@ def _check_same_checkpoint(state: dict[str, Any], report: EvaluationReport, chec
         )
 
 
-def _report_calibration(report: EvaluationReport, checkpoint: Path) -> bytes | None:
-    """The bytes of the calibration the report was scored with (None if it had none); refused if it changed since."""
+def _report_calibration(report: EvaluationReport, checkpoint: Path) -> dict[str, bytes]:
+    """The files of the calibration the report was scored with, by name (none if it had none); refused if
+    `calibration.json` changed since, or the tensor file no longer has the hash the JSON names."""
     if report.open_set is None:
-        return None
+        return {}
     path = calibration_path(checkpoint)
     data = path.read_bytes() if path.is_file() else b""
     if hashlib.sha256(data).hexdigest() != report.open_set.calibration_sha256:
         raise UserInputError(f"{path} is missing or changed since report {report.path} was made: evaluate this "
                              "checkpoint again")
-    return data
+    files = {CALIBRATION_FILE: data}
+    expected = json.loads(data).get("tensors_sha256")
+    if expected is not None:  # the current format; older calibrations are one JSON file
+        tensors = path.with_name(TENSORS_FILE)
+        files[TENSORS_FILE] = tensors.read_bytes() if tensors.is_file() else b""
+        if hashlib.sha256(files[TENSORS_FILE]).hexdigest() != expected:
+            raise UserInputError(f"{tensors} is missing or changed since report {report.path} was made: evaluate "
+                                 "this checkpoint again")
+    return files
 
 
 def _model_metadata(loaded: CheckpointModel, report: EvaluationReport) -> dict[str, Any]:
@@ -172,7 +181,7 @@ def _finished_run_with_key(client: Any, experiment_id: str, key: str) -> str | N
 
 def _log_run(
     cfg: RegisterConfig, report: EvaluationReport, loaded: CheckpointModel, experiment_id: str, tags: dict[str, str],
-    calibration: bytes | None,
+    calibration: dict[str, bytes],
 ) -> str:
     """One MLflow run: params, metrics, the evaluation's files and the model (state dict + MLmodel)."""
     import mlflow
@@ -192,8 +201,8 @@ def _log_run(
             mlflow.log_artifact(str(report.file(role)), artifact_path="evaluation")
         with tempfile.TemporaryDirectory(prefix="train-food-model-") as folder:
             torch.save(loaded.net.state_dict(), Path(folder) / MODEL_WEIGHTS)
-            if calibration is not None:
-                (Path(folder) / CALIBRATION_FILE).write_bytes(calibration)
+            for name, data in calibration.items():
+                (Path(folder) / name).write_bytes(data)
             Model(artifact_path="model", run_id=run.info.run_id, signature=infer_signature(example, logits),
                   metadata=_model_metadata(loaded, report)).save(Path(folder) / "MLmodel")
             mlflow.log_artifacts(folder, artifact_path="model")
