@@ -17,7 +17,7 @@ photos accepted at the threshold that accepts 95% of the known test photos (`roc
 ones flagged; the paired AUROC difference against MSP with a 95% bootstrap interval over models.
 
     python bench/open_set.py run [--splits 5] [--seeds 0 1] [--epochs 5] [--loss center]
-    python bench/open_set.py report [--loss center]
+    python bench/open_set.py report [--loss center] [--against softmax]
 """
 
 from __future__ import annotations
@@ -127,16 +127,15 @@ def cache_features(split: int, seed: int, args: argparse.Namespace, out: Path) -
     out.with_suffix(".tmp").rename(out)
 
 
-def loss_config(name: str) -> LossConfig:
-    """The default objective, or a named one at the knobs `bench/recipe.py`'s grid chose."""
-    if name == "default":
-        return LossConfig()
-    if name == "softmax":
-        return LossConfig(kind="softmax")
+def loss_config(kind: str) -> LossConfig:
+    """The default objective (LossConfig's knobs) when `kind` is the default kind; else softmax, or a center
+    objective at the knobs `bench/recipe.py`'s grid chose."""
+    if kind in (LossConfig().kind, "softmax"):
+        return LossConfig(kind=kind) if kind == "softmax" else LossConfig()
     sys.path.insert(0, str(REPO / "bench"))
     from recipe import best_of_grid
 
-    return LossConfig(**best_of_grid(REPO / "bench" / "results" / "recipe")[name])
+    return LossConfig(**best_of_grid(REPO / "bench" / "results" / "recipe")[kind])
 
 
 def score(state: dict) -> dict:
@@ -199,6 +198,31 @@ def report(results: Path, loss: str) -> str:
     return "\n".join(lines)
 
 
+def compare_losses(results: Path, loss: str, baseline: str) -> str:
+    """Per detector, AUROC of `loss`'s models minus `baseline`'s on the same split and seed (a training-time option)."""
+    def load(name: str) -> dict[tuple[int, int], dict]:
+        return {(m["split"], m["seed"]): m for m in (json.loads(p.read_text())
+                                                     for p in sorted(results.glob(f"{name}-split*-seed*.json")))}
+
+    ours, theirs = load(loss), load(baseline)
+    pairs = sorted(set(ours) & set(theirs))
+    if not pairs:
+        return f"no (split, seed) run with both --loss {loss} and {baseline}"
+    rng = random.Random(0)
+    lines = [f"{loss} minus {baseline}, {len(pairs)} paired models; closed-set top-1 "
+             f"{statistics.mean(ours[k]['top1'] - theirs[k]['top1'] for k in pairs):+.3f}", "",
+             "| detector | AUROC difference (95% CI) | unknown flagged difference |", "|---|---|---|"]
+    for name in DETECTORS:
+        diffs = [metrics(ours[k]["detectors"][name])["auroc"] - metrics(theirs[k]["detectors"][name])["auroc"]
+                 for k in pairs]
+        flagged = [metrics(ours[k]["detectors"][name])["unknown_flagged"]
+                   - metrics(theirs[k]["detectors"][name])["unknown_flagged"] for k in pairs]
+        boots = sorted(statistics.mean(rng.choice(diffs) for _ in diffs) for _ in range(2000))
+        lines.append(f"| {name} | {statistics.mean(diffs):+.3f} ({boots[50]:+.3f}, {boots[1949]:+.3f}) "
+                     f"| {statistics.mean(flagged):+.3f} |")
+    return "\n".join(lines)
+
+
 def _mean_sd(values: list[float]) -> str:
     return f"{values[0]:.3f}" if len(values) == 1 else f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
@@ -211,16 +235,20 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=None, help="None: the backbone's native size")
     parser.add_argument("--max-side", type=int, default=512)
-    parser.add_argument("--loss", default="default",
-                        help="default (LossConfig's), softmax, or a center objective at the recipe grid's knobs")
+    parser.add_argument("--loss", default=LossConfig().kind,
+                        help="the objective's kind (default: LossConfig's, at its knobs); another center objective "
+                             "trains at the knobs bench/recipe.py's grid chose")
     parser.add_argument("--limit-per-class", type=int, default=None, help="smoke runs: photos per class and split")
     parser.add_argument("--rescore", action="store_true", help="run: refit the detectors on every cached model")
+    parser.add_argument("--against", default=None, help="report: also pair --loss's models with this loss's")
     parser.add_argument("--results", default=str(REPO / "bench" / "results" / "open_set"))
     parser.add_argument("--workspace", default=str(REPO / "workspace" / "bench-open-set"))
     args = parser.parse_args()
     results = Path(args.results)
     if args.stage == "report":
         print(report(results, args.loss))
+        if args.against:
+            print("\n" + compare_losses(results, args.loss, args.against))
         return
     for split in range(args.splits):
         for seed in args.seeds:

@@ -7,16 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import InterpolationMode, v2
 
 from ray_jobs.config import DataConfig, LossConfig, ModelConfig, OptimConfig, ScalingConfig, TrainConfig, saved_train_config
 from ray_jobs.data.parquet import ParquetImageDataset
 from ray_jobs.errors import UserInputError
+from ray_jobs.inference.calibrate import calibrate_checkpoint, fit_subset
 from ray_jobs.model.checkpoint import load_checkpoint, save_checkpoint
 from ray_jobs.model.foodnet import build_model, head_for_loss
 from ray_jobs.model.inputs import eval_preprocessing, input_spec, with_resolved_inputs
-from ray_jobs.training.engine import Precision, evaluate
+from ray_jobs.training.engine import Precision, evaluate, predict
 from ray_jobs.training.optim import optimizer_for
 from ray_jobs.training.trainer import fit
 from test_train import tiny_config
@@ -121,6 +122,20 @@ def test_with_an_ema_the_average_is_evaluated_and_saved_and_resume_continues_the
                                 len(state["classes"]), precision=Precision(torch.device("cpu"), "fp32"))["val_ce_loss"]
     assert result.history[-1]["val_ce_loss"] == pytest.approx(scores["model"], abs=1e-6)
     assert scores["model"] != pytest.approx(scores["trained_model"], abs=1e-6)
+
+    # the open-set calibration is fit on the kept (EMA) model's features, never the trained weights'
+    checkpoint = tmp_path / "ema" / "checkpoint_epoch_0002"
+    calibration = calibrate_checkpoint(checkpoint, tiny_dataset)
+    train = ParquetImageDataset(tiny_dataset, "train", eval_preprocessing(saved))
+    rows = Subset(train, fit_subset(train.labels))
+    bank = {}
+    for part in ("model", "trained_model"):
+        net.load_state_dict(state[part])
+        features = predict(net, DataLoader(rows, batch_size=64), torch.device("cpu"))[0]
+        bank[part] = torch.nn.functional.normalize(features.double(), dim=1).float().double()
+    stored = calibration.detectors["knn"].tensors["bank"]
+    torch.testing.assert_close(stored, bank["model"], atol=1e-6, rtol=0)
+    assert not torch.allclose(stored, bank["trained_model"], atol=1e-4)
 
 
 def test_the_center_loss_arithmetic_stays_fp32_when_the_model_runs_in_bf16() -> None:
