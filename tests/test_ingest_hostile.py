@@ -314,6 +314,49 @@ def test_decompression_bombs_are_quarantined_before_decoding(tmp_path: Path) -> 
     assert_accounting(manifest)
 
 
+def strips() -> dict[str, bytes]:
+    """Tiny files promising degenerate shapes: each passes the pixel limit, and the eval resize (short
+    side to 256) would make the first two 8.4 M pixels long and the JPEG 65500 x 2 -> 8.4 M x 256."""
+    return {"wide.png": hostile.png_bomb(65536, 1), "tall.png": hostile.png_bomb(1, 65536),
+            "wide.jpg": hostile.encode(Image.new("RGB", (65500, 2), (200, 120, 40)), "JPEG")}
+
+
+def test_degenerate_strips_are_quarantined_naming_the_limit(tmp_path: Path) -> None:
+    src = two_classes(tmp_path / "src")
+    write_files(src / CLASSES[0], strips())
+    assert all(len(data) < 20_000 for data in strips().values())
+    manifest = run(src, tmp_path / "out").manifest
+    reasons = quarantine_reasons(manifest)
+    assert set(reasons) == {f"{CLASSES[0]}/{name}" for name in strips()}
+    assert reasons[f"{CLASSES[0]}/wide.png"] == "image 65536 x 1: a side over the limit of 16,384 pixels"
+    assert reasons[f"{CLASSES[0]}/wide.jpg"] == "image 65500 x 2: a side over the limit of 16,384 pixels"
+    assert_accounting(manifest)
+
+
+def test_an_elongated_image_within_the_side_limit_is_refused_by_its_aspect_ratio(tmp_path: Path) -> None:
+    strip = tmp_path / "strip.png"
+    strip.write_bytes(hostile.encode(Image.new("RGB", (1700, 100), (10, 200, 30)), "PNG"))  # 17:1
+    with pytest.raises(UserInputError, match=f"{strip}: image 1700 x 100: aspect ratio over the limit of 16:1"):
+        read_image(strip)
+    fine = tmp_path / "fine.png"
+    fine.write_bytes(hostile.encode(Image.new("RGB", (1600, 100), (10, 200, 30)), "PNG"))  # 16:1 passes
+    pixels = read_image(fine)
+    out = eval_transform(image_size=32, norm=IMAGENET)(pixels)
+    assert tuple(out.shape) == (3, 32, 32)
+
+
+def test_predict_refuses_strips_naming_the_file_and_the_limit(tmp_path: Path, capsys, trained_checkpoint) -> None:
+    paths = []
+    for name, data in strips().items():
+        paths.append(tmp_path / name)
+        paths[-1].write_bytes(data)
+    assert main(["predict", *map(str, paths), "--model", trained_checkpoint]) == 1  # as for any unreadable file
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 3
+    for path, line in zip(paths, err.splitlines(), strict=True):
+        assert line.startswith(f"train-food predict: error: {path}: image ") and "over the limit of 16,384" in line
+
+
 def bomb_dataset(root: Path) -> str:
     """A dataset (as an older or foreign writer might leave it) whose train split holds a bomb row."""
     good = sample_files(CLASSES[0], 1)[0].read_bytes()

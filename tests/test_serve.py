@@ -187,6 +187,9 @@ def test_bad_uploads_get_one_line_4xx_and_the_server_keeps_serving(server, photo
     side = int(MAX_IMAGE_PIXELS**0.5) + 1024  # a real PNG bomb: a few kB promising ~80 M pixels
     _expect_refusal(httpx.post(post, content=hostile.png_bomb(side, side), timeout=30), 422,
                     "request body: decompression bomb")
+    for width, height in ((65536, 1), (1, 65536)):  # 178 bytes each; resized, once 5 GB of a replica's memory
+        _expect_refusal(httpx.post(post, content=hostile.png_bomb(width, height), timeout=30), 422,
+                        f"request body: image {width} x {height}: a side over the limit of 16,384 pixels")
     _expect_refusal(httpx.post(post, files={"image": photos[0].read_bytes()}, timeout=30), 415,
                     "not a multipart form")
 

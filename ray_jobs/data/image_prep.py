@@ -7,8 +7,11 @@ sees (`reencode_reason` is None) and otherwise stores `upright_rgb(image)`: the 
 orientation applied, transparency composited on white, 16-bit scaled to 8 bits, RGB. `predict`
 applies the same rules to its inputs, so a photo looks the same to the model in both.
 
-Every decoder refuses an image whose header promises more than `MAX_IMAGE_PIXELS` before decoding
-a pixel (`open_image`), so a small file cannot expand into gigabytes of pixels.
+Every decoder refuses an image whose header promises more than `MAX_IMAGE_PIXELS`, a side longer
+than `MAX_IMAGE_SIDE` or a shape more elongated than `MAX_ASPECT_RATIO` before decoding a pixel
+(`open_image`), so a small file cannot expand into gigabytes of pixels, nor into gigabytes after
+the resize that brings its short side to the model's size (a 32768 x 1 strip would become
+8 million pixels wide).
 
 Pillow only, no torch: ingestion's spawned decode workers import this module.
 """
@@ -21,6 +24,8 @@ import warnings
 from PIL import Image
 
 MAX_IMAGE_PIXELS = 64 * 2**20  # 8192 x 8192 (192 MiB as RGB): larger images are refused everywhere
+MAX_IMAGE_SIDE = 16384  # longest width or height accepted
+MAX_ASPECT_RATIO = 16  # longest side / shortest side accepted: dish photos are far squarer than a 16:1 strip
 MAX_FILE_BYTES = 64 * 2**20  # default limit on a file's size, checked before it is read
 BACKGROUND = (255, 255, 255)  # transparent pixels become white
 
@@ -42,7 +47,8 @@ _UNDO_ORIENTATION = {  # EXIF orientation -> the transpose that makes the pictur
 
 
 class TooManyPixels(ValueError):
-    """The header promises more pixels than `MAX_IMAGE_PIXELS`: a decompression bomb or a giant scan."""
+    """The header promises an image outside the limits (pixels, side, aspect ratio): a decompression
+    bomb, a giant scan or a degenerate strip."""
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -56,12 +62,23 @@ def open_image(data: bytes) -> Image.Image:
             image = Image.open(io.BytesIO(data))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise TooManyPixels(f"decompression bomb: {err}") from None
-    width, height = image.size
-    if width * height > MAX_IMAGE_PIXELS:
+    problem = size_problem(*image.size)
+    if problem is not None:
         image.close()
-        raise TooManyPixels(f"decompression bomb: {width} x {height} = {width * height:,} pixels, over the "
-                            f"limit of {MAX_IMAGE_PIXELS:,}")
+        raise TooManyPixels(problem)
     return image
+
+
+def size_problem(width: int, height: int) -> str | None:
+    """Why a `width` x `height` image is refused (naming the limit), None when it is within every limit."""
+    if width * height > MAX_IMAGE_PIXELS:
+        return (f"decompression bomb: {width} x {height} = {width * height:,} pixels, over the limit of "
+                f"{MAX_IMAGE_PIXELS:,}")
+    if max(width, height) > MAX_IMAGE_SIDE:
+        return f"image {width} x {height}: a side over the limit of {MAX_IMAGE_SIDE:,} pixels"
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return f"image {width} x {height}: aspect ratio over the limit of {MAX_ASPECT_RATIO}:1"
+    return None
 
 
 def check_pixel_limit(data: bytes) -> None:

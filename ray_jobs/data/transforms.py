@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
+from ray_jobs.data.image_prep import MAX_ASPECT_RATIO
+
 
 @dataclass(frozen=True)
 class Normalization:
@@ -76,10 +78,16 @@ def train_transform(
 def eval_transform(
     *, image_size: int, norm: Normalization, interpolation: str = "bilinear", crop_pct: float = LEGACY_CROP_PCT
 ) -> v2.Compose:
-    """Resize the short side to `image_size / crop_pct`, then center crop `image_size`."""
+    """Resize the short side to `image_size / crop_pct`, then center crop `image_size`.
+
+    The long side is bounded too (`max_size`), so no input can make the resize allocate more than
+    `MAX_ASPECT_RATIO` crops' worth of pixels; decoders refuse anything more elongated first.
+    """
+    resize = round(image_size / crop_pct)
     return v2.Compose(
         [
-            v2.Resize(round(image_size / crop_pct), interpolation=_mode(interpolation), antialias=True),
+            v2.Resize(resize, interpolation=_mode(interpolation), antialias=True,
+                      max_size=resize * MAX_ASPECT_RATIO),
             v2.CenterCrop(image_size),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(norm.mean, norm.std),
