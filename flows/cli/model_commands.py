@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flows.cli.command import Verb
 from flows.cli.flags import Fields
+from ray_jobs.errors import UserInputError
 from ray_jobs.inference.detector_names import DetectorName
 
 
@@ -89,8 +92,16 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from ray_jobs.inference.model_ref import check_model_source, parse_model_ref
 
+    from ray_jobs.serving.config import TOKEN_ENV, ServeConfig
+
     serve_fields, workspace_fields, cluster_fields = _serve_fields()
-    cfg = _absolute(serve_fields.validated(args), workspace_fields.value(args, "workspace"))
+    cfg = serve_fields.validated(args)
+    if cfg.token is None and os.environ.get(TOKEN_ENV):
+        cfg = _validated(ServeConfig, cfg.model_dump() | {"token": os.environ[TOKEN_ENV]}, f"${TOKEN_ENV}")
+    if not cfg.loopback and not cfg.token:
+        raise UserInputError(f"--host {cfg.host} serves beyond this machine: set --token (or ${TOKEN_ENV}) so that "
+                             "POST /predict needs it")
+    cfg = _absolute(cfg, workspace_fields.value(args, "workspace"))
     serving = check_model_source(parse_model_ref(cfg.model), cfg.tracking_uri)
     if cfg.detector is not None:  # refuse here, in one line, rather than in every replica
         from ray_jobs.inference.loading import load_model
@@ -103,17 +114,31 @@ def _serve(args: argparse.Namespace) -> int:
     from ray_jobs.cluster import ensure_ray
     from ray_jobs.serving.app import start
 
+    signal.signal(signal.SIGTERM, _interrupt)  # what docker, systemd and Kubernetes send: stop as on Ctrl-C
     ensure_ray(cluster_fields.value(args, "ray_address"))
-    start(cfg)
-    print(f"serving {serving} at http://{cfg.host}:{cfg.port}/predict (health: /health); Ctrl-C stops", flush=True)
+    host, port = start(cfg)  # refused without deploying when Serve listens elsewhere: nothing of ours to delete
     try:
+        guarded = ", POST /predict needs the bearer token" if cfg.token else ""
+        print(f"serving {serving} at http://{host}:{port}/predict (health: /health{guarded}); Ctrl-C stops",
+              flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("stopping", flush=True)
     finally:
         serve.delete(cfg.app_name)
-    return 0
+    return 0  # returning lets Ray's exit handler stop the local cluster ensure_ray started, agents included
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _validated(config: type[BaseModel], values: dict[str, Any], where: str) -> Any:
+    try:
+        return config.model_validate(values)
+    except ValidationError as err:
+        raise UserInputError(f"{where}: {err.errors()[0]['msg']}") from None
 
 
 def _absolute(cfg: Any, workspace: str) -> Any:

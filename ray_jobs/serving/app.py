@@ -6,17 +6,27 @@ a multipart form is refused with a hint). The body is decoded with `train-food p
 own, then waits in a `@serve.batch` queue, so one forward pass serves up to `max_batch_size`
 requests. Bad input gets a 4xx with a one-line `detail` and never reaches the batch:
 
+- 401 a missing or wrong bearer token, when the server has one (`--token`; required to serve on a
+  non-loopback address);
 - 400 empty body; 413 body over `max_body_bytes` (a declared Content-Length is checked before
   anything is read; a body without one is read in chunks and dropped once it passes the limit);
-- 415 a multipart form; 422 not a readable image, or a header promising more than
-  `MAX_IMAGE_PIXELS` (refused before decoding).
+  408 a body not received within `body_timeout_s` (a slow client does not keep its slot);
+- 415 a multipart form; 422 not a readable image, a header promising an image outside the limits
+  of `ray_jobs.data.image_prep` (refused before decoding), or a decode over `decode_timeout_s`.
 
-`GET /health` names the model and version loaded. Model versions are switched by
-`ray_jobs.serving.live_model.LiveModel` (see there why polling, and why no request fails).
+Waiting is bounded: Serve answers 503 at once when `max_queued_requests` wait for a replica, and
+its proxy ends a request after `request_timeout_s`.
+
+`GET /health` names the model, version and open-set detector; it answers 503 when the model
+cannot follow its alias (the follower died, or the registry has not answered for 3 polls). Model
+versions are switched by `ray_jobs.serving.live_model.LiveModel` (see there why polling, and why no
+request fails).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures (Request) at runtime.
 import asyncio
+import hashlib
+import hmac
 import itertools
 from typing import Any
 
@@ -29,7 +39,7 @@ from torch import Tensor
 from ray_jobs.data.decode import decode_photo
 from ray_jobs.errors import UserInputError
 from ray_jobs.inference.predict import Prediction, predict_tensors
-from ray_jobs.serving.config import ServeConfig
+from ray_jobs.serving.config import TOKEN_ENV, ServeConfig
 from ray_jobs.serving.live_model import LiveModel, Served
 
 app = FastAPI(title="train-food", description="Food dish classifier: POST raw image bytes to /predict.")
@@ -38,8 +48,9 @@ _WHERE = "request body"
 # Helpers come before the deployment class: Serve pickles the class when it is decorated.
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refusing (413) a declared or actual size over `limit` without buffering it."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The raw body, refusing (413) a declared or actual size over `limit` without buffering it, and
+    (408) one not received in full within `timeout_s`: a slow client must not hold a slot."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/"):
         raise HTTPException(status_code=415, detail="send the image bytes as the body "
@@ -47,6 +58,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPException(status_code=413, detail=too_large(int(declared), limit))
+    try:
+        data = await asyncio.wait_for(_read_limited(request, limit), timeout_s)
+    except TimeoutError:
+        raise HTTPException(status_code=408, detail=f"{_WHERE}: not received within {timeout_s:g} s") from None
+    if not data:
+        raise HTTPException(status_code=400, detail=f"{_WHERE}: empty (send the image bytes, "
+                                                    "e.g. curl --data-binary @photo.jpg)")
+    return data
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -54,10 +76,19 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise HTTPException(status_code=413, detail=too_large(size, limit, at_least=True))
         chunks.append(chunk)
-    if size == 0:
-        raise HTTPException(status_code=400, detail=f"{_WHERE}: empty (send the image bytes, "
-                                                    "e.g. curl --data-binary @photo.jpg)")
     return b"".join(chunks)
+
+
+def check_token(request: Request, token_sha256: str | None) -> None:
+    """401 unless the request carries `Authorization: Bearer <token>` whose SHA-256 is `token_sha256`
+    (compared in constant time; the replica never holds the token itself)."""
+    if token_sha256 is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    digest = hashlib.sha256(given.strip().encode()).hexdigest()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(digest, token_sha256):
+        raise HTTPException(status_code=401, detail="missing or wrong bearer token",
+                            headers={"WWW-Authenticate": "Bearer"})
 
 
 def too_large(size: int, limit: int, at_least: bool = False) -> str:
@@ -88,8 +119,9 @@ def answer(prediction: Prediction, served: Served) -> dict[str, Any]:
 class Classifier:
     """One replica: a `LiveModel`, a batch queue, and the HTTP routes."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], token_sha256: str | None) -> None:
         self.cfg = ServeConfig.model_validate(config)
+        self.token_sha256 = token_sha256
         self.live = LiveModel(self.cfg.model, self.cfg.tracking_uri, self.cfg.alias_poll_s)
         self.classify.set_max_batch_size(self.cfg.max_batch_size)
         self.classify.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -97,6 +129,9 @@ class Classifier:
 
     @app.get("/health")
     def health(self) -> dict[str, Any]:
+        problem = self.live.problem()
+        if problem is not None:
+            raise HTTPException(status_code=503, detail=problem)
         served = self.live.current
         calibration = served.model.calibration
         return {"status": "ok", "model": served.name, "version": served.version,
@@ -105,11 +140,15 @@ class Classifier:
 
     @app.post("/predict")
     async def predict(self, request: Request) -> dict[str, Any]:
-        data = await read_body(request, self.cfg.max_body_bytes)
-        try:
-            image = await asyncio.to_thread(decode_photo, data, _WHERE)
+        check_token(request, self.token_sha256)
+        data = await read_body(request, self.cfg.max_body_bytes, self.cfg.body_timeout_s)
+        try:  # in a worker thread, before the batch: a slow decode never holds up a forward pass
+            image = await asyncio.wait_for(asyncio.to_thread(decode_photo, data, _WHERE), self.cfg.decode_timeout_s)
         except UserInputError as err:
             raise HTTPException(status_code=422, detail=one_line(err)) from None
+        except TimeoutError:
+            raise HTTPException(status_code=422, detail=f"{_WHERE}: not decoded within "
+                                                        f"{self.cfg.decode_timeout_s:g} s") from None
         return await self.classify(image)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # both reset from the config in __init__
@@ -134,18 +173,36 @@ def classifier_deployment(cfg: ServeConfig) -> Deployment:
             "target_ongoing_requests": cfg.target_ongoing_requests,
         },
         max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
         ray_actor_options={"num_cpus": cfg.replica_cpus},
     )
 
 
 def build_app(cfg: ServeConfig) -> Application:
-    return classifier_deployment(cfg).bind(cfg.model_dump())
+    """The app; the token travels to the replicas as its SHA-256 only."""
+    token_sha256 = hashlib.sha256(cfg.token.encode()).hexdigest() if cfg.token else None
+    return classifier_deployment(cfg).bind(cfg.model_dump(exclude={"token"}), token_sha256)
 
 
-def start(cfg: ServeConfig) -> None:
-    """Start Serve's HTTP proxy on `cfg.host:cfg.port` (if Serve is not running yet) and deploy the app.
+def start(cfg: ServeConfig) -> tuple[str, int]:
+    """Start Serve's HTTP proxy on `cfg.host:cfg.port` and deploy the app; returns the address bound.
 
-    Returns once every initial replica has loaded its model. Needs `ray.init` first.
+    When Serve already runs in this Ray cluster, its proxy keeps the address it has: deploying there
+    is refused in one line if that is not the address asked for. Returns once every initial replica
+    has loaded its model. Needs `ray.init` first.
     """
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    from ray.serve.context import _get_global_client
+
+    if not cfg.loopback and not cfg.token:
+        raise UserInputError(f"--host {cfg.host} serves beyond this machine: set --token (or ${TOKEN_ENV}) so "
+                             "that POST /predict needs it")
+    running = _get_global_client(raise_if_no_controller_running=False)
+    if running is not None:
+        bound = (running.http_config.host, running.http_config.port)
+        if bound != (cfg.host, cfg.port):
+            raise UserInputError(f"Ray Serve already listens on {bound[0]}:{bound[1]} in this Ray cluster, not "
+                                 f"{cfg.host}:{cfg.port}: pass --host {bound[0]} --port {bound[1]}, or stop it first")
+    serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s})
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
+    http = _get_global_client().http_config
+    return http.host, http.port

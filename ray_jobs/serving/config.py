@@ -6,11 +6,15 @@ to each Serve replica as a plain dict and is validated again there.
 
 from __future__ import annotations
 
+import ipaddress
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ray_jobs.data.image_prep import MAX_FILE_BYTES
 from ray_jobs.inference.detector_names import DetectorName
 from ray_jobs.inference.loading import DEFAULT_MODEL_URI
+
+TOKEN_ENV = "TRAIN_FOOD_SERVE_TOKEN"
 
 
 class ServeConfig(BaseModel):
@@ -48,6 +52,19 @@ class ServeConfig(BaseModel):
     max_body_bytes: int = Field(
         default=MAX_FILE_BYTES, ge=1, description="Larger uploads get 413 before their body is read."
     )
+    token: str | None = Field(
+        default=None, min_length=16,
+        description=f"Bearer token POST /predict requires (Authorization: Bearer ...; default: ${TOKEN_ENV}); "
+                    "required when --host is not a loopback address.",
+    )
+    request_timeout_s: float = Field(default=30.0, gt=0.0, description="A request unanswered after this gets 408.")
+    body_timeout_s: float = Field(
+        default=5.0, gt=0.0, description="A body not received in full after this gets 408 (slow clients)."
+    )
+    decode_timeout_s: float = Field(default=5.0, gt=0.0, description="An image not decoded after this gets 422.")
+    max_queued_requests: int = Field(
+        default=64, ge=1, description="Requests waiting for a replica beyond this get a fast 503."
+    )
 
     @field_validator("max_replicas")
     @classmethod
@@ -56,6 +73,16 @@ class ServeConfig(BaseModel):
         if low is not None and value < low:
             raise ValueError(f"below min_replicas ({low})")
         return value
+
+    @property
+    def loopback(self) -> bool:
+        """Whether `host` is reachable from this machine only (then no token is needed)."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:  # a host name: it may resolve to any interface
+            return False
 
     @property
     def max_ongoing_requests(self) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from ray_jobs.errors import UserInputError
@@ -42,6 +43,9 @@ class LiveModel:
         self.current: Served = self._load(self._target_version())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._poll_s = poll_s
+        self._checked_at = time.monotonic()  # the last time the alias was read from the registry
+        self._last_error = ""
         if self.ref.alias and poll_s > 0:
             self._thread = threading.Thread(target=self._follow, args=(poll_s,), name="follow-alias", daemon=True)
             self._thread.start()
@@ -58,6 +62,7 @@ class LiveModel:
     def refresh(self) -> bool:
         """Load and switch to the alias's version if it moved; True when the model changed."""
         version = self._target_version()
+        self._checked_at = time.monotonic()
         if version in (self.current.version, self._refused):
             return False
         try:
@@ -75,8 +80,22 @@ class LiveModel:
             try:
                 self.refresh()
             except Exception as err:  # noqa: BLE001 - an unreachable registry must not stop serving
+                self._last_error = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 log.warning("alias check of %s failed, still serving version %s: %s",
                             self.ref.source, self.current.version, err)
+
+    def problem(self) -> str | None:
+        """Why this model cannot follow its alias (None: it can, or it follows none): the follower
+        thread has died, or the alias has not been read for 3 polls (the registry is unreachable)."""
+        if self._thread is None or self._stop.is_set():
+            return None
+        if not self._thread.is_alive():
+            return f"the follower of {self.ref.source} has stopped: version {self.current.version} is frozen"
+        age = time.monotonic() - self._checked_at
+        if age > 3 * self._poll_s:
+            return (f"{self.ref.source} not read for {age:.0f} s (every {self._poll_s:g} s expected): "
+                    f"{self._last_error or 'no answer'}")
+        return None
 
     def close(self) -> None:
         """Stop following the alias (the thread exits at its next wake-up)."""
