@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import misbehaving_decoder
 import pytest
 from PIL import Image
 from pyarrow.fs import FileSelector, _MockFileSystem
@@ -419,14 +420,8 @@ def test_ingest_never_replaces_another_build(tmp_path: Path, capsys) -> None:
 def test_a_file_changing_during_ingest_fails_naming_it(tmp_path: Path, monkeypatch) -> None:
     src = make_tree(tmp_path / "src", {c: 4 for c in CLASSES[:2]})
     victim = sorted((src / CLASSES[1]).iterdir())[-1]
-    real_inspect = ingest_module.inspect_image
-
-    def rewrite_then_inspect(job, **kwargs):  # the first decode happens after hashing
-        if not victim.read_bytes().endswith(b"changed"):
-            victim.write_bytes(victim.read_bytes() + b"changed")
-        return real_inspect(job, **kwargs)
-
-    monkeypatch.setattr(ingest_module, "inspect_image", rewrite_then_inspect)
+    monkeypatch.setenv("TRAIN_FOOD_TEST_VICTIM", str(victim))  # the decode workers inherit it
+    monkeypatch.setattr(ingest_module, "inspect_image", misbehaving_decoder.rewrite_then_decode)
     with pytest.raises(UserInputError, match=f"{victim}.*changed while it was being ingested"):
         run(src, tmp_path / "out")
     assert not (tmp_path / "out").exists() and temp_leftovers(tmp_path) == []

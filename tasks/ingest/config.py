@@ -30,6 +30,9 @@ class IngestConfig(BaseModel):
     shard_rows: int = Field(default=2048, ge=1, description="At most this many rows per Parquet file.")
     shard_bytes: int = Field(default=64 * 2**20, ge=1, description="About this many image bytes per Parquet file.")
     workers: int | None = Field(default=None, ge=1, description="Decode processes; None = os.cpu_count().")
+    decode_timeout_s: float = Field(
+        default=60.0, gt=0.0, description="A file whose decoding takes longer is quarantined as 'decoder timed out'."
+    )
     force: bool = Field(default=False, description="Rebuild even when DIR already holds this build "
                         "(never replaces another build).")
     expected_fingerprint: str | None = Field(

@@ -70,6 +70,8 @@ def inspect_image(job: tuple[int, str], max_side: int | None = None, spool_dir: 
             pixels = upright_rgb(image)
     except TooManyPixels as err:
         return Inspected(sha256=digest, error=str(err))
+    except MemoryError:  # the machine's limit, not the file's fault: the run fails (tasks.ingest.workers)
+        raise
     except UnidentifiedImageError:
         if data.startswith(_IMAGE_MAGIC):
             return Inspected(sha256=digest, error="corrupt image: unreadable header")

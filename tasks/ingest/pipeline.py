@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import multiprocessing
 import os
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from hashlib import sha256
@@ -50,6 +48,7 @@ from tasks.ingest.files import FileTooLarge, printable, read_regular
 from tasks.ingest.fingerprint import SourceHash, hash_source, short_fingerprint
 from tasks.ingest.plan import SplitPlan, drop_duplicates, plan_splits, small_classes
 from tasks.ingest.scan import SourceTree, scan_source
+from tasks.ingest.workers import ResourceExhausted, supervised_map
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +126,9 @@ def _decode_all(tree: SourceTree, cfg: IngestConfig, spool: str,
     jobs = [(i, str(tree.root / f.rel_path)) for i, f in enumerate(candidates)]
     decode = partial(inspect_image, max_side=cfg.max_side, spool_dir=spool, max_file_bytes=cfg.max_file_bytes)
     images = []
-    results = _map_with_progress(decode, jobs, cfg.workers)
+    results = _map_with_progress(decode, jobs, cfg.workers, cfg.decode_timeout_s)
     for file, found in zip(candidates, results, strict=True):
-        if found.sha256 != digests[file.rel_path]:
+        if found.sha256 and found.sha256 != digests[file.rel_path]:  # "": never read (unreadable, decoder lost)
             raise UserInputError(f"{printable(str(tree.root / file.rel_path))} changed while it was being ingested "
                                  "(its bytes differ from when the source was fingerprinted); run again once the "
                                  "source is stable")
@@ -144,30 +143,20 @@ def _decode_all(tree: SourceTree, cfg: IngestConfig, spool: str,
 
 
 def _map_with_progress(fn: Callable[[tuple[int, str]], Inspected], jobs: list[tuple[int, str]],
-                       workers: int | None) -> list[Inspected]:
-    """Run fn over jobs (in order) in `workers` processes, with a progress bar on stderr."""
+                       workers: int | None, timeout_s: float) -> list[Inspected]:
+    """Run fn over jobs in `workers` supervised processes (`tasks.ingest.workers`), with a progress bar on
+    stderr; results in job order. Running out of memory or spool disk fails the run in one line."""
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    results = []
+    results: dict[tuple[int, str], Inspected] = {}
     with tqdm(total=len(jobs), desc="ingest: decoding", unit="img", file=sys.stderr) as bar:
-        for result in _parallel_map(fn, jobs, workers):
-            results.append(result)
-            bar.update()
-    return results
-
-
-def _parallel_map(fn: Callable[[tuple[int, str]], Inspected], jobs: list[tuple[int, str]],
-                  workers: int) -> Iterator[Inspected]:
-    if workers == 1:  # no pool: cheaper for tiny inputs and easy to debug
-        yield from map(fn, jobs)
-        return
-    # "spawn": a fresh interpreter that imports only tasks.ingest.decode (no forked prefect/torch state).
-    context = multiprocessing.get_context("spawn")
-    chunk = max(1, min(64, len(jobs) // (workers * 8)))
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
-    try:
-        yield from pool.map(fn, jobs, chunksize=chunk)
-    finally:  # on Ctrl-C or an error, drop the queued work instead of finishing it
-        pool.shutdown(wait=True, cancel_futures=True)
+        try:
+            for job, result in supervised_map(fn, jobs, workers, timeout_s):
+                results[job] = result
+                bar.update()
+        except ResourceExhausted as err:
+            raise UserInputError(f"ingest stopped, nothing written: the machine ran out while decoding {err}; "
+                                 "free memory or disk (or use fewer --workers) and run again") from None
+    return [results[job] for job in jobs]
 
 
 def _require_two_classes(images: Iterable[_Image], tree: SourceTree) -> None:

@@ -1,0 +1,155 @@
+"""Decode files in supervised worker processes: a file that crashes or hangs its decoder is
+quarantined as such and the run goes on; running out of memory or spool disk fails the run.
+
+Why not `ProcessPoolExecutor.map`: when one worker dies (a decoder segfault, `os._exit`, the OOM
+killer) the whole pool breaks, every queued file fails with `BrokenProcessPool`, and nothing says
+which file did it; a decoder that never returns hangs the map forever. Here each worker writes
+the index of the job it starts into a shared slot (synchronously: a queue's feeder thread would
+die with the process before sending), and sends each result through a locked pipe, also
+synchronously. So the parent knows which file was in a worker that died or overran `timeout_s`;
+that worker is replaced and the others keep going.
+
+A `MemoryError` or a full disk (`ENOSPC`) in a worker is not a property of the file: it comes
+back as `ResourceExhausted`, which fails the run in one line instead of quarantining the file
+(and then caching that loss in the dataset's fingerprint).
+
+Workers are spawned (a fresh interpreter that imports only `tasks.ingest.decode`), as before.
+"""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import queue
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from tasks.ingest.decode import Inspected
+
+Job = tuple[int, str]
+POLL_S = 0.2
+
+
+class ResourceExhausted(RuntimeError):
+    """The machine, not the file, ran out of something (memory, spool disk)."""
+
+
+@dataclass
+class _Worker:
+    process: Any  # multiprocessing.Process (spawn context)
+    slot: Any  # multiprocessing.Value("q"): index of the job it is on, -1 when idle
+    seen: tuple[int, float] = (-1, 0.0)  # (job index, when the parent first saw it there)
+
+
+def _work(fn: Callable[[Job], Inspected], jobs: Any, send: Any, lock: Any, slot: Any, parent: int) -> None:
+    """Worker loop: mark the job in `slot`, run it, send the result; None ends the loop, and so does
+    the parent's death (a SIGKILLed ingest leaves no worker behind)."""
+
+    def reply(message: tuple[Any, ...]) -> None:
+        with lock:
+            send.send(message)
+
+    while os.getppid() == parent:
+        try:
+            job = jobs.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        if job is None:
+            return
+        slot.value = job[0]
+        try:
+            reply(("done", job, fn(job)))
+        except MemoryError:
+            reply(("exhausted", job, "out of memory"))
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            reply(("exhausted", job, f"no space left for the decode spool ({err.filename or err})"))
+        slot.value = -1
+
+
+def supervised_map(fn: Callable[[Job], Inspected], jobs: list[Job], workers: int,
+                   timeout_s: float) -> Iterator[tuple[Job, Inspected]]:
+    """Yield `(job, fn(job))` for every job, in completion order, from `workers` processes.
+
+    A job whose worker dies gives `Inspected(error="decoder crashed ...")`, one that runs over
+    `timeout_s` `Inspected(error="decoder timed out ...")`; the worker is replaced. Raises
+    `ResourceExhausted` (the run, not the file, is the problem).
+    """
+    context = multiprocessing.get_context("spawn")
+    job_queue = context.Queue()
+    receive, send = context.Pipe(duplex=False)
+    lock = context.Lock()
+    by_index = {job[0]: job for job in jobs}
+    for job in jobs:
+        job_queue.put(job)
+
+    def spawn() -> _Worker:
+        slot = context.Value("q", -1, lock=False)
+        process = context.Process(target=_work, args=(fn, job_queue, send, lock, slot, os.getpid()), daemon=True)
+        process.start()
+        return _Worker(process, slot)
+
+    pool = [spawn() for _ in range(max(1, min(workers, len(jobs))))]
+    done: dict[int, Inspected] = {}
+    quiet_since = time.monotonic()
+
+    def received(wait_s: float) -> list[tuple[Job, Inspected]]:
+        out = []
+        while receive.poll(wait_s):
+            kind, job, payload = receive.recv()
+            wait_s = 0
+            if kind == "exhausted":
+                raise ResourceExhausted(f"{job[1]}: {payload}")
+            if job[0] not in done:
+                done[job[0]] = payload
+                out.append((job, payload))
+        return out
+
+    try:
+        while len(done) < len(jobs):
+            arrived = received(POLL_S)
+            yield from arrived
+            now = time.monotonic()
+            if arrived:
+                quiet_since = now
+            for position, worker in enumerate(pool):
+                index = worker.slot.value
+                if worker.seen[0] != index:
+                    worker.seen = (index, now)
+                alive = worker.process.is_alive()
+                if alive and (index < 0 or now - worker.seen[1] <= timeout_s):
+                    continue
+                if not alive:
+                    yield from received(0)  # what it sent before dying counts
+                worker.process.kill()
+                worker.process.join()
+                pool[position] = spawn()
+                if index >= 0 and index not in done:
+                    done[index] = Inspected(error=_lost_reason(worker, alive, timeout_s))
+                    yield by_index[index], done[index]
+                quiet_since = now
+            if now - quiet_since > timeout_s + 5 and all(w.slot.value < 0 for w in pool) and job_queue.empty():
+                for index, job in by_index.items():  # taken by a worker that died before marking it
+                    if index not in done:
+                        job_queue.put(job)
+                quiet_since = now
+    finally:
+        for _ in pool:
+            job_queue.put(None)
+        for worker in pool:
+            worker.process.join(timeout=1.0)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+        job_queue.cancel_join_thread()
+
+
+def _lost_reason(worker: _Worker, alive: bool, timeout_s: float) -> str:
+    if alive:
+        return f"decoder timed out (over {timeout_s:g} s)"
+    code = worker.process.exitcode
+    return f"decoder crashed ({f'killed by signal {-code}' if code is not None and code < 0 else f'exit code {code}'})"
