@@ -404,9 +404,6 @@ def test_an_output_folder_inside_the_source_never_becomes_a_class(tmp_path: Path
     shutil.copytree(src / "dataset", leftover)
     shutil.rmtree(leftover / "val")
     (leftover / "manifest.json").unlink()
-    again = run(src, src / "dataset")
-    assert again.skipped and again.leftovers == (str(leftover),)
-    assert f"warning: {leftover} was left by an interrupted ingest" in again.summary()
     elsewhere = run(src, tmp_path / "elsewhere")
     manifest = elsewhere.manifest
     assert manifest["fingerprint"] == first.manifest["fingerprint"] and manifest["classes"] == CLASSES[:2]
@@ -416,6 +413,9 @@ def test_an_output_folder_inside_the_source_never_becomes_a_class(tmp_path: Path
     ]
     assert manifest["files_seen"] == 6 and manifest["quarantine"] == []
     assert "skipped folder dataset: a train-food dataset" in elsewhere.summary()
+    again = run(src, src / "dataset")  # the next ingest of DIR removes the killed run's folder
+    assert again.skipped and again.cleaned == (str(leftover),) and not leftover.exists()
+    assert f"cleaned up {leftover}, left by an interrupted ingest" in again.summary()
 
 
 def subtree(monkeypatch: pytest.MonkeyPatch, base: Path) -> pafs.FileSystem:

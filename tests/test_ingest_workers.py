@@ -1,10 +1,17 @@
-"""Ingestion's decode workers: a decoder that crashes or hangs on one file costs that file only
-(quarantined, named), while running out of memory or spool disk fails the run in one line."""
+"""Ingestion under faults: a decoder that crashes or hangs on one file costs that file only
+(quarantined, named); running out of memory or spool disk fails the run in one line; a SIGKILLed
+run leaves nothing the next run does not clean; two runs of one build at once make one dataset."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import misbehaving_decoder
@@ -60,3 +67,52 @@ def test_running_out_of_memory_or_disk_fails_the_run_instead_of_quarantining(tmp
     err = capsys.readouterr().err
     assert "Traceback" not in err  # the progress bar, then one line
     assert err.splitlines()[-1].startswith("train-food ingest: error: ingest stopped, nothing written")
+
+
+# --- killed and concurrent runs (the real command, in subprocesses) ------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ingest_command(src: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "flows.cli.main", "ingest", str(src), "--out", str(out), *extra]
+
+
+def test_a_sigkilled_ingest_leaves_nothing_the_next_run_does_not_clean(tmp_path):
+    src = make_tree(tmp_path / "src", {name: 40 for name in CLASSES[:4]})
+    out = tmp_path / "out"
+    first = subprocess.Popen(_ingest_command(src, out, "--workers", "2", "--max-side", "48"), cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spools = Path(tempfile.gettempdir()).glob
+    deadline = time.monotonic() + 60
+    while not list(spools(f"train-food-ingest-{first.pid}-*")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert list(spools(f"train-food-ingest-{first.pid}-*")), "the ingest never started decoding"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert list(spools(f"train-food-ingest-{first.pid}-*"))  # the killed run's spool is left behind ...
+    killed_tmp = tmp_path / f"out.tmp-{uuid.uuid4().hex}"  # as a run killed while writing its shards leaves it
+    killed_tmp.mkdir()
+    (killed_tmp / "part-00000.parquet").write_bytes(b"half a shard")
+    second = subprocess.run(_ingest_command(src, out, "--workers", "2", "--max-side", "48"), cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert f"cleaned up {killed_tmp}" in second.stdout
+    assert not list(spools(f"train-food-ingest-{first.pid}-*"))  # ... and swept by the next one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows_written"] == 160 and manifest["quarantined"] == 0
+
+
+def test_two_ingests_of_one_build_at_once_make_one_dataset(tmp_path):
+    src = make_tree(tmp_path / "src", {name: 40 for name in CLASSES[:4]})
+    out = tmp_path / "out"
+    runs = [subprocess.Popen(_ingest_command(src, out, "--workers", "1", "--max-side", "48"), cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(run.wait(timeout=300), *run.communicate()) for run in runs]
+    assert [code for code, _, _ in results] == [0, 0], [err[-1000:] for _, _, err in results]
+    outputs = sorted(stdout for _, stdout, _ in results)
+    assert sum("waited for another ingest" in text and "is up to date" in text for text in outputs) == 1, outputs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows_written"] == 160

@@ -58,13 +58,14 @@ class IngestConfig(BaseModel):
 
 @dataclass(frozen=True)
 class IngestResult:
-    """Where the dataset is, its manifest, whether this run skipped all work, and temporary folders
-    that interrupted runs left next to a local DIR."""
+    """Where the dataset is, its manifest, whether this run skipped all work or waited for another
+    ingest of DIR, and the temporary folders of killed runs it cleaned up next to a local DIR."""
 
     out: str
     manifest: dict[str, Any]
     skipped: bool
-    leftovers: tuple[str, ...] = ()
+    cleaned: tuple[str, ...] = ()
+    waited: bool = False
 
     def summary(self) -> str:
         """A few human-readable lines: the file accounting, split sizes and warnings."""
@@ -74,6 +75,8 @@ class IngestResult:
         if self.skipped:
             lines.insert(0, f"ingest: {self.out} is up to date (fingerprint {m['fingerprint'][:12]}), "
                             "nothing to do; use --force to rebuild")
+        if self.waited:
+            lines.insert(0, f"ingest: waited for another ingest of {self.out} to finish")
         sizes = ", ".join(f"{split} {sum(m['counts'][split].values())}" for split in SPLITS)
         carved = "".join(f"; {split} carved from {src}" for split, src in m["splits_carved"].items())
         lines.append(f"  {len(m['classes'])} classes; rows: {sizes}{carved}")
@@ -87,7 +90,7 @@ class IngestResult:
         for item in m["small_classes"]:
             lines.append(f"  warning: class {item['class_name']!r} ({item['images']} images) "
                          f"is missing from {', '.join(item['missing_from'])}")
-        for path in self.leftovers:
-            lines.append(f"  warning: {path} was left by an interrupted ingest; delete it once no ingest is running")
+        for path in self.cleaned:
+            lines.append(f"  cleaned up {path}, left by an interrupted ingest")
         lines.append(f"  dataset: {self.out}")
         return "\n".join(lines)

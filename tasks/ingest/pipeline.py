@@ -27,7 +27,6 @@ import datetime as dt
 import logging
 import os
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -66,22 +65,24 @@ def ingest(cfg: IngestConfig) -> IngestResult:
                              f"({short_fingerprint(expected)} then, {short_fingerprint(source.fingerprint)} now: "
                              "a file was added, removed or rewritten); run again once the source is stable")
     fs, dest = store.open_output(cfg.out)
-    existing = _existing_build(fs, dest, cfg.out, source.fingerprint)
-    if existing is not None and not cfg.force:
-        log.info("ingest: %s is up to date, skipping", cfg.out)
-        return IngestResult(cfg.out, existing, skipped=True, leftovers=tuple(store.leftovers(fs, dest)))
-    if existing is not None:
-        log.info("ingest: --force: rebuilding %s (same build, fingerprint %s)", cfg.out,
-                 short_fingerprint(source.fingerprint))
-    with tempfile.TemporaryDirectory(prefix="train-food-ingest-") as spool:
-        images, quarantine = _decode_all(tree, cfg, spool, source.digests)
-        kept, duplicates = drop_duplicates(images)
-        _require_two_classes(kept, tree)
-        plan = plan_splits(kept, set(tree.split_dirs), cfg.val_fraction, cfg.test_fraction, cfg.seed)
-        manifest = _manifest(tree, cfg, source, plan, quarantine, duplicates)
-        manifest = _write_dataset(fs, dest, cfg.out, plan, tree, cfg, manifest)
+    with store.output_lock(fs, dest) as waited:
+        cleaned = tuple(store.clean_leftovers(fs, dest))
+        existing = _existing_build(fs, dest, cfg.out, source.fingerprint)
+        if existing is not None and not cfg.force:
+            log.info("ingest: %s is up to date, skipping", cfg.out)
+            return IngestResult(cfg.out, existing, skipped=True, cleaned=cleaned, waited=waited)
+        if existing is not None:
+            log.info("ingest: --force: rebuilding %s (same build, fingerprint %s)", cfg.out,
+                     short_fingerprint(source.fingerprint))
+        with store.spool_dir() as spool:
+            images, quarantine = _decode_all(tree, cfg, spool, source.digests)
+            kept, duplicates = drop_duplicates(images)
+            _require_two_classes(kept, tree)
+            plan = plan_splits(kept, set(tree.split_dirs), cfg.val_fraction, cfg.test_fraction, cfg.seed)
+            manifest = _manifest(tree, cfg, source, plan, quarantine, duplicates)
+            manifest = _write_dataset(fs, dest, cfg.out, plan, tree, cfg, manifest)
     _log_warnings(manifest)
-    return IngestResult(cfg.out, manifest, skipped=False, leftovers=tuple(store.leftovers(fs, dest)))
+    return IngestResult(cfg.out, manifest, skipped=False, cleaned=cleaned, waited=waited)
 
 
 def _existing_build(fs: FileSystem, dest: str, uri: str, source_hash: str) -> dict[str, Any] | None:

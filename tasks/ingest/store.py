@@ -8,11 +8,17 @@ a previous dataset at DIR stays whole until the new one is complete (see `publis
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,7 @@ _TEMP_NAME = re.compile(r".+\.(tmp|old)-[0-9a-f]{32}")
 _GENERATION_NAME = re.compile(r"gen-[0-9a-f]{32}")
 
 ROW_GROUP_BYTES = 8 * 2**20
+log = logging.getLogger(__name__)
 
 
 def open_output(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -108,6 +115,76 @@ def leftovers(fs: pafs.FileSystem, dest: str) -> list[str]:
         return []
     return sorted(os.path.join(parent, s) for s in siblings
                   if s.startswith(f"{name}.") and _TEMP_NAME.fullmatch(s))
+
+
+@contextmanager
+def output_lock(fs: pafs.FileSystem, dest: str) -> Iterator[bool]:
+    """Hold an exclusive lock on a local DIR for the whole ingest, so two ingests of it run one after
+    the other (the second then finds the first's dataset); yields whether it had to wait. The lock
+    is an flock on a file in the system temp folder named by DIR's path (nothing lands next to DIR;
+    it is released by the kernel when a holder dies). Object stores get no lock."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        yield False
+        return
+    folder = Path(tempfile.gettempdir()) / "train-food-ingest-locks"
+    folder.mkdir(exist_ok=True)
+    key = hashlib.sha256(os.path.abspath(dest).encode()).hexdigest()[:32]
+    with open(folder / f"{key}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waited = False
+        except BlockingIOError:
+            log.info("ingest: waiting for another ingest of %s to finish", dest)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            waited = True
+        try:
+            yield waited
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def clean_leftovers(fs: pafs.FileSystem, dest: str) -> list[str]:
+    """Remove what killed ingests of DIR left next to it (call under `output_lock`: then none is
+    running): `DIR.tmp-*` folders are deleted; a `DIR.old-*` (a swap killed between its renames)
+    becomes DIR again when DIR is missing, else is deleted. Returns what was cleaned."""
+    cleaned = []
+    for path in leftovers(fs, dest):
+        if ".old-" in os.path.basename(path) and not os.path.exists(dest):
+            os.rename(path, dest)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        cleaned.append(path)
+    return cleaned
+
+
+SPOOL_PREFIX = "train-food-ingest-"
+
+
+def spool_dir() -> tempfile.TemporaryDirectory:
+    """The decode spool of this process, named by its pid so a later run can sweep a killed one's."""
+    sweep_spools()
+    return tempfile.TemporaryDirectory(prefix=f"{SPOOL_PREFIX}{os.getpid()}-")
+
+
+def sweep_spools() -> list[str]:
+    """Delete the spools of ingest processes that no longer exist (SIGKILLed ones); returns them."""
+    swept = []
+    for path in Path(tempfile.gettempdir()).glob(f"{SPOOL_PREFIX}*-*"):
+        pid = path.name[len(SPOOL_PREFIX):].split("-", 1)[0]
+        if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            swept.append(str(path))
+    return swept
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def write_shard(fs: pafs.FileSystem, path: str, rows: list[dict[str, Any]]) -> None:
@@ -193,7 +270,7 @@ def publish(fs: pafs.FileSystem, tmp: str, dest: str, manifest: dict[str, Any]) 
 def _swap_local(tmp: str, dest: str) -> None:
     """Directory renames are atomic on a local file system; an old dataset is moved aside first
     and restored if the final rename fails. (Killed between the two renames, the old dataset
-    stays whole in `DIR.old-<hex>`, and `leftovers` reports it.)"""
+    stays whole in `DIR.old-<hex>`, and the next ingest puts it back: `clean_leftovers`.)"""
     if os.path.isdir(dest) and not os.listdir(dest):
         os.rmdir(dest)
     if not os.path.exists(dest):
