@@ -70,6 +70,23 @@ def test_ties_keep_the_champion(registry, evaluation, trained_checkpoint):
     assert register_model(lower_wins, evaluation, trained_checkpoint).champion  # first holder of a new alias
 
 
+def test_a_tag_claiming_a_score_never_decides_the_champion(evaluation, trained_checkpoint, tmp_path):
+    """The champion's score comes from its run's metrics: a tag that claims more (`--tag test_acc1=0.99`
+    on the champion) or is not a number at all changes nothing."""
+    from mlflow import MlflowClient
+
+    cfg = RegisterConfig(workspace=str(tmp_path / "ws"), model_name="tagged")
+    first = register_model(cfg.model_copy(update={"tags": {"test_acc1": "0.99"}}), _with_metric(evaluation, 0.30),
+                           trained_checkpoint)
+    client = MlflowClient(default_tracking_uri(tmp_path / "ws"))
+    assert first.champion and client.get_model_version("tagged", "1").tags["test_acc1"] == "0.99"
+    better = register_model(cfg, _with_metric(evaluation, 0.40), trained_checkpoint)
+    assert better.champion and "beats champion version 1 (0.3000)" in better.reason
+    client.set_model_version_tag("tagged", "2", "test_acc1", "not a number")
+    worse = register_model(cfg, _with_metric(evaluation, 0.35), trained_checkpoint)
+    assert not worse.champion and "does not beat champion version 2 (0.4000)" in worse.reason
+
+
 def test_run_and_version_carry_lineage_params_metrics_and_artifacts(registry, evaluation):
     from mlflow import MlflowClient
 
@@ -576,7 +593,7 @@ def test_concurrent_registrations_end_with_the_better_one_as_champion(evaluation
     assert (signals / "fast-blocked").exists(), "the second registration never waited for the lock"
 
 
-def test_lock_file_sits_next_to_the_store_and_remote_stores_outside_prefect_warn(tmp_path, caplog):
+def test_lock_file_sits_next_to_the_store_and_remote_stores_without_prefect_are_refused(tmp_path, monkeypatch):
     from tasks.registry.lock import _lock_file, promotion_lock
 
     assert _lock_file(f"sqlite:///{tmp_path}/mlflow/mlflow.db") == tmp_path / "mlflow" / "mlflow.db.lock"
@@ -584,13 +601,14 @@ def test_lock_file_sits_next_to_the_store_and_remote_stores_outside_prefect_warn
     assert _lock_file("http://mlflow.example:5000") is None and _lock_file("databricks") is None
     with promotion_lock(f"sqlite:///{tmp_path}/mlflow/mlflow.db", "food-classifier"):
         assert (tmp_path / "mlflow" / "mlflow.db.lock").is_file()
-    with caplog.at_level("WARNING", logger="tasks.registry.lock"), promotion_lock("http://mlflow.example:5000", "m"):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with pytest.raises(UserInputError, match="no lock for the remote registry http://mlflow.example:5000: set "
+                                             "PREFECT_API_URL"), promotion_lock("http://mlflow.example:5000", "m"):
         pass
-    assert "no lock for http://mlflow.example:5000 outside a Prefect flow" in caplog.text
 
 
 @pytest.mark.slow
-def test_remote_store_inside_prefect_takes_a_concurrency_limit_of_one():
+def test_remote_store_with_a_prefect_server_takes_a_concurrency_limit_of_one():
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -614,3 +632,6 @@ def test_remote_store_inside_prefect_takes_a_concurrency_limit_of_one():
             client.delete_global_concurrency_limit_by_name(name)
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=5, active=False))
         assert hold_the_lock() == (1, 1)  # a limit someone loosened is put back to 1
+        with promotion_lock("http://mlflow.example:5000", "food-classifier"):  # outside a flow, PREFECT_API_URL set
+            with get_client(sync_client=True) as client:
+                assert client.read_global_concurrency_limit_by_name(name).active_slots == 1

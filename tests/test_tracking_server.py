@@ -7,12 +7,15 @@ back through the server's REST API, and the workspace's own embedded registry mu
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import suppress
@@ -170,3 +173,64 @@ def test_sweep_flow_logs_trials_artifacts_and_champion_through_a_tracking_server
     # The flow used the server only: no embedded registry in the workspace, no MLflow fallback in the cwd.
     assert not (workspace / "mlflow").exists(), sorted(p.name for p in (workspace / "mlflow").iterdir())
     assert not [p.name for p in cwd.iterdir() if p.name.startswith(("mlruns", "mlartifacts", "mlflow"))]
+
+
+class _DroppingProxy(http.server.BaseHTTPRequestHandler):
+    """Forwards every request to the real server; the answers to the first `server.drops` create-version
+    requests are dropped (the connection closes unanswered), as a flaky network would lose them."""
+
+    protocol_version = "HTTP/1.1"
+
+    def _forward(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length", "connection")}
+        request = urllib.request.Request(self.server.target + self.path, data=body, method=self.command,
+                                         headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=120) as answer:
+                status, answer_headers, data = answer.status, answer.headers, answer.read()
+        except urllib.error.HTTPError as err:
+            status, answer_headers, data = err.code, err.headers, err.read()
+        if self.path.startswith("/api/2.0/mlflow/model-versions/create") and self.server.drops > 0:
+            self.server.drops -= 1
+            self.close_connection = True  # the server made the version; the client never hears of it
+            return
+        self.send_response(status)
+        for key, value in answer_headers.items():
+            if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_lost_create_version_answer_still_leaves_one_version(
+    mlflow_server: MlflowServer, evaluation, trained_checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import mlflow
+
+    from tasks.registry.config import RegisterConfig
+    from tasks.registry.register import register_model
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # MLflow's defaults back off for minutes
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DroppingProxy)
+    proxy.target, proxy.drops = mlflow_server.url, 1
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{proxy.server_address[1]}"
+        result = register_model(RegisterConfig(tracking_uri=url, workspace=str(tmp_path / "ws")), evaluation,
+                                trained_checkpoint)
+    finally:
+        proxy.shutdown()
+    assert proxy.drops == 0, "the proxy never dropped an answer"
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    versions = client.search_model_versions(f"name = '{MODEL}'")
+    assert [str(v.version) for v in versions] == [result.version] and result.champion
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == result.version

@@ -57,7 +57,10 @@ class Decision(NamedTuple):
 
 
 def current_champion(client: Any, name: str, alias: str, metric: str) -> Champion | None:
-    """The current alias holder with its metric and version tags; None if there is none."""
+    """The current alias holder with its metric and version tags; None if there is none.
+
+    The score is the metric its registration logged in its run, never a version tag: tags can be set
+    by anyone afterwards (`--tag test_acc1=0.99`, or a typo that is not a number)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -66,11 +69,8 @@ def current_champion(client: Any, name: str, alias: str, metric: str) -> Champio
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
         raise
-    tags = dict(holder.tags)
-    value = float(tags[metric]) if metric in tags else None
-    if value is None and holder.run_id:
-        value = client.get_run(holder.run_id).data.metrics.get(metric)
-    return Champion(str(holder.version), float("nan") if value is None else float(value), tags)
+    value = client.get_run(holder.run_id).data.metrics.get(metric) if holder.run_id else None
+    return Champion(str(holder.version), float("nan") if value is None else float(value), dict(holder.tags))
 
 
 def _classes_tag(classes: list[str]) -> str:

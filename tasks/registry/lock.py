@@ -3,21 +3,20 @@
 Without it two concurrent registrations can both see the same champion (or none) and the worse
 one can take the alias last. `promotion_lock` is an `fcntl.flock` on a file next to an SQLite
 database or file store (the default embedded store is `<workspace>/mlflow/mlflow.db`); for a
-remote tracking server, a Prefect global concurrency limit of 1 when called inside a Prefect flow
-or task (it serialises registrations of flows that share one Prefect server). A registration
-outside Prefect against a remote server (`train-food register --tracking-uri http://...`) has no
-cross-machine lock and logs a warning.
+remote tracking server, a Prefect global concurrency limit of 1, inside a Prefect flow or task
+or whenever `PREFECT_API_URL` names a Prefect server (it serialises every registration that shares
+that server, the flow's and `train-food register`'s alike). A registration against a remote
+server with neither is refused: there would be no lock at all.
 """
 
 from __future__ import annotations
 
 import fcntl
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from ray_jobs.errors import UserInputError
 
 __all__ = ["promotion_lock"]
 
@@ -72,10 +71,9 @@ def promotion_lock(tracking_uri: str, model_name: str) -> Iterator[None]:
       per store; SQLite serialises its writers anyway, so nothing is lost, and holding the lock
       over the whole registration also avoids "database is locked" between concurrent runs);
     - any other store (an http(s) tracking server, a database server), inside a Prefect flow or
-      task: the Prefect global concurrency limit `train-food-registry-<model_name>` with limit 1,
+      task or with `PREFECT_API_URL` set: the Prefect global concurrency limit `train-food-registry-<model_name>` with limit 1,
       created if missing;
-    - otherwise there is no cross-machine lock: concurrent registrations of the same model against
-      one remote server may race on the alias. A warning says so.
+    - otherwise (a remote store and no Prefect server to hold a lock): `UserInputError`, one line.
     """
     path = _lock_file(tracking_uri)
     if path is not None:
@@ -84,7 +82,7 @@ def promotion_lock(tracking_uri: str, model_name: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed, also if the process dies
             yield
         return
-    if _in_prefect_run():
+    if _in_prefect_run() or _prefect_server() is not None:
         from prefect.concurrency.sync import concurrency
 
         name = f"train-food-registry-{model_name}"
@@ -92,6 +90,12 @@ def promotion_lock(tracking_uri: str, model_name: str) -> Iterator[None]:
         with concurrency(name, occupy=1, strict=True):
             yield
         return
-    log.warning("register: no lock for %s outside a Prefect flow: concurrent registrations of %s may race "
-                "on the alias", tracking_uri, model_name)
-    yield
+    raise UserInputError(f"register: no lock for the remote registry {tracking_uri}: set PREFECT_API_URL to the "
+                         "Prefect server the flow uses (registrations then take its lock), or register from the flow")
+
+
+def _prefect_server() -> str | None:
+    """The Prefect API `PREFECT_API_URL` names, if any."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None

@@ -218,7 +218,24 @@ def _create_version(client: Any, name: str, run_id: str, tags: dict[str, str]) -
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     source = f"{client.get_run(run_id).info.artifact_uri}/model"
-    return str(client.create_model_version(name, source, run_id=run_id, tags=tags).version)
+    try:
+        client.create_model_version(name, source, run_id=run_id, tags=tags)
+    except MlflowException:
+        if _version_with_key(client, name, tags[IDEMPOTENCY_TAG]) is None:  # the server never created it
+            raise
+    return _one_version(client, name, tags[IDEMPOTENCY_TAG])
+
+
+def _one_version(client: Any, name: str, key: str) -> str:
+    """The version this registration created, and only one: when a create request's answer was lost and
+    the HTTP client retried it, the server made two; the later ones are deleted (none has the alias yet)."""
+    found = sorted(client.search_model_versions(f"name = '{name}' and tags.{IDEMPOTENCY_TAG} = '{key}'"),
+                   key=lambda v: int(v.version))
+    for extra in found[1:]:
+        log.warning("register: deleting version %s, a duplicate of version %s made by a retried request",
+                    extra.version, found[0].version)
+        client.delete_model_version(name, str(extra.version))
+    return str(found[0].version)
 
 
 def register_model(
