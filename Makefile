@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 WORKSPACE ?= $(CURDIR)/workspace
 
-.PHONY: install demo test test-fast bench clean clean-datasets clean-registry
+.PHONY: install browser demo test test-fast bench clean clean-datasets clean-registry
+CHROMIUM ?= /usr/bin/chromium
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +18,11 @@ install: $(INSTALLED)
 demo: $(INSTALLED)
 	BIN=$(BIN) WORKSPACE=$(WORKSPACE) bash infra/demo.sh
 
-test: $(INSTALLED)
+# The page test drives a real headless Chromium: Debian's package (Playwright's own download cannot work here).
+browser:
+	test -x $(CHROMIUM) || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: $(INSTALLED) browser
 	$(BIN)/python -m pytest
 
 test-fast: $(INSTALLED)

@@ -107,3 +107,18 @@ def colour_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
                 pixels = np.clip(np.array(rgb) + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{index}.png")
     return ingest(IngestConfig(src=str(root / "src"), out=str(root / "dataset"), workers=2)).out
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package, installed by `make browser`
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A real headless Chromium driven by Playwright (which never downloads a browser of its own here)."""
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).is_file(), f"{CHROMIUM} is missing: run `make browser` (apt-get install chromium)"
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()

@@ -132,7 +132,8 @@ def test_health_names_the_champion_version(server):
     health = httpx.get(f"{server}/health", timeout=30).json()
     assert health["open_set"].startswith("detector vim, threshold ")  # the trained checkpoint's calibration default
     assert {k: v for k, v in health.items() if k != "open_set"} == {
-        "status": "ok", "model": MODEL, "version": "1", "classes": 10, "image_size": 32}
+        "status": "ok", "model": MODEL, "version": "1", "alias": "champion", "classes": 10, "image_size": 32,
+        "token_required": False, "max_body_bytes": 64 * 2**20}
 
 
 @pytest.mark.slow

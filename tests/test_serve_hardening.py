@@ -99,6 +99,20 @@ def test_predict_needs_the_token_and_health_does_not(guarded, photos):  # noqa: 
     assert httpx.get(f"{guarded}/health", timeout=30).json()["version"] == "1"
 
 
+@pytest.mark.slow
+def test_the_page_asks_for_the_token_and_sends_it_as_curl_does(guarded, browser, photos):  # noqa: F811
+    page = browser.new_page()
+    page.goto(guarded)
+    page.wait_for_function("document.getElementById('model').textContent.includes('version 1')")
+    assert page.is_visible("#token")  # /health says a token is required
+    page.set_input_files("#photo", str(photos[0]))
+    page.wait_for_function("document.getElementById('error').textContent.includes('needs its token')")
+    page.get_by_label("This server needs its token").fill(TOKEN)
+    page.press("#token", "Enter")  # classifies the chosen photo again, now with the token
+    page.wait_for_selector("#result:not([hidden]) #top li")
+    assert page.locator("#top li").count() == 5 and page.inner_text("#error") == ""
+
+
 def _slow_client(port: int, stop: threading.Event) -> None:
     """Announces a 100 kB body, sends 10 bytes, then holds the connection."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:

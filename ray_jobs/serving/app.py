@@ -17,7 +17,8 @@ requests. Bad input gets a 4xx with a one-line `detail` and never reaches the ba
 Waiting is bounded: Serve answers 503 at once when `max_queued_requests` wait for a replica, and
 its proxy ends a request after `request_timeout_s`.
 
-`GET /health` names the model, version and open-set detector; it answers 503 when the model
+`GET /` is a page to try the model in a browser (`page.html`: HTML, CSS and plain JavaScript,
+nothing fetched from elsewhere). `GET /health` names the model, version, alias and open-set detector; it answers 503 when the model
 cannot follow its alias (the follower died, or the registry has not answered for 3 polls). Model
 versions are switched by `ray_jobs.serving.live_model.LiveModel` (see there why polling, and why no
 request fails).
@@ -28,9 +29,11 @@ import asyncio
 import hashlib
 import hmac
 import itertools
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse
 from ray import serve
 from ray.serve import Application
 from ray.serve.deployment import Deployment
@@ -45,6 +48,7 @@ from ray_jobs.serving.live_model import LiveModel, Served
 app = FastAPI(title="train-food", description="Food dish classifier: POST raw image bytes to /predict.")
 
 _WHERE = "request body"
+PAGE = (Path(__file__).with_name("page.html")).read_text(encoding="utf-8")  # self-contained: nothing fetched
 # Helpers come before the deployment class: Serve pickles the class when it is decorated.
 
 
@@ -134,9 +138,15 @@ class Classifier:
             raise HTTPException(status_code=503, detail=problem)
         served = self.live.current
         calibration = served.model.calibration
-        return {"status": "ok", "model": served.name, "version": served.version,
+        return {"status": "ok", "model": served.name, "version": served.version, "alias": self.live.ref.alias,
                 "classes": len(served.model.classes), "image_size": served.model.image_size,
-                "open_set": calibration.describe(self.cfg.detector) if calibration is not None else None}
+                "open_set": calibration.describe(self.cfg.detector) if calibration is not None else None,
+                "token_required": self.token_sha256 is not None, "max_body_bytes": self.cfg.max_body_bytes}
+
+    @app.get("/", response_class=HTMLResponse)
+    def page(self) -> str:
+        """The page a person opens to try the model on a photo (it calls /health and /predict)."""
+        return PAGE
 
     @app.post("/predict")
     async def predict(self, request: Request) -> dict[str, Any]:
