@@ -134,8 +134,9 @@ def plan(stage: str, args: argparse.Namespace) -> list[Run]:
     chosen = json.loads(Path(args.objectives).read_text()) if args.objectives else best_of_grid(Path(args.results))
     runs = [Run("final", name, args.arch, size, args.epochs, seed, default_recipe(), loss)
             for seed in args.seeds for name, loss in chosen.items()]
-    runs += [Run("final", f"old recipe {name}", args.arch, size, args.epochs, seed, OLD, chosen[name])
-             for seed in args.seeds for name in ("softmax", "center") if args.old_rows]
+    old_losses = {"softmax": {"kind": "softmax"}, "center": {"kind": "center"}}  # the old code's lam 0.1 alpha 0.1
+    runs += [Run("final", f"old recipe {name}", args.arch, size, args.epochs, seed, OLD, old_losses[name])
+             for name in args.old_rows for seed in args.seeds]
     return runs
 
 
@@ -261,7 +262,8 @@ def main() -> None:
     parser.add_argument("--objectives", default=None,
                         help="final: JSON file {name: loss config}; default: softmax and the grid's best lambda and "
                              "alpha of each center objective (most seeds first, then mean val top-1)")
-    parser.add_argument("--no-old-rows", dest="old_rows", action="store_false", help="final: skip the old recipe rows")
+    parser.add_argument("--old-rows", nargs="*", choices=("softmax", "center"), default=["center", "softmax"],
+                        help="final: objectives also run with the old recipe (after the new ones; none: skip)")
     parser.add_argument("--results", default=str(REPO / "bench" / "results" / "recipe"))
     parser.add_argument("--workspace", default=str(REPO / "workspace" / "bench-recipe"))
     args = parser.parse_args()
