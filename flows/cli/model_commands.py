@@ -114,8 +114,10 @@ def _serve(args: argparse.Namespace) -> int:
     from ray_jobs.cluster import ensure_ray
     from ray_jobs.serving.app import start
 
-    signal.signal(signal.SIGTERM, _interrupt)  # what docker, systemd and Kubernetes send: stop as on Ctrl-C
     ensure_ray(cluster_fields.value(args, "ray_address"))
+    # What docker, systemd and Kubernetes send: stop as on Ctrl-C. Set after ray.init, whose own
+    # handler for it would otherwise abort the process once ours has run.
+    signal.signal(signal.SIGTERM, _interrupt)
     host, port = start(cfg)  # refused without deploying when Serve listens elsewhere: nothing of ours to delete
     try:
         guarded = ", POST /predict needs the bearer token" if cfg.token else ""
