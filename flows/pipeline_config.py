@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ray_jobs.config import (
     Arch,
@@ -97,6 +97,13 @@ class PipelineConfig(BaseModel):
     loader_workers: int = Field(default=_stage(DataConfig, "loader_workers"), ge=0,
                                 description="DataLoader processes per Ray worker.")
     seed: int = Field(default=_stage(RunConfig, "seed"), description="Seeds the split, the data order and the init.")
+
+    @model_validator(mode="after")
+    def _sweep_needs_knobs(self) -> PipelineConfig:
+        if self.sweep and self.loss == "softmax":
+            raise ValueError("sweep tunes lambda and alpha, which softmax does not have: set loss to center, "
+                             "contrastive_center or lgm")
+        return self
 
     @property
     def root(self) -> Path:

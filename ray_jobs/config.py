@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from ray_jobs.storage import absolute
 
@@ -264,6 +264,13 @@ class SweepConfig(_Frozen):
     )
     resume: bool = Field(default=False, description="Resume the sweep `name` (also automatic when it exists).")
     report_dir: str = Field(default="workspace/sweeps", description="Local dir for the trial table and plot.")
+
+    @model_validator(mode="after")
+    def _tunes_a_center_objective(self) -> SweepConfig:
+        if self.train.loss.kind == "softmax":
+            raise ValueError("a sweep tunes lambda and alpha, which softmax does not have: choose --loss center, "
+                             "contrastive_center or lgm")
+        return self
 
     @property
     def grid(self) -> bool:

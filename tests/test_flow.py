@@ -38,7 +38,8 @@ def test_flow_sweeps_evaluates_registers_then_hits_the_ingest_cache(prefect_harn
 
     from flows.train_food import train_food
 
-    first = train_food(workspace=str(tmp_path), sweep=True, sweep_samples=2, workers=1, cpus_per_worker=0.5, **TINY)
+    first = train_food(workspace=str(tmp_path), sweep=True, loss="center", sweep_samples=2, workers=1,
+                       cpus_per_worker=0.5, **TINY)
     assert first["ingest_cached"] is False
     counts = first["counts"]
     assert set(counts) == {"train", "val", "test"} and counts["test"] == 160 and sum(counts.values()) == 800

@@ -125,7 +125,8 @@ def test_sweep_flow_logs_trials_artifacts_and_champion_through_a_tracking_server
     workspace = tmp_path / "ws"
     gcs = ray_cluster.get_runtime_context().gcs_address
 
-    summary = train_food(workspace=str(workspace), sweep=True, sweep_samples=2, workers=1, cpus_per_worker=0.5,
+    summary = train_food(workspace=str(workspace), sweep=True, loss="center", sweep_samples=2, workers=1,
+                         cpus_per_worker=0.5,
                          mlflow_uri=url, **TINY)
 
     assert ray_cluster.get_runtime_context().gcs_address == gcs, "the flow joined the session's Ray cluster"

@@ -126,3 +126,16 @@ def test_sweep_killed_after_first_trial_resumes_without_redoing_it(ray_cluster, 
     assert list(result.table["epochs"]) == [2, 2, 2]
     assert sorted(checkpointed_epochs(storage, "killed").values()) == [2, 2, 2]
     assert first_checkpoint.stat().st_mtime_ns == finished_at, "the trial finished before the kill was not redone"
+
+
+def test_a_sweep_of_softmax_is_refused_it_has_no_knobs():
+    from pydantic import ValidationError
+
+    from flows.pipeline_config import PipelineConfig
+    from ray_jobs.config import DataConfig, TrainConfig
+
+    with pytest.raises(ValidationError, match="softmax does not have"):
+        PipelineConfig(sweep=True, loss="softmax")
+    with pytest.raises(ValidationError, match="softmax does not have"):
+        SweepConfig(train=TrainConfig(data=DataConfig(dataset="unused"), loss=LossConfig(kind="softmax")))
+    assert PipelineConfig(sweep=True, loss="contrastive_center").sweep
