@@ -65,7 +65,9 @@ class PipelineConfig(BaseModel):
     pretrained: bool = Field(default=_stage(ModelConfig, "pretrained"),
                              description="Fine-tune ImageNet weights (False: from scratch).")
     feat_dim: int = Field(default=_stage(ModelConfig, "feat_dim"), ge=2, description="Width of the embedding.")
-    loss: LossKind = Field(default=_stage(LossConfig, "kind"), description="Objective.")
+    loss: LossKind | None = Field(
+        default=None, description=f"Objective; None: {_stage(LossConfig, 'kind')}, or center loss for a sweep (whose "
+                                  "lambda and alpha it tunes).")
     lam: float = Field(default=_stage(LossConfig, "lam"), ge=0.0, description="Center-loss weight (sweep off).")
     alpha: float = Field(default=_stage(LossConfig, "alpha"), ge=0.0, le=1.0,
                          description="Center learning rate (sweep off).")
@@ -106,6 +108,11 @@ class PipelineConfig(BaseModel):
         return self
 
     @property
+    def objective(self) -> LossKind:
+        """The loss kind this run trains with (see `loss`)."""
+        return self.loss or ("center" if self.sweep else _stage(LossConfig, "kind"))
+
+    @property
     def root(self) -> Path:
         return Path(self.workspace).expanduser().resolve()
 
@@ -128,7 +135,7 @@ class PipelineConfig(BaseModel):
                             min_crop_scale=self.min_crop_scale, loader_workers=self.loader_workers,
                             limit_per_split=self.limit_per_split),
             model=ModelConfig(arch=self.arch, pretrained=self.pretrained, feat_dim=self.feat_dim),
-            loss=LossConfig(kind=self.loss, lam=self.lam, alpha=self.alpha),
+            loss=LossConfig(kind=self.objective, lam=self.lam, alpha=self.alpha),
             optim=OptimConfig(lr=self.lr, epochs=self.epochs, warmup_epochs=min(1, self.epochs - 1)),
             scaling=ScalingConfig(num_workers=self.workers, use_gpu=self.use_gpu,
                                   cpus_per_worker=self.cpus_per_worker, placement=self.placement),

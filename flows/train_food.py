@@ -36,7 +36,7 @@ def train_food(
     arch: Arch = _default("arch"),
     pretrained: bool = _default("pretrained"),
     feat_dim: int = _default("feat_dim"),
-    loss: LossKind = _default("loss"),
+    loss: LossKind | None = _default("loss"),
     lam: float = _default("lam"),
     alpha: float = _default("alpha"),
     lr: float = _default("lr"),
@@ -55,7 +55,7 @@ def train_food(
     loader_workers: int = _default("loader_workers"),
     seed: int = _default("seed"),
 ) -> dict[str, Any]:
-    """Train a food classifier with center loss on `source` and register it in MLflow."""
+    """Train a food classifier (softmax, or center loss and its kin) on `source` and register it in MLflow."""
     cfg = PipelineConfig(**{name: value for name, value in locals().items()})
 
     # Content-addressed: <workspace>/datasets/<source name>-<fingerprint16>, reused only if it holds this build.

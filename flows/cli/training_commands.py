@@ -43,6 +43,8 @@ def _tune(args: argparse.Namespace) -> int:
     from tasks.tune import tune_and_log
 
     train = config_from_args(args)
+    if "loss.kind" not in vars(args):  # a sweep tunes center loss's knobs unless --loss names another objective
+        train = train.model_copy(update={"loss": train.loss.model_copy(update={"kind": "center"})})
     sweep_fields, tracking_fields = _sweep_fields()
     cfg = sweep_fields.validated(
         args, train=train.model_copy(update={"run": train.run.model_copy(update={"name": None})}),

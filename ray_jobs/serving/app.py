@@ -26,6 +26,7 @@ request fails).
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures (Request) at runtime.
 import asyncio
+import functools
 import hashlib
 import hmac
 import itertools
@@ -48,7 +49,7 @@ from ray_jobs.serving.live_model import LiveModel, Served
 app = FastAPI(title="train-food", description="Food dish classifier: POST raw image bytes to /predict.")
 
 _WHERE = "request body"
-PAGE = (Path(__file__).with_name("page.html")).read_text(encoding="utf-8")  # self-contained: nothing fetched
+PAGE_FILE = Path(__file__).with_name("page.html")  # self-contained: nothing fetched from elsewhere
 # Helpers come before the deployment class: Serve pickles the class when it is decorated.
 
 
@@ -93,6 +94,11 @@ def check_token(request: Request, token_sha256: str | None) -> None:
     if scheme.lower() != "bearer" or not hmac.compare_digest(digest, token_sha256):
         raise HTTPException(status_code=401, detail="missing or wrong bearer token",
                             headers={"WWW-Authenticate": "Bearer"})
+
+
+@functools.cache
+def _page() -> str:
+    return PAGE_FILE.read_text(encoding="utf-8")
 
 
 def too_large(size: int, limit: int, at_least: bool = False) -> str:
@@ -146,7 +152,7 @@ class Classifier:
     @app.get("/", response_class=HTMLResponse)
     def page(self) -> str:
         """The page a person opens to try the model on a photo (it calls /health and /predict)."""
-        return PAGE
+        return _page()
 
     @app.post("/predict")
     async def predict(self, request: Request) -> dict[str, Any]:
