@@ -239,8 +239,8 @@ def report(results: Path) -> str:
         lines += [f"\n### {stage}\n", "| run | arch | px | seeds | val top-1 (best) | test top-1 | test compactness "
                   "| test margin | paired vs baseline (95% CI) | train min/run |", "|---|---|---|---|---|---|---|---|---|---|"]
         for (name, arch, size), done in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0])):
-            base_name = {"ablate": "new recipe", "grid": "softmax",
-                         "final": "old recipe softmax" if name.startswith("old") else "softmax"}
+            base_name = {"ablate": "new recipe", "grid": "softmax",  # final: old rows against the same objective
+                         "final": name.removeprefix("old recipe ") if name.startswith("old") else "softmax"}
             base = groups.get((base_name.get(stage, ""), arch, size), [])
             diff, low, high = paired_difference(done, base) if base and base is not done else (float("nan"),) * 3
             paired = "-" if diff != diff else f"{100 * diff:+.1f} ({100 * low:+.1f}, {100 * high:+.1f})"
@@ -249,7 +249,22 @@ def report(results: Path) -> str:
                 f"| {mean_sd([r['val_acc1'] for r in done])} | {mean_sd([r['test_acc1'] for r in done])} "
                 f"| {mean_sd([r['test_compactness'] for r in done])} | {mean_sd([r['test_margin'] for r in done])} "
                 f"| {paired} | {statistics.mean(r['train_minutes'] for r in done):.1f} |")
+        if stage == "final":
+            lines += _default_against_old_default(groups)
     return "\n".join(lines)
+
+
+def _default_against_old_default(groups: dict[tuple[str, str, int], list[dict]]) -> list[str]:
+    """The default a user gets now (the new recipe, softmax) against the one they got before (old recipe, center)."""
+    lines = []
+    for (name, arch, size), done in sorted(groups.items()):
+        old = groups.get(("old recipe center", arch, size))
+        if name == "softmax" and old:
+            diff, low, high = paired_difference(done, old)
+            lines.append(f"\n{arch} {size} px: the default now (new recipe, softmax) minus the default before (old "
+                         f"recipe, center loss): {100 * diff:+.1f} points ({100 * low:+.1f}, {100 * high:+.1f}), "
+                         f"seeds {', '.join(str(r['seed']) for r in old)}")
+    return lines
 
 
 def main() -> None:
