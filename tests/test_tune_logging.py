@@ -7,7 +7,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from ray_jobs.config import DataConfig, SweepConfig, TrainConfig
+from ray_jobs.config import DataConfig, LossConfig, SweepConfig, TrainConfig
 from ray_jobs.tuning.plot import write_sweep_outputs
 from ray_jobs.tuning.sweep import TABLE_COLUMNS, SweepResult
 from tasks.registry.store import resolve_tracking_uri
@@ -31,7 +31,7 @@ def sweep_result(tmp_path: Path, trials: list[str]) -> SweepResult:
 
 
 def test_resumed_sweep_reuses_its_parent_run_and_adds_only_new_trials(tmp_path):
-    cfg = SweepConfig(train=TrainConfig(data=DataConfig(dataset="unused")), name="s1")
+    cfg = SweepConfig(train=TrainConfig(data=DataConfig(dataset="unused"), loss=LossConfig(kind="center")), name="s1")
     tracking = Tracking(workspace=str(tmp_path / "ws"))
     first = log_sweep(sweep_result(tmp_path, ["t0", "t1"]), cfg, tracking)
     second = log_sweep(sweep_result(tmp_path, ["t0", "t1", "t2"]), cfg, tracking)
