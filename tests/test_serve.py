@@ -22,6 +22,7 @@ from flows.cli.main import main
 from ray_jobs.data.image_prep import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
 from ray_jobs.errors import UserInputError
 from ray_jobs.inference.loading import load_model
+from ray_jobs.inference.open_set import DETECTOR_RANKING
 from ray_jobs.inference.model_ref import parse_model_ref
 from ray_jobs.inference.predict import predict_files
 from ray_jobs.serving.app import classifier_deployment
@@ -130,7 +131,7 @@ def test_a_missing_alias_is_refused_before_ray_starts(registry, capsys):
 @pytest.mark.slow
 def test_health_names_the_champion_version(server):
     health = httpx.get(f"{server}/health", timeout=30).json()
-    assert health["open_set"].startswith("detector vim, threshold ")  # the trained checkpoint's calibration default
+    assert health["open_set"].startswith(f"detector {DETECTOR_RANKING[0]}, threshold ")  # the calibration's default
     assert {k: v for k, v in health.items() if k != "open_set"} == {
         "status": "ok", "model": MODEL, "version": "1", "alias": "champion", "classes": 10, "image_size": 32,
         "token_required": False, "max_body_bytes": 64 * 2**20}
@@ -145,7 +146,7 @@ def test_predict_answers_like_the_predict_command(server, photos, trained_checkp
         assert response.status_code == 200, response.text
         body = response.json()
         assert (body["model"], body["version"], body["unknown"]) == (MODEL, "1", reference.unknown)
-        assert body["detector"] == reference.detector == "vim"
+        assert body["detector"] == reference.detector == DETECTOR_RANKING[0]
         assert body["score"] == pytest.approx(reference.score, rel=1e-4, abs=1e-4)  # abs: can be near 0
         assert body["threshold"] == reference.threshold
         assert [row["class"] for row in body["top"]] == [name for name, _ in reference.top]
