@@ -34,7 +34,7 @@ from ray_jobs.inference.detectors import (
 from ray_jobs.inference.verdicts import Verdicts
 
 # bench/open_set.py's order by mean AUROC (softmax models, Lite0 224 px, 2 of 10 dishes held out; docs/results.md)
-DETECTOR_RANKING = ("energy", "max_logit", "center_distance", "msp", "knn", "vim", "rmd", "mahalanobis")
+DETECTOR_RANKING = ("energy", "max_logit", "center_distance", "vim", "knn", "msp", "rmd", "mahalanobis")
 DEFAULT_ACCEPT_SHARE = 0.95
 SERVING_PRECISION = "fp32"
 
