@@ -98,9 +98,8 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = serve_fields.validated(args)
     if cfg.token is None and os.environ.get(TOKEN_ENV):
         cfg = _validated(ServeConfig, cfg.model_dump() | {"token": os.environ[TOKEN_ENV]}, f"${TOKEN_ENV}")
-    if not cfg.loopback and not cfg.token:
-        raise UserInputError(f"--host {cfg.host} serves beyond this machine: set --token (or ${TOKEN_ENV}) so that "
-                             "POST /predict needs it")
+    if cfg.exposure_problem():  # before Ray starts
+        raise UserInputError(cfg.exposure_problem())
     cfg = _absolute(cfg, workspace_fields.value(args, "workspace"))
     serving = check_model_source(parse_model_ref(cfg.model), cfg.tracking_uri)
     if cfg.detector is not None:  # refuse here, in one line, rather than in every replica
@@ -137,6 +136,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def _validated(config: type[BaseModel], values: dict[str, Any], where: str) -> Any:
+    """Like `Fields.validated`, but the line never repeats the value: here it is a secret token."""
     try:
         return config.model_validate(values)
     except ValidationError as err:

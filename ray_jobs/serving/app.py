@@ -43,7 +43,7 @@ from torch import Tensor
 from ray_jobs.data.decode import decode_photo
 from ray_jobs.errors import UserInputError
 from ray_jobs.inference.predict import Prediction, predict_tensors
-from ray_jobs.serving.config import TOKEN_ENV, ServeConfig
+from ray_jobs.serving.config import ServeConfig
 from ray_jobs.serving.live_model import LiveModel, Served
 
 app = FastAPI(title="train-food", description="Food dish classifier: POST raw image bytes to /predict.")
@@ -209,9 +209,8 @@ def start(cfg: ServeConfig) -> tuple[str, int]:
     """
     from ray.serve.context import _get_global_client
 
-    if not cfg.loopback and not cfg.token:
-        raise UserInputError(f"--host {cfg.host} serves beyond this machine: set --token (or ${TOKEN_ENV}) so "
-                             "that POST /predict needs it")
+    if cfg.exposure_problem():
+        raise UserInputError(cfg.exposure_problem())
     running = _get_global_client(raise_if_no_controller_running=False)
     if running is not None:
         bound = (running.http_config.host, running.http_config.port)

@@ -84,6 +84,13 @@ class ServeConfig(BaseModel):
         except ValueError:  # a host name: it may resolve to any interface
             return False
 
+    def exposure_problem(self) -> str | None:
+        """Why this config must not serve (a non-loopback address without a token), None when it may."""
+        if self.loopback or self.token:
+            return None
+        return (f"--host {self.host} serves beyond this machine: set --token (or ${TOKEN_ENV}) so that "
+                "POST /predict needs it")
+
     @property
     def max_ongoing_requests(self) -> int:
         """Per replica: one batch running and the next one filling (Serve's batching needs >= a batch)."""

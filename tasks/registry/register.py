@@ -159,16 +159,21 @@ def idempotency_key(cfg: RegisterConfig, report: EvaluationReport, checkpoint: P
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
 
 
-def _version_with_key(client: Any, name: str, key: str) -> Any | None:
+def _versions_with_key(client: Any, name: str, key: str) -> list[Any]:
+    """The versions one registration made (tag `idempotency_key`), oldest first; none when the model does not exist."""
     from mlflow.exceptions import MlflowException
 
     try:
         found = client.search_model_versions(f"name = '{name}' and tags.{IDEMPOTENCY_TAG} = '{key}'")
     except MlflowException as err:
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
-            return None
+            return []
         raise
-    return min(found, key=lambda v: int(v.version), default=None)
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def _version_with_key(client: Any, name: str, key: str) -> Any | None:
+    return next(iter(_versions_with_key(client, name, key)), None)
 
 
 def _finished_run_with_key(client: Any, experiment_id: str, key: str) -> str | None:
@@ -229,8 +234,7 @@ def _create_version(client: Any, name: str, run_id: str, tags: dict[str, str]) -
 def _one_version(client: Any, name: str, key: str) -> str:
     """The version this registration created, and only one: when a create request's answer was lost and
     the HTTP client retried it, the server made two; the later ones are deleted (none has the alias yet)."""
-    found = sorted(client.search_model_versions(f"name = '{name}' and tags.{IDEMPOTENCY_TAG} = '{key}'"),
-                   key=lambda v: int(v.version))
+    found = _versions_with_key(client, name, key)
     for extra in found[1:]:
         log.warning("register: deleting version %s, a duplicate of version %s made by a retried request",
                     extra.version, found[0].version)
