@@ -350,7 +350,7 @@ def test_predict_refuses_strips_naming_the_file_and_the_limit(tmp_path: Path, ca
     for name, data in strips().items():
         paths.append(tmp_path / name)
         paths[-1].write_bytes(data)
-    assert main(["predict", *map(str, paths), "--model", trained_checkpoint]) == 1  # as for any unreadable file
+    assert main(["predict", *map(str, paths), "--model", trained_checkpoint]) == 2  # bad input, as any unreadable file
     out, err = capsys.readouterr()
     assert out == "" and len(err.splitlines()) == 3
     for path, line in zip(paths, err.splitlines(), strict=True):

@@ -27,10 +27,10 @@ def images(sample_dir, tmp_path_factory):
     return {"good": [str(p) for p in good], "corrupt": str(corrupt), "text": str(text)}
 
 
-def test_good_and_corrupt_files_exit_1_and_still_print_the_good_one(trained_checkpoint, images, capsys):
+def test_good_and_corrupt_files_exit_2_and_still_print_the_good_one(trained_checkpoint, images, capsys):
     code = main(["predict", images["good"][0], images["corrupt"], "--model", trained_checkpoint, "--top-k", "3"])
     out, err = capsys.readouterr()
-    assert code == 1
+    assert code == 2
     lines = out.splitlines()
     assert lines[0] == images["good"][0] and len(lines) == 4
     assert [line.split()[0] for line in lines[1:]] == ["1.", "2.", "3."]

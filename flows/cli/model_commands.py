@@ -71,7 +71,7 @@ def _predict(args: argparse.Namespace) -> int:
         print(format_prediction(prediction))
     for failure in failures:
         print(f"train-food predict: error: {failure.error}", file=sys.stderr)
-    return 1 if failures else 0
+    return 2 if failures else 0  # a file it cannot read is bad input, as everywhere else
 
 
 def _serve_fields() -> tuple[Fields, Fields, Fields]:
@@ -157,7 +157,7 @@ def _absolute(cfg: Any, workspace: str) -> Any:
 VERBS = (
     Verb(
         "predict",
-        help="print the top-k classes of image files (exit 1 if any file could not be read)",
+        help="print the top-k classes of image files (exit 2 if any file could not be read)",
         description="Loads models:/food-classifier@champion unless --model names another MLflow model "
         "URI or a checkpoint directory/file.",
         add_flags=lambda parser: _predict_fields().add(parser),
