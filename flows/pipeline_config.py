@@ -27,8 +27,7 @@ from ray_jobs.config import (
     WorkerCount,
 )
 from tasks.evaluation.report import EvaluateConfig
-from tasks.ingest.config import IngestConfig
-from tasks.ingest.fingerprint import short_fingerprint, source_fingerprint
+from tasks.ingest.config import FINGERPRINT_FIELD, IngestConfig
 from tasks.registry.config import RegisterConfig
 from tasks.serving import ServingConfig, ServingUrl
 from tasks.tune import Tracking
@@ -117,17 +116,11 @@ class PipelineConfig(BaseModel):
         return Path(self.workspace).expanduser().resolve()
 
     def ingest(self) -> IngestConfig:
-        """Ingest into `<workspace>/datasets/<source name>-<fingerprint16>`: one immutable folder per build.
-
-        Hashes every source file (`source_fingerprint`), so call it once per flow run, on the driver.
-        The config carries the fingerprint: `ingest` refuses to write if the source changed since.
-        """
+        """Ingest into `<workspace>/datasets/<source name>-<fingerprint16>`: one immutable folder per build,
+        named by `ingest` once its one read of the source has given the fingerprint."""
         name = Path(self.source.rstrip("/")).name or "dataset"
-        settings = {"src": self.source, "max_side": self.max_side, "seed": self.seed}
-        options = IngestConfig(out="", **settings).options()
-        fingerprint = source_fingerprint(self.source, options)
-        return IngestConfig(out=str(self.root / "datasets" / f"{name}-{short_fingerprint(fingerprint)}"),
-                            expected_fingerprint=fingerprint, **settings)
+        return IngestConfig(out=str(self.root / "datasets" / f"{name}-{FINGERPRINT_FIELD}"), src=self.source,
+                            max_side=self.max_side, seed=self.seed)
 
     def train(self, dataset: str, run_name: str) -> TrainConfig:
         return TrainConfig(

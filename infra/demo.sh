@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: start a local Prefect server (if none answers), serve the train-food deployment,
-# run it on the bundled sample with --watch, print where to look, and stop what this script started.
+# run it on the bundled sample with --watch while showing its epoch lines, print where to look, and stop what this script started.
 set -euo pipefail
 
 BIN=${BIN:-.venv/bin}
@@ -46,9 +46,21 @@ started+=($!)
 deployed() { "$BIN/prefect" deployment inspect train-food/train-food >/dev/null 2>&1; }
 wait_for 90 "the deployment" deployed
 
-"$BIN/prefect" deployment run train-food/train-food --watch \
-  -p workspace="$WORKSPACE" -p epochs="$EPOCHS" -p image_size=144 -p workers=1 -p cpus_per_worker=2 -p sweep=false
+# The flow runs in the deployment's process, whose output goes to serve.log: follow its task-run lines
+# (the ingest summary, one line per epoch, each stage's end) here while --watch waits.
+tail -n0 -F "$WORKSPACE/logs/serve.log" 2>/dev/null > >(grep --line-buffered -F "| Task run '") &
+started+=($!)
 
+# --watch also streams every Prefect event (each artifact update among them): those go to a log file.
+echo "demo: running the flow; its progress bars are the run's artifacts at $PREFECT_UI_URL"
+if ! "$BIN/prefect" deployment run train-food/train-food --watch \
+  -p workspace="$WORKSPACE" -p epochs="$EPOCHS" -p image_size=144 -p workers=1 -p cpus_per_worker=2 -p sweep=false \
+  >"$WORKSPACE/logs/watch.log" 2>&1; then
+  tail -n 20 "$WORKSPACE/logs/watch.log" >&2
+  echo "demo: the flow run failed; see $WORKSPACE/logs/serve.log" >&2
+  exit 1
+fi
+grep -E "^Flow run finished" "$WORKSPACE/logs/watch.log" || true
 echo
 cat "$WORKSPACE/latest_summary.txt"
 echo

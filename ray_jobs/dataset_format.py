@@ -13,14 +13,16 @@ import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from ray_jobs.errors import UserInputError
 from ray_jobs.storage import filesystem
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as pads
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = get_args(Split)
@@ -82,6 +84,7 @@ def shard_paths(dataset_uri: str, split: str) -> tuple[pafs.FileSystem, list[str
 
 def split_dataset(dataset_uri: str, split: str) -> pads.Dataset:
     """The split's shards as one pyarrow dataset (nothing read yet)."""
+    import pyarrow.dataset as pads  # here: it imports pandas, which `train-food ingest` never needs
     fs, paths = shard_paths(dataset_uri, split)
     return pads.dataset(paths, format="parquet", filesystem=fs)
 

@@ -16,13 +16,14 @@ from prefect.cache_policies import NO_CACHE
 from ray_jobs.config import SweepConfig, TrainConfig
 from ray_jobs.errors import UserInputError
 from ray_jobs.training.trainer import TrainResult, fit
-from ray_jobs.tuning.sweep import SweepResult
+from ray_jobs.tuning.sweep import SweepResult, trial_count
 from tasks.evaluation.evaluate import evaluate_checkpoint
 from tasks.evaluation.report import EvaluateConfig, EvaluationReport
 from tasks.ingest.config import IngestConfig, IngestResult
 from tasks.ingest.pipeline import ingest
 from tasks.registry.config import RegisterConfig, RegistrationResult
 from tasks.registry.register import register_model
+from tasks.progress import StageProgress
 from tasks.serving import ServingConfig, wait_for_version
 from tasks.tune import LoggedSweep, Tracking, tune_and_log
 
@@ -41,21 +42,28 @@ def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
 @task(name="ingest", cache_policy=NO_CACHE)
 def ingest_stage(cfg: IngestConfig) -> IngestResult:
     """Validate and shard the photos into cfg.out; `skipped` when cfg.out already holds this build."""
-    result = ingest(cfg)
+    progress = StageProgress("ingest-progress", f"ingest: {cfg.src}")
+    result = ingest(cfg, on_progress=lambda done, total: progress.update(
+        done / total, f"ingest: {done} of {total} files decoded"))
+    progress.update(1.0, "ingest: up to date, reused" if result.skipped else "ingest: done", force=True)
     print(result.summary())
     return result
 
 
 @task(name="train", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_bad_input)
 def train_stage(cfg: TrainConfig) -> TrainResult:
-    """One Ray Train run; a retry resumes it from its latest checkpoint (same run name)."""
-    return fit(cfg)
+    """One Ray Train run; a retry resumes it from its latest checkpoint (same run name).
+    Its epoch lines go to the run's logs and move the 'training-progress' artifact."""
+    progress = StageProgress("training-progress", f"training {cfg.run.name}: epoch 0 of {cfg.optim.epochs}")
+    return fit(cfg, on_progress=progress.line)
 
 
 @task(name="tune", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_bad_input)
 def tune_stage(cfg: SweepConfig, tracking: Tracking) -> tuple[SweepResult, LoggedSweep]:
-    """The lambda/alpha sweep; a retry resumes it, keeping finished trials (same sweep name)."""
-    return tune_and_log(cfg, tracking)
+    """The lambda/alpha sweep; a retry resumes it, keeping finished trials (same sweep name).
+    Trial epochs go to the run's logs; trials done and the best val top-1 move 'sweep-progress'."""
+    progress = StageProgress("sweep-progress", f"sweep {cfg.name}: 0 of {trial_count(cfg)} trials done")
+    return tune_and_log(cfg, tracking, on_progress=progress.line)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, retries=1, retry_condition_fn=retry_unless_bad_input)

@@ -8,6 +8,7 @@ name: a resumed sweep reuses its parent run and only adds the trials not logged 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ray_jobs.config import SweepConfig
 from ray_jobs.inference.mlflow_uri import using_tracking_uri
-from ray_jobs.tuning.sweep import SweepResult, run_sweep
+from ray_jobs.training.progress import print_progress
+from ray_jobs.tuning.sweep import SweepProgress, SweepResult, run_sweep
 from tasks.registry.store import code_version, ensure_experiment, flatten_params, resolve_tracking_uri
 
 SWEEP_TAG = "train_food.sweep"
@@ -103,7 +105,11 @@ def _log_history(history: pd.DataFrame | None) -> None:
         mlflow.log_metrics(metrics, step=epoch)
 
 
-def tune_and_log(cfg: SweepConfig, tracking: Tracking = DEFAULT_TRACKING) -> tuple[SweepResult, LoggedSweep]:
+def tune_and_log(
+    cfg: SweepConfig,
+    tracking: Tracking = DEFAULT_TRACKING,
+    on_progress: Callable[[SweepProgress], None] = print_progress,
+) -> tuple[SweepResult, LoggedSweep]:
     """The pipeline's tune stage: run (or resume) the sweep, then log it."""
-    result = run_sweep(cfg)
+    result = run_sweep(cfg, on_progress)
     return result, log_sweep(result, cfg, tracking)

@@ -33,3 +33,10 @@ def rewrite_then_decode(job: tuple[int, str], **options: object) -> Inspected:
     if not victim.read_bytes().endswith(b"changed"):
         victim.write_bytes(victim.read_bytes() + b"changed")
     return inspect_image(job, **options)
+
+
+def counting_decode(job: tuple[int, str], **options: object) -> Inspected:
+    """Appends each path it reads to the file named by $TRAIN_FOOD_TEST_READS, then decodes as usual."""
+    with open(os.environ["TRAIN_FOOD_TEST_READS"], "a") as log:
+        log.write(job[1] + "\n")
+    return inspect_image(job, **options)

@@ -58,19 +58,30 @@ def test_flow_sweeps_evaluates_registers_then_hits_the_ingest_cache(prefect_harn
     assert second["model_uri"] == "models:/food-classifier/2"
     assert len(client.search_model_versions("name='food-classifier'")) == 2
 
-    async def artifacts() -> dict[str, list]:
+    async def artifacts_and_logs() -> tuple[dict[str, list], list[str]]:
+        from prefect.logging.handlers import APILogHandler
+
+        await APILogHandler.aflush()
         async with get_client() as prefect:
             found: dict[str, list] = {}
             for artifact in await prefect.read_artifacts():
                 found.setdefault(artifact.key, []).append(artifact)
-            return found
+            return found, [log.message for log in await prefect.read_logs()]
 
     import asyncio
     import base64
     import re
 
-    found = asyncio.run(artifacts())
+    found, logs = asyncio.run(artifacts_and_logs())
     assert {"train-food-summary", "sweep-trials"} <= set(found)
+    # Live progress: each stage's bar, ended at 100% (the second ingest was a cache hit: also 100%).
+    assert [artifact.type for artifact in found["ingest-progress"]] == ["progress"] * 2
+    for key, runs in (("ingest-progress", 2), ("sweep-progress", 1), ("training-progress", 1)):
+        assert [float(artifact.data) for artifact in found[key]] == [100.0] * runs, key
+    # The epoch lines are in the flow runs' logs, once each: 2 sweep trials and 1 training run, 1 epoch each.
+    epoch_lines = [message for message in logs if "epoch 1/1  loss" in message]
+    assert len(epoch_lines) == 3, epoch_lines
+    assert sum(message.startswith("trial ") for message in epoch_lines) == 2
     # The plots are inline PNGs (the UI cannot open file:// links): the newest summary embeds this run's files.
     summary = max(found["train-food-summary"], key=lambda artifact: artifact.created).data
     embedded = dict(re.findall(r"!\[(\w+)\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", summary))

@@ -28,7 +28,7 @@ import tasks.ingest.store as store
 from flows.cli.main import main
 from ray_jobs.errors import UserInputError
 from tasks.ingest.config import IngestConfig, IngestResult
-from tasks.ingest.fingerprint import ingest_code_version, source_fingerprint
+from tasks.ingest.fingerprint import ingest_code_version
 from tasks.ingest.pipeline import ingest
 from tasks.ingest.store import read_ingested_manifest
 
@@ -67,6 +67,13 @@ def make_tree(root: Path, sizes: dict[str, int], split: str | None = None, sampl
 
 def run(src: Path, out: Path | str, **options: object) -> IngestResult:
     return ingest(IngestConfig(src=src, out=str(out), workers=options.pop("workers", 1), **options))
+
+
+def built_fingerprint(src: Path, **options: object) -> str:
+    """The fingerprint `ingest` records for SRC with these options (into a fresh folder beside SRC)."""
+    outs = src.parent / "fingerprints"
+    outs.mkdir(exist_ok=True)
+    return run(src, outs / f"out-{len(list(outs.iterdir()))}", **options).manifest["fingerprint"]
 
 
 def read_rows(out: Path) -> list[dict]:
@@ -291,7 +298,7 @@ def test_rerun_is_skipped_unless_forced_and_force_rebuilds_the_same_build(tmp_pa
     out = tmp_path / "out"
     first = run(src, out)
     assert not first.skipped
-    assert first.manifest["fingerprint"] == source_fingerprint(src, IngestConfig(src=src, out=str(out)).options())
+    assert first.manifest["fingerprint"] == built_fingerprint(src)  # another folder, the same build
     assert first.manifest["ingest_code_version"] == ingest_code_version()
     manifest_mtime = (out / "manifest.json").stat().st_mtime_ns
 
@@ -339,14 +346,9 @@ def test_output_can_be_any_pyarrow_filesystem(tmp_path: Path, monkeypatch) -> No
 
 # --- fingerprints: content-addressed, immutable builds --------------------------------------------
 
-def _options(src: Path, **overrides: object) -> dict:
-    return IngestConfig(src=src, out="unused", **overrides).options()
-
-
 def test_fingerprint_sees_changed_bytes_with_the_same_size_and_mtime(tmp_path: Path) -> None:
     src = make_tree(tmp_path / "src", {c: 3 for c in CLASSES[:2]})
-    run(src, tmp_path / "out")
-    before = source_fingerprint(src, _options(src))
+    before = run(src, tmp_path / "out").manifest["fingerprint"]
     target = sorted((src / CLASSES[0]).iterdir())[0]
     stat = target.stat()
     data = bytearray(target.read_bytes())
@@ -354,45 +356,47 @@ def test_fingerprint_sees_changed_bytes_with_the_same_size_and_mtime(tmp_path: P
     target.write_bytes(bytes(data))
     os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert (target.stat().st_size, target.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
-    assert source_fingerprint(src, _options(src)) != before
+    assert built_fingerprint(src) != before  # the source index compares ctime too: the file is read again
     with pytest.raises(UserInputError, match="another dataset build"):  # not "up to date"
         run(src, tmp_path / "out")
 
 
 def test_fingerprint_sees_an_empty_class_folder(tmp_path: Path) -> None:
     src = make_tree(tmp_path / "src", {c: 3 for c in CLASSES[:2]})
-    before = source_fingerprint(src, _options(src))
+    before = built_fingerprint(src)
     (src / "empty_class").mkdir()  # a class with no images changes the label set
-    assert source_fingerprint(src, _options(src)) != before
+    assert built_fingerprint(src) != before
 
 
 def test_fingerprint_changes_with_the_ingest_code_version(tmp_path: Path, monkeypatch) -> None:
     src = make_tree(tmp_path / "src", {c: 3 for c in CLASSES[:2]})
     real = ingest_code_version()
     assert len(real) == 64
-    before = source_fingerprint(src, _options(src))
+    before = built_fingerprint(src)
     monkeypatch.setattr(fingerprint_module, "ingest_code_version", lambda: "edited-ingest-code")
-    assert source_fingerprint(src, _options(src)) != before
+    monkeypatch.setattr(ingest_module, "ingest_code_version", lambda: "edited-ingest-code")
+    assert built_fingerprint(src) != before
     assert run(src, tmp_path / "out").manifest["ingest_code_version"] == "edited-ingest-code"
 
 
 def test_fingerprint_changes_with_every_option(tmp_path: Path) -> None:
     src = make_tree(tmp_path / "src", {c: 3 for c in CLASSES[:2]})
-    base = source_fingerprint(src, _options(src))
+    base = built_fingerprint(src)
     for change in ({"seed": 1}, {"max_side": 64}, {"val_fraction": 0.2}, {"test_fraction": 0.2},
-                   {"shard_rows": 7}, {"shard_bytes": 1000}, {"max_file_bytes": 1000}):
-        assert source_fingerprint(src, _options(src, **change)) != base, change
-    assert source_fingerprint(src, _options(src, workers=1, force=True)) == base  # these do not change the output
+                   {"shard_rows": 7}, {"shard_bytes": 1000}, {"max_file_bytes": 10_000_000}):
+        assert built_fingerprint(src, **change) != base, change
+    assert built_fingerprint(src, workers=2, force=True) == base  # these do not change the output
 
 
 def test_a_different_seed_is_another_build_in_another_folder(tmp_path: Path) -> None:
     from flows.pipeline_config import PipelineConfig
 
     src = make_tree(tmp_path / "src", {c: 3 for c in CLASSES[:2]})
-    assert source_fingerprint(src, _options(src, seed=1)) != source_fingerprint(src, _options(src, seed=0))
     configs = [PipelineConfig(source=str(src), workspace=str(tmp_path / "ws"), seed=seed).ingest() for seed in (0, 1)]
-    assert configs[0].out != configs[1].out
-    assert [Path(cfg.out).name for cfg in configs] == [f"src-{cfg.expected_fingerprint[:16]}" for cfg in configs]
+    results = [ingest(cfg.model_copy(update={"workers": 1})) for cfg in configs]
+    assert results[0].manifest["fingerprint"] != results[1].manifest["fingerprint"]
+    assert [Path(result.out).name for result in results] == [f"src-{result.manifest['fingerprint'][:16]}"
+                                                              for result in results]
 
 
 def test_ingest_never_replaces_another_build(tmp_path: Path, capsys) -> None:
@@ -401,7 +405,7 @@ def test_ingest_never_replaces_another_build(tmp_path: Path, capsys) -> None:
     first = run(src, out)
     manifest_bytes = (out / "manifest.json").read_bytes()
     rows = read_rows(out)
-    other = source_fingerprint(src, _options(src, seed=1))
+    other = built_fingerprint(src, seed=1)
     for force in (False, True):  # --force rebuilds the same build only
         with pytest.raises(UserInputError) as raised:
             run(src, out, seed=1, force=force)
@@ -410,21 +414,28 @@ def test_ingest_never_replaces_another_build(tmp_path: Path, capsys) -> None:
         assert first.manifest["fingerprint"][:16] in message and other[:16] in message
     capsys.readouterr()
     code = main(["ingest", str(src), "--out", str(out), "--seed", "1", "--force", "--workers", "1"])
-    err = capsys.readouterr().err
+    err = capsys.readouterr().err.rsplit("\r", 1)[-1]  # after the decoding bar, which erases itself
     assert code == 2 and err.startswith("train-food ingest: error:") and len(err.strip().splitlines()) == 1
     assert (out / "manifest.json").read_bytes() == manifest_bytes
     assert read_rows(out) == rows
     assert temp_leftovers(tmp_path) == []
 
 
-def test_a_file_changing_during_ingest_fails_naming_it(tmp_path: Path, monkeypatch) -> None:
+def test_a_file_rewritten_during_ingest_is_stored_as_the_bytes_its_hash_names(tmp_path: Path, monkeypatch) -> None:
+    """One read per file: the hash, the decode check and the stored bytes cannot disagree, whenever the
+    file changes; a rerun sees the new stamp, reads the file again and finds the same build."""
     src = make_tree(tmp_path / "src", {c: 4 for c in CLASSES[:2]})
     victim = sorted((src / CLASSES[1]).iterdir())[-1]
     monkeypatch.setenv("TRAIN_FOOD_TEST_VICTIM", str(victim))  # the decode workers inherit it
-    monkeypatch.setattr(ingest_module, "inspect_image", misbehaving_decoder.rewrite_then_decode)
-    with pytest.raises(UserInputError, match=f"{victim}.*changed while it was being ingested"):
-        run(src, tmp_path / "out")
-    assert not (tmp_path / "out").exists() and temp_leftovers(tmp_path) == []
+    with monkeypatch.context() as patch:
+        patch.setattr(ingest_module, "inspect_image", misbehaving_decoder.rewrite_then_decode)
+        first = run(src, tmp_path / "out")
+    rows = read_rows(tmp_path / "out")
+    assert all(hashlib.sha256(row["image"]).hexdigest() == row["sha256"] for row in rows)
+    stored = next(row["image"] for row in rows if row["source_path"].endswith(victim.name))
+    assert stored == victim.read_bytes() and stored.endswith(b"changed")
+    again = run(src, tmp_path / "out")  # the index holds the listing's stamp from before the rewrite
+    assert again.skipped and again.manifest == first.manifest
 
 
 def test_flow_gives_each_build_its_own_folder_and_a_b_a_returns_a(tmp_path: Path) -> None:
@@ -452,10 +463,10 @@ def test_flow_gives_each_build_its_own_folder_and_a_b_a_returns_a(tmp_path: Path
     assert read_ingested_manifest(first.out) == first.manifest and read_ingested_manifest(first.out)["classes"] == CLASSES[:2]
     assert read_ingested_manifest(second.out)["classes"] == CLASSES[1:3]
 
-    cfg = PipelineConfig(source=str(a), workspace=str(workspace)).ingest()
-    shutil.copy(sample_files(CLASSES[2], 1)[0], a / CLASSES[0] / "late.jpg")  # after the driver hashed it
-    with pytest.raises(UserInputError, match="changed after it was fingerprinted"):
-        ingest(cfg)
+    shutil.copy(sample_files(CLASSES[2], 1)[0], a / CLASSES[0] / "late.jpg")  # A grows: a new build
+    grown = flow_ingest(a)
+    assert not grown.skipped and grown.out not in (first.out, second.out)
+    assert grown.manifest["rows_written"] == first.manifest["rows_written"] + 1
     assert read_ingested_manifest(first.out) == first.manifest
 
 

@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import hostile_images as hostile
+import misbehaving_decoder
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_image
 
 import tasks.ingest.store as store
+import tasks.ingest.pipeline as ingest_module
 from flows.cli.main import main
 from ray_jobs.data.decode import decode_rgb, read_image
 from ray_jobs.data.image_prep import MAX_IMAGE_PIXELS
@@ -36,7 +38,6 @@ from ray_jobs.data.parquet import ParquetImageDataset, read_split
 from ray_jobs.data.transforms import IMAGENET, eval_transform
 from ray_jobs.errors import UserInputError
 from tasks.ingest.config import IngestConfig, IngestResult
-from tasks.ingest.fingerprint import source_fingerprint
 from tasks.ingest.pipeline import ingest
 from tasks.ingest.store import read_ingested_manifest
 
@@ -483,9 +484,19 @@ def test_an_interrupted_first_publish_to_an_object_store_is_cleaned_up_by_the_ne
     assert sum(len(v) for v in all_rows(str(bucket / "ds")).values()) == 6
 
 
-def test_source_fingerprint_is_the_one_ingest_records(tmp_path: Path) -> None:
+def test_an_unchanged_source_is_known_from_its_index_and_a_touched_one_is_read_again(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
     src = two_classes(tmp_path / "src")
     (src / CLASSES[0] / "link.jpg").symlink_to(sorted((src / CLASSES[1]).iterdir())[0])
-    manifest = run(src, tmp_path / "out").manifest
-    options = IngestConfig(src=src, out="unused").options()
-    assert source_fingerprint(src, options) == manifest["fingerprint"]
+    first = run(src, tmp_path / "out")
+    log = tmp_path / "reads.txt"
+    log.touch()
+    monkeypatch.setenv("TRAIN_FOOD_TEST_READS", str(log))  # the decode workers inherit it
+    monkeypatch.setattr(ingest_module, "inspect_image", misbehaving_decoder.counting_decode)
+    assert run(src, tmp_path / "out").skipped and log.read_text() == ""  # every stamp as recorded: no read
+    touched = sorted((src / CLASSES[0]).glob("*.jpg"))[0]
+    os.utime(touched)  # a new mtime, the same bytes: read again (each file once), the same build
+    again = run(src, tmp_path / "out")
+    assert again.skipped and again.manifest["fingerprint"] == first.manifest["fingerprint"]
+    reads = log.read_text().splitlines()
+    assert len(reads) == len(set(reads)) == first.manifest["files_seen"] - 1  # all but the link, once each

@@ -11,9 +11,7 @@ from flows.cli.flags import Fields
 def _ingest_fields() -> Fields:
     from tasks.ingest.config import IngestConfig
 
-    # expected_fingerprint belongs to the flow, which names DIR after the source's fingerprint.
-    return Fields(IngestConfig, positional=frozenset({"src"}), skip=frozenset({"expected_fingerprint"}),
-                  metavars={"out": "DIR"})
+    return Fields(IngestConfig, positional=frozenset({"src"}), metavars={"out": "DIR"})
 
 
 def _ingest(args: argparse.Namespace) -> int:

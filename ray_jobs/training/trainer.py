@@ -11,6 +11,7 @@ import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -25,6 +26,7 @@ from ray_jobs.model.checkpoint import best_checkpoint
 from ray_jobs.model.inputs import with_resolved_inputs
 from ray_jobs.storage import filesystem, is_uri, join
 from ray_jobs.training.checkpointing import RunInputs
+from ray_jobs.training.progress import Progress, print_progress, progress_relay
 from ray_jobs.training.worker_loop import FaultInjection, train_loop_per_worker
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -72,8 +74,10 @@ def build_trainer(
     run: RunInputs,
     name: str,
     callbacks: list[ray.train.UserCallback] | None = None,
+    progress: Any = None,
 ) -> ray.train.torch.TorchTrainer:
-    """A TorchTrainer for `cfg` (paths already absolute): gloo on CPU, nccl on GPU, best-K checkpoints."""
+    """A TorchTrainer for `cfg` (paths already absolute): gloo on CPU, nccl on GPU, best-K checkpoints.
+    Rank 0 puts its epoch lines on `progress` (a queue from `progress_relay`), if given."""
     scaling = cfg.scaling
     resources = {"CPU": scaling.cpus_per_worker} | ({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})
     storage = cfg.run.storage_path
@@ -83,7 +87,7 @@ def build_trainer(
     filesystem_, storage = filesystem(storage) if is_uri(storage) else (None, storage)
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.model_dump(mode="json"), "run": asdict(run)},
+        train_loop_config={"train": cfg.model_dump(mode="json"), "run": asdict(run), "progress": progress},
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
             placement_strategy=scaling.placement.upper(),
@@ -123,15 +127,23 @@ def prepare_driver(cfg: TrainConfig, *, uses_ray: bool) -> tuple[TrainConfig, Ru
     return cfg, RunInputs(classes=info.classes, dataset_fingerprint=info.fingerprint)
 
 
-def fit(cfg: TrainConfig, fault: FaultInjection | None = None) -> TrainResult:
-    """Train one model; raise `UserInputError` for bad input and stop on a non-finite loss."""
+def fit(
+    cfg: TrainConfig,
+    fault: FaultInjection | None = None,
+    on_progress: Callable[[Progress], None] = print_progress,
+) -> TrainResult:
+    """Train one model; raise `UserInputError` for bad input and stop on a non-finite loss.
+
+    Each epoch's line reaches `on_progress` once, in this process, while the workers train.
+    """
     cfg, run = prepare_driver(cfg, uses_ray=not cfg.scaling.local)
     name = cfg.run.name or new_run_name()
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": name})})
     run_dir = join(cfg.run.storage_path, name)
     if fault is not None:
         run = replace(run, fault=asdict(fault))
-    result = fit_retrying_start(build_trainer(cfg, run, name), name)
+    with progress_relay(on_progress, local=cfg.scaling.local) as sink:
+        result = fit_retrying_start(build_trainer(cfg, run, name, progress=sink), name)
     outcome = result.return_value or {}
     best = best_checkpoint(run_dir)
     if outcome.get("status") == "bad_input":

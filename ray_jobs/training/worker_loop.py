@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from ray_jobs.training.checkpointing import (
 from ray_jobs.training.engine import NonFiniteLossError, Precision, share_loader, train_one_epoch, unwrap, validate
 from ray_jobs.training.losses import build_objective
 from ray_jobs.training.optim import build_scheduler, optimizer_for
+from ray_jobs.training.progress import Progress, epoch_progress
 
 
 @dataclass(frozen=True)
@@ -87,24 +87,11 @@ def _rank_seed(seed: int, rank: int) -> int:
     return seed * 100_003 + rank + 1
 
 
-def _progress_line(metrics: dict[str, float], epochs: int) -> str:
-    return (
-        f"epoch {metrics['epoch']}/{epochs}  loss {metrics['train_loss']:.4f}  "
-        f"ce {metrics['train_ce_loss']:.4f}  center {metrics['train_center_loss']:.4f}  "
-        f"val_acc1 {metrics['val_acc1']:.3f}  val_acc5 {metrics['val_acc5']:.3f}  "
-        f"compactness {metrics['val_compactness']:.3f}  {metrics['train_images_per_s']:.1f} img/s  "
-        f"lr {metrics['lr']:.2e}"
-    )
-
-
-def _say(line: str, local_dir: Path | None) -> None:
-    """Print one progress line once.
-
-    In local mode a plain print (a Prefect flow captures it as a log line). On a Ray Train worker,
-    Ray patches `print` to write both to stdout and to its logger, and both reach the driver: write
-    to the process's real stdout instead, which Ray forwards once.
-    """
-    print(line, flush=True, file=None if local_dir is not None else sys.__stdout__)
+def _announce(sink: Any, progress: Progress) -> None:
+    """Rank 0 hands its progress to the driver, which prints or logs it once (no sink: a sweep's
+    trial, whose epochs Tune reports to the driver)."""
+    if sink is not None:
+        sink.put(progress)
 
 
 def _order_digest(sampler: SeededShardSampler) -> int:
@@ -125,12 +112,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     cfg = TrainConfig.model_validate(config["train"])
     run = RunInputs(**config["run"])
     try:
-        return _train(cfg, run)
+        return _train(cfg, run, config.get("progress"))
     except UserInputError as err:
         return {"status": "bad_input", "error": str(err)}
 
 
-def _train(cfg: TrainConfig, run: RunInputs) -> dict[str, Any]:
+def _train(cfg: TrainConfig, run: RunInputs, sink: Any) -> dict[str, Any]:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     fault = FaultInjection(**run.fault) if run.fault else None
@@ -169,11 +156,12 @@ def _train(cfg: TrainConfig, run: RunInputs) -> dict[str, Any]:
         resume_schedule(scheduler, state["scheduler"], start_epoch * sampler.steps, directory)
         restore_rng(state["rng"], rank, world)
         if rank == 0:
-            _say(f"resumed from checkpoint of epoch {start_epoch}", local_dir)
+            _announce(sink, Progress(f"resumed from checkpoint of epoch {start_epoch}"))
 
     # [3] train, evaluate, report
     precision = Precision(device, cfg.scaling.precision, input_spec(cfg).image_size)
     history: list[dict[str, Any]] = []
+    started = time.perf_counter()
     for epoch in range(start_epoch, cfg.optim.epochs):
         sampler.set_epoch(epoch)
         order = _order_digest(sampler)
@@ -183,7 +171,7 @@ def _train(cfg: TrainConfig, run: RunInputs) -> dict[str, Any]:
                                                       global_batch=cfg.data.batch_size, precision=precision, ema=ema)
         except NonFiniteLossError as err:
             if rank == 0:
-                _say(f"stopping: {err}; the last good checkpoint is kept", local_dir)
+                _announce(sink, Progress(f"stopping: {err}; the last good checkpoint is kept"))
             return {"status": "non_finite", "epoch": err.epoch, "step": err.step, "history": history}
         metrics |= validate(kept, loaders.val, device, len(classes))
         metrics |= {"epoch": epoch + 1, "optimizer_steps": scheduler.last_epoch, "data_order_digest": order,
@@ -194,7 +182,8 @@ def _train(cfg: TrainConfig, run: RunInputs) -> dict[str, Any]:
         report_epoch(metrics, state, local_dir, cfg.run.keep_checkpoints)
         history.append(metrics)
         if rank == 0:
-            _say(_progress_line(metrics, cfg.optim.epochs), local_dir)
+            per_epoch = (time.perf_counter() - started) / (epoch + 1 - start_epoch)
+            _announce(sink, epoch_progress(metrics, cfg.optim.epochs, per_epoch * (cfg.optim.epochs - epoch - 1)))
     return {"status": "finished", "epoch": cfg.optim.epochs, "history": history}
 
 

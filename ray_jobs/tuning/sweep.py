@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -25,6 +26,7 @@ from ray_jobs.errors import UserInputError
 from ray_jobs.model.checkpoint import best_checkpoint
 from ray_jobs.storage import absolute, is_uri
 from ray_jobs.training.checkpointing import RunInputs
+from ray_jobs.training.progress import epoch_line, print_progress
 from ray_jobs.training.trainer import build_trainer, fit_retrying_start, new_run_name, prepare_driver
 from ray_jobs.tuning.plot import write_sweep_outputs
 
@@ -83,6 +85,63 @@ def _scheduler(cfg: SweepConfig) -> TrialScheduler:
 
 
 @dataclass(frozen=True)
+class SweepProgress:
+    """One line for the user, after a trial's epoch or a trial's end, with the sweep's standing."""
+
+    line: str
+    trials_done: int
+    trials_total: int
+    best_val_acc1: float | None
+
+    @property
+    def fraction(self) -> float:
+        return self.trials_done / self.trials_total if self.trials_total else 0.0
+
+
+class _ProgressCallback(tune.Callback):
+    """Runs in the driver, where Tune hears every trial's epoch: hands a `SweepProgress` to `on_progress`."""
+
+    def __init__(self, on_progress: Callable[[SweepProgress], None], trials_total: int, epochs: int) -> None:
+        self.on_progress, self.trials_total, self.epochs = on_progress, trials_total, epochs
+        self.done: set[str] = set()
+        self.best: float | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Tune pickles its callbacks with the sweep's state; a restored sweep prints its progress."""
+        return self.__dict__ | {"on_progress": print_progress}
+
+    def _tell(self, line: str) -> None:
+        try:
+            self.on_progress(SweepProgress(line, len(self.done), self.trials_total, self.best))
+        except Exception as err:  # noqa: BLE001 - progress is for the user; the sweep goes on
+            print(f"progress: could not report {line!r}: {err}", flush=True)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if "val_acc1" not in result:
+            return
+        self.best = max(self.best or 0.0, float(result["val_acc1"]))
+        left = float(result.get("time_this_iter_s", 0.0)) * (self.epochs - int(result["epoch"]))
+        self._tell(f"trial {trial.trial_id}: {epoch_line(result, self.epochs, left)}")
+
+    def _finished(self, trial: Any, how: str) -> None:
+        self.done.add(trial.trial_id)
+        best = "none yet" if self.best is None else f"{self.best:.3f}"
+        self._tell(f"trial {trial.trial_id} {how}: {len(self.done)} of {self.trials_total} trials done, "
+                   f"best val_acc1 {best}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finished(trial, "ended")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finished(trial, "failed")
+
+
+def trial_count(cfg: SweepConfig) -> int:
+    """Trials the sweep runs: `samples` draws, or `samples` passes over the grid."""
+    return cfg.samples * (len(cfg.grid_lams) * len(cfg.grid_alphas) if cfg.grid else 1)
+
+
+@dataclass(frozen=True)
 class SweepResult:
     """The sweep's outcome: every trial in `table`, the best one's config and checkpoint."""
 
@@ -119,8 +178,12 @@ def _trial_row(result: ray.tune.Result, max_epochs: int, storage: str, sweep: st
     return row
 
 
-def run_sweep(cfg: SweepConfig) -> SweepResult:
-    """Run (or resume) the sweep and write its table (CSV, Parquet) and plot (PNG) beside it."""
+def run_sweep(cfg: SweepConfig, on_progress: Callable[[SweepProgress], None] = print_progress) -> SweepResult:
+    """Run (or resume) the sweep and write its table (CSV, Parquet) and plot (PNG) beside it.
+
+    Every trial epoch and trial end reaches `on_progress` in this process (not when resuming:
+    Tune keeps a restored sweep's callbacks as they were, none).
+    """
     if is_uri(cfg.train.run.storage_path):
         raise UserInputError(f"--storage-path {cfg.train.run.storage_path}: sweeps keep their trials on a path every "
                              "node reads (a shared volume); object-store URIs are for training runs only")
@@ -154,6 +217,7 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
                 name=name,
                 storage_path=storage,
                 verbose=1,
+                callbacks=[_ProgressCallback(on_progress, trial_count(cfg), train.optim.epochs)],
                 failure_config=tune.FailureConfig(max_failures=cfg.train.run.max_failures),
             ),
         )

@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ray_jobs.data.image_prep import MAX_FILE_BYTES
 from ray_jobs.dataset_format import SPLITS
 
+FINGERPRINT_FIELD = "{fingerprint}"  # in `out`: replaced by the build's short fingerprint
+
 
 class IngestConfig(BaseModel):
     """Everything `ingest` needs. Defaults live here only (the CLI passes just what the user set)."""
@@ -20,7 +22,8 @@ class IngestConfig(BaseModel):
 
     src: Path = Field(description="ImageFolder tree: SRC/<class>/<img>, or SRC/<split>/<class>/<img> with split "
                       "folders train, val (or valid, validation) and test.")
-    out: str = Field(description="Output folder or pyarrow.fs URI (s3://bucket/prefix).")
+    out: str = Field(description="Output folder or pyarrow.fs URI (s3://bucket/prefix); a last part holding "
+                     "'{fingerprint}' is named after the build (the flow's datasets/<source>-{fingerprint}).")
     val_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, description="Share of each class carved into val.")
     test_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, description="Share of each class carved into test.")
     seed: int = Field(default=0, description="Seeds the split and the row shuffle.")
@@ -35,13 +38,18 @@ class IngestConfig(BaseModel):
     )
     force: bool = Field(default=False, description="Rebuild even when DIR already holds this build "
                         "(never replaces another build).")
-    expected_fingerprint: str | None = Field(
-        default=None, description="Refuse to write unless SRC still has this fingerprint (the flow names DIR by it).")
 
     @field_validator("out", mode="before")
     @classmethod
     def _path_to_str(cls, value: object) -> object:
         return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("out")
+    @classmethod
+    def _fingerprint_names_the_folder(cls, value: str) -> str:
+        if FINGERPRINT_FIELD in value.rstrip("/").rpartition("/")[0] or value.count(FINGERPRINT_FIELD) > 1:
+            raise ValueError(f"{FINGERPRINT_FIELD} may only appear once, in the last part of the output path")
+        return value
 
     @model_validator(mode="after")
     def _fractions_leave_train(self) -> IngestConfig:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -39,19 +40,21 @@ class Inspected:
     content_sha256: str = ""  # of the bytes that will be stored (the source's when stored as they are)
     width: int = 0  # of the image as it will be stored
     height: int = 0
-    reencoded_path: str | None = None  # spool file holding the re-encoded image
+    stored_at: tuple[str, int, int] | None = None  # (spool file, offset, length) of the bytes to store
     reencode_reason: str | None = None  # why it was re-encoded ("format BMP", "EXIF orientation", ...)
     error: str | None = None
 
 
 def inspect_image(job: tuple[int, str], max_side: int | None = None, spool_dir: str | None = None,
                   max_file_bytes: int = MAX_FILE_BYTES) -> Inspected:
-    """Read, hash and fully decode `job = (index, path)`; re-encode it when training could not read
-    it as it is, or when it is larger than max_side.
+    """Read `job = (index, path)` once: hash it, fully decode it, and append the bytes to store to this
+    worker's spool file in `spool_dir`: its own, or a re-encoding when training could not read it as
+    it is or it is larger than max_side. The hash, the decode check and the stored bytes so come
+    from one read.
 
     Never raises for a bad file: the reason comes back in `Inspected.error` for the quarantine list.
     """
-    index, path = job
+    _, path = job
     try:
         data = read_regular(path, max_file_bytes)
     except FileTooLarge as err:
@@ -83,12 +86,28 @@ def inspect_image(job: tuple[int, str], max_side: int | None = None, spool_dir: 
     if max_side is not None and max(pixels.size) > max_side:
         pixels, reason, as_jpeg = _shrink(pixels, max_side), f"longer side over --max-side {max_side}", True
     elif reason is None:
-        return Inspected(sha256=digest, content_sha256=digest, width=pixels.width, height=pixels.height)
+        return Inspected(sha256=digest, content_sha256=digest, width=pixels.width, height=pixels.height,
+                         stored_at=_spool(data, spool_dir))
     encoded = _encode(pixels, as_jpeg)
-    spool_path = Path(spool_dir or ".") / f"{index}.{'jpg' if as_jpeg else 'png'}"
-    spool_path.write_bytes(encoded)
     return Inspected(sha256=digest, content_sha256=hashlib.sha256(encoded).hexdigest(), width=pixels.width,
-                     height=pixels.height, reencoded_path=str(spool_path), reencode_reason=reason)
+                     height=pixels.height, stored_at=_spool(encoded, spool_dir), reencode_reason=reason)
+
+
+_SPOOL_FILES: dict[str, BinaryIO] = {}  # this process's append-only spool file, by spool folder
+
+
+def _spool(data: bytes, spool_dir: str | None) -> tuple[str, int, int] | None:
+    """Append `data` to this process's own spool file (one per worker: no lock, no file per image, and
+    no image through the pipe to the parent); flushed, so the parent can read it once told where."""
+    if spool_dir is None:
+        return None
+    stream = _SPOOL_FILES.get(spool_dir)
+    if stream is None:
+        stream = _SPOOL_FILES[spool_dir] = open(os.path.join(spool_dir, f"worker-{os.getpid()}.bin"), "ab")  # noqa: SIM115
+    offset = stream.tell()
+    stream.write(data)
+    stream.flush()
+    return stream.name, offset, len(data)
 
 
 def _encode(image: Image.Image, as_jpeg: bool) -> bytes:

@@ -11,7 +11,6 @@ Standard library only: ingestion's decode workers import it.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import stat
 from typing import BinaryIO
@@ -46,12 +45,6 @@ def read_regular(path: str | os.PathLike[str], max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise FileTooLarge(len(data), max_bytes)
     return data
-
-
-def sha256_regular(path: str | os.PathLike[str]) -> str:
-    """sha256 of a regular file's bytes, read in chunks (never the whole file at once)."""
-    with _open_regular(path) as stream:
-        return hashlib.file_digest(stream, "sha256").hexdigest()
 
 
 def is_utf8(name: str) -> bool:

@@ -4,7 +4,8 @@ sha256 over every file's relative path and the sha256 of its bytes (not its size
 can stay the same when the bytes change), every folder (an empty class folder counts), the
 options and `ingest_code_version()`. Files quarantined from their listing alone are fingerprinted
 by their path and problem: their bytes never reach the dataset. Equal fingerprints mean equal
-datasets, so the flow names the dataset folder by it.
+datasets, so the flow names the dataset folder by it. The hashes are taken by the decode workers
+from the one read of each file that also gives the decoded image and the stored bytes.
 
 The code version is an explicit number, not a hash of the source files: moving or tidying the
 ingest code must not make every dataset (and every champion scored on one) a new build. Bump
@@ -17,15 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from PIL import __version__ as PILLOW_VERSION
 
 from ray_jobs.dataset_format import SCHEMA_VERSION
-from tasks.ingest.files import sha256_regular
-from tasks.ingest.scan import SourceTree, scan_source
 
 INGEST_OUTPUT_VERSION = 2  # 1: the hash of the tasks/ingest*.py sources, before the files moved
 
@@ -39,19 +36,9 @@ def ingest_code_version() -> str:
 UNREADABLE = ""  # the digest recorded for a file that cannot be read (no permission, vanished)
 
 
-def hash_files(tree: SourceTree) -> dict[str, str]:
-    """{relative path: sha256 of its bytes} for every entry; entries with a listing problem are
-    never read: their path and problem stand in for their bytes."""
-    digests = {}
-    for file in tree.files:
-        if file.problem:
-            digests[file.rel_path] = f"not read: {file.problem}"
-            continue
-        try:
-            digests[file.rel_path] = sha256_regular(tree.root / file.rel_path)
-        except OSError:
-            digests[file.rel_path] = UNREADABLE
-    return digests
+def listing_digest(problem: str) -> str:
+    """What stands in for the bytes of an entry quarantined from its listing alone (never read)."""
+    return f"not read: {problem}"
 
 
 def fingerprint(digests: Mapping[str, str], dirs: tuple[str, ...] | list[str], options: Mapping[str, object],
@@ -72,29 +59,6 @@ def fingerprint(digests: Mapping[str, str], dirs: tuple[str, ...] | list[str], o
 
 def _encode(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")  # file names as the OS gave them, byte for byte
-
-
-@dataclass(frozen=True)
-class SourceHash:
-    """A source's fingerprint and the digest of every file it was computed from."""
-
-    fingerprint: str
-    digests: dict[str, str]  # relative path -> sha256 of its bytes (UNREADABLE if it could not be read)
-    code_version: str  # `ingest_code_version()` as it entered the fingerprint
-
-
-def hash_source(tree: SourceTree, options: Mapping[str, object]) -> SourceHash:
-    """Read and hash every file of the listed tree, and fingerprint the build."""
-    digests, code_version = hash_files(tree), ingest_code_version()
-    return SourceHash(fingerprint(digests, tree.dirs, options, code_version), digests, code_version)
-
-
-def source_fingerprint(src: str | os.PathLike[str], options: Mapping[str, object]) -> str:
-    """The fingerprint of the build `ingest` would make from SRC with these options (64 hex).
-
-    Reads every file it could ingest (in chunks).
-    """
-    return hash_source(scan_source(src, int(options["max_file_bytes"])), options).fingerprint
 
 
 def short_fingerprint(fingerprint: str | None) -> str:

@@ -50,6 +50,8 @@ class SourceFile:
     size: int
     mtime_ns: int
     kind: EntryKind = "file"
+    ctime_ns: int = 0  # with size, mtime and inode: the stamp a rerun compares (`source_index`)
+    inode: int = 0
     class_name: str | None = None
     source_split: str | None = None  # canonical split of a pre-split source, None for a flat one
     problem: str | None = None  # why the entry cannot be ingested, decided from its listing alone
@@ -133,7 +135,7 @@ def _entry(root: Path, path: Path) -> SourceFile:
     if not stat.S_ISREG(st.st_mode):
         return SourceFile(rel, st.st_size, st.st_mtime_ns, "special",
                           problem=f"not a regular file ({_special_kind(st.st_mode)}), not read")
-    return SourceFile(rel, st.st_size, st.st_mtime_ns)
+    return SourceFile(rel, st.st_size, st.st_mtime_ns, ctime_ns=st.st_ctime_ns, inode=st.st_ino)
 
 
 def _special_kind(mode: int) -> str:

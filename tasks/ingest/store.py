@@ -157,36 +157,6 @@ def clean_leftovers(fs: pafs.FileSystem, dest: str) -> list[str]:
     return cleaned
 
 
-SPOOL_PREFIX = "train-food-ingest-"
-
-
-def spool_dir() -> tempfile.TemporaryDirectory:
-    """The decode spool of this process, named by its pid so a later run can sweep a killed one's."""
-    sweep_spools()
-    return tempfile.TemporaryDirectory(prefix=f"{SPOOL_PREFIX}{os.getpid()}-")
-
-
-def sweep_spools() -> list[str]:
-    """Delete the spools of ingest processes that no longer exist (SIGKILLed ones); returns them."""
-    swept = []
-    for path in Path(tempfile.gettempdir()).glob(f"{SPOOL_PREFIX}*-*"):
-        pid = path.name[len(SPOOL_PREFIX):].split("-", 1)[0]
-        if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-            swept.append(str(path))
-    return swept
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def write_shard(fs: pafs.FileSystem, path: str, rows: list[dict[str, Any]]) -> None:
     """Write one Parquet file, in row groups of about `ROW_GROUP_BYTES` of images.
 
