@@ -374,7 +374,6 @@ def test_fingerprint_changes_with_the_ingest_code_version(tmp_path: Path, monkey
     assert len(real) == 64
     before = built_fingerprint(src)
     monkeypatch.setattr(fingerprint_module, "ingest_code_version", lambda: "edited-ingest-code")
-    monkeypatch.setattr(ingest_module, "ingest_code_version", lambda: "edited-ingest-code")
     assert built_fingerprint(src) != before
     assert run(src, tmp_path / "out").manifest["ingest_code_version"] == "edited-ingest-code"
 

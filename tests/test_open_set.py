@@ -137,7 +137,7 @@ def _synthetic_calibration():
 def test_calibration_round_trips_through_its_files_and_refuses_another_model(tmp_path):
     calibration, features, logits = _synthetic_calibration()
     classes = ["a", "b", "c", "d"]
-    write_calibration(tmp_path, calibration, classes, 3, "f" * 64)
+    write_calibration(tmp_path, {"fp32": calibration}, classes, 3, "f" * 64)
     assert sorted(p.name for p in tmp_path.iterdir()) == [CALIBRATION_FILE, TENSORS_FILE]
     back = read_calibration(tmp_path, classes, feat_dim=8, epoch=3)
     assert back.metadata() == calibration.metadata()
@@ -213,7 +213,7 @@ def test_the_detectors_are_fit_on_eval_mode_train_features_of_the_kept_model(tra
     train = ParquetImageDataset(tiny_dataset, "train", eval_preprocessing(loaded.config))
     features, _, _ = predict(loaded.net, DataLoader(Subset(train, fit_subset(train.labels)), batch_size=64),
                              torch.device("cpu"))
-    calibration = load_model(trained_checkpoint).calibration
+    calibration = load_model(trained_checkpoint, precision="fp32").calibration
     assert calibration.precision == "fp32" and calibration.fit_photos == len(features)
     bank = calibration.detectors["knn"].tensors["bank"]
     torch.testing.assert_close(bank, F.normalize(features.double(), dim=1).float().double(), atol=1e-6, rtol=0)
@@ -221,7 +221,7 @@ def test_the_detectors_are_fit_on_eval_mode_train_features_of_the_kept_model(tra
 
 def test_val_photos_are_accepted_at_the_requested_share_by_every_detector(trained_checkpoint, tiny_dataset):
     loaded = model_from_checkpoint(trained_checkpoint)
-    calibration = load_model(trained_checkpoint).calibration
+    calibration = load_model(trained_checkpoint, precision="fp32").calibration
     val = ParquetImageDataset(tiny_dataset, "val", eval_preprocessing(loaded.config))
     features, logits, _ = predict(loaded.net, DataLoader(val, batch_size=64), torch.device("cpu"))
     assert len(features) == calibration.val_photos > 20
@@ -231,7 +231,7 @@ def test_val_photos_are_accepted_at_the_requested_share_by_every_detector(traine
 
 
 def test_checkpoint_predictions_carry_the_default_detector_and_another_on_request(trained_checkpoint, photos):
-    model = load_model(trained_checkpoint)
+    model = load_model(trained_checkpoint, precision="fp32")
     predictions, failures = predict_files(model, photos)
     assert not failures
     preprocess = eval_preprocessing(model.config)
@@ -254,12 +254,13 @@ def test_predict_cli_says_unknown_below_the_threshold(trained_checkpoint, photos
     document = json.loads(calibration_path(checkpoint).read_text())
     document["calibration"]["detectors"]["energy"]["threshold"] = threshold
     calibration_path(checkpoint).write_text(json.dumps(document))
-    assert main(["predict", *photos, "--model", checkpoint, "--top-k", "2", "--detector", "energy"]) == 0
+    assert main(["predict", *photos, "--model", checkpoint, "--top-k", "2", "--detector", "energy",
+                 "--precision", "fp32"]) == 0  # the fp32 calibration, edited above
     out, err = capsys.readouterr()
     assert err == ""
     lines = out.splitlines()
     assert len(lines) == 3 * len(photos)
-    expected = predict_files(load_model(checkpoint), photos, top_k=2, detector="energy")[0]
+    expected = predict_files(load_model(checkpoint, precision="fp32"), photos, top_k=2, detector="energy")[0]
     for block, prediction in zip(range(0, len(lines), 3), expected, strict=True):
         assert lines[block] == prediction.path
         verdict = f"   {word} (energy score {prediction.score:.3f} {sign} {threshold:.3f})"

@@ -16,6 +16,7 @@ from pathlib import Path
 import hostile_images as hostile
 import httpx
 import pytest
+import torch
 from conftest import free_port
 
 from flows.cli.main import main
@@ -24,6 +25,7 @@ from ray_jobs.errors import UserInputError
 from ray_jobs.inference.loading import load_model
 from ray_jobs.inference.open_set import DETECTOR_RANKING
 from ray_jobs.inference.model_ref import parse_model_ref
+from ray_jobs.inference.precision import native_bf16
 from ray_jobs.inference.predict import predict_files
 from ray_jobs.serving.app import classifier_deployment
 from ray_jobs.serving.config import ServeConfig
@@ -132,8 +134,10 @@ def test_a_missing_alias_is_refused_before_ray_starts(registry, capsys):
 def test_health_names_the_champion_version(server):
     health = httpx.get(f"{server}/health", timeout=30).json()
     assert health["open_set"].startswith(f"detector {DETECTOR_RANKING[0]}, threshold ")  # the calibration's default
+    served_in = "bf16" if native_bf16(torch.device("cpu")) else "fp32"  # --precision auto on this machine
     assert {k: v for k, v in health.items() if k != "open_set"} == {
         "status": "ok", "model": MODEL, "version": "1", "alias": "champion", "classes": 10, "image_size": 32,
+        "precision": served_in, "calibration_precision": served_in, "threads": 1,
         "token_required": False, "max_body_bytes": 64 * 2**20}
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flows.cli.command import Verb
+from ray_jobs.inference.precision import InferencePrecision
 from flows.cli.flags import Fields
 from ray_jobs.errors import UserInputError
 from ray_jobs.inference.detector_names import DetectorName
@@ -31,6 +32,9 @@ class PredictConfig(BaseModel):
     detector: DetectorName | None = Field(
         default=None, description="Open-set detector that flags unknown dishes; None: the model calibration's default."
     )
+    precision: InferencePrecision = Field(
+        default="auto", description="Forward precision: fp32, bf16 (autocast), or auto (bf16 where native and "
+        "calibrated, else fp32).")
     tracking_uri: str | None = Field(
         default=None, description="MLflow server or store; None: MLFLOW_TRACKING_URI, else the workspace SQLite."
     )
@@ -58,7 +62,7 @@ def _predict(args: argparse.Namespace) -> int:
         from tasks.registry.store import resolve_tracking_uri
 
         tracking_uri = resolve_tracking_uri(cfg.tracking_uri, cfg.workspace, create=False)
-    model = load_model(cfg.model, tracking_uri)
+    model = load_model(cfg.model, tracking_uri, cfg.precision)
     check_detector(model, cfg.detector)
     if model.calibration is None:
         print(f"train-food predict: note: model {model.source} has no open-set calibration (evaluate the checkpoint "
@@ -106,7 +110,7 @@ def _serve(args: argparse.Namespace) -> int:
         from ray_jobs.inference.loading import load_model
         from ray_jobs.inference.predict import check_detector
 
-        check_detector(load_model(cfg.model, cfg.tracking_uri), cfg.detector)
+        check_detector(load_model(cfg.model, cfg.tracking_uri, cfg.precision), cfg.detector)
 
     from ray import serve
 

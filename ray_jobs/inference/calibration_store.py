@@ -10,7 +10,9 @@ evaluation reports and registration checks) pins both.
 
 Formats: `train-food-open-set/2` (detectors, `ray_jobs.inference.open_set`), and the older
 `train-food-open-set/1` (per-class distance thresholds, `ray_jobs.inference.legacy_calibration`),
-still read.
+still read. A /2 document holds the fp32 calibration under `calibration` and one per other
+precision offered (`ray_jobs.inference.precision`) under `by_precision`, their tensors in the same
+file with the precision as a key prefix (`bf16:energy/...`); one made before that holds fp32 only.
 """
 
 from __future__ import annotations
@@ -45,18 +47,27 @@ def calibration_files(checkpoint_or_folder: str | Path) -> list[Path]:
     return [path for path in (json_path, json_path.with_name(TENSORS_FILE)) if path.is_file()]
 
 
-def write_calibration(folder: str | Path, calibration: OpenSetCalibration, classes: list[str], epoch: int | None,
-                      dataset_fingerprint: str) -> Path:
-    """The tensors, then the JSON naming their hash, each through a temporary file and a rename, so a
-    reader never sees half a file nor a JSON without its tensors."""
+def _prefix(precision: str) -> str:
+    return "" if precision == "fp32" else f"{precision}:"
+
+
+def write_calibration(folder: str | Path, calibrations: dict[str, OpenSetCalibration], classes: list[str],
+                      epoch: int | None, dataset_fingerprint: str) -> Path:
+    """One calibration per precision (fp32 among them), the tensors first, then the JSON naming their
+    hash, each through a temporary file and a rename, so a reader never sees half a file nor a JSON
+    without its tensors."""
     from safetensors.torch import save
 
     path = calibration_path(folder)
-    data = save(calibration.tensors())
+    tensors = {f"{_prefix(precision)}{key}": value for precision, calibration in calibrations.items()
+               for key, value in calibration.tensors().items()}
+    data = save(tensors)
     _replace(path.with_name(TENSORS_FILE), data)
     document = {"format": FORMAT, "classes": list(classes), "checkpoint_epoch": epoch,
                 "dataset_fingerprint": dataset_fingerprint, "tensors": TENSORS_FILE,
-                "tensors_sha256": hashlib.sha256(data).hexdigest(), "calibration": calibration.metadata()}
+                "tensors_sha256": hashlib.sha256(data).hexdigest(), "calibration": calibrations["fp32"].metadata(),
+                "by_precision": {precision: calibration.metadata() for precision, calibration in calibrations.items()
+                                 if precision != "fp32"}}
     _replace(path, json.dumps(document, indent=1).encode())
     return path
 
@@ -69,14 +80,20 @@ def _replace(path: Path, data: bytes) -> None:
 
 def read_calibration(folder: str | Path, classes: list[str], feat_dim: int,
                      epoch: int | None = None) -> AnyCalibration | None:
-    """The calibration stored in `folder` for this model, None when there is none.
+    """The fp32 calibration stored in `folder` for this model, None when there is none."""
+    return read_calibrations(folder, classes, feat_dim, epoch).get("fp32")
+
+
+def read_calibrations(folder: str | Path, classes: list[str], feat_dim: int,
+                      epoch: int | None = None) -> dict[str, AnyCalibration]:
+    """The calibrations stored in `folder` for this model, by precision (empty when there is none).
 
     `UserInputError` (one line, naming the file) for a file that is unreadable, malformed or made
     for other classes, feature width or checkpoint epoch (when `epoch` is given).
     """
     path = calibration_path(folder)
     if not path.is_file():
-        return None
+        return {}
     try:
         document = json.loads(path.read_text())
         if not isinstance(document, dict) or document.get("format") not in (FORMAT, LEGACY_FORMAT):
@@ -88,14 +105,24 @@ def read_calibration(folder: str | Path, classes: list[str], feat_dim: int,
         if document["format"] == LEGACY_FORMAT:
             legacy = LegacyCalibration.from_dict(document["calibration"])
             legacy.check(num_classes=len(classes), feat_dim=feat_dim)
-            return legacy
-        calibration = OpenSetCalibration.from_parts(document["calibration"], _tensors(path, document))
-        calibration.check(num_classes=len(classes), feat_dim=feat_dim)
+            return {"fp32": legacy}
+        tensors = _tensors(path, document)
+        metadata = {"fp32": document["calibration"], **document.get("by_precision", {})}
+        calibrations: dict[str, AnyCalibration] = {}
+        for precision, entry in metadata.items():
+            prefix = _prefix(precision)
+            own = {key[len(prefix):]: value for key, value in tensors.items()
+                   if key.startswith(prefix) and (prefix or ":" not in key)}
+            calibration = OpenSetCalibration.from_parts(entry, own)
+            if calibration.precision != precision:
+                raise ValueError(f"its {precision} entry was made in {calibration.precision}")
+            calibration.check(num_classes=len(classes), feat_dim=feat_dim)
+            calibrations[precision] = calibration
     except OSError as err:
         raise UserInputError(f"cannot read {err.filename or path}: {err.strerror or err}") from None
     except (ValueError, KeyError, TypeError, AttributeError) as err:  # json.JSONDecodeError is a ValueError
         raise UserInputError(f"{path}: unusable open-set calibration ({err})") from None
-    return calibration
+    return calibrations
 
 
 def _tensors(path: Path, document: dict[str, Any]) -> dict[str, Any]:

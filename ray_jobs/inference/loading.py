@@ -9,13 +9,15 @@ is imported lazily and only for MLflow sources. Evaluation and registration rebu
 with the same `model_from_checkpoint`.
 
 A model may come with an open-set calibration (`calibration.json` next to the checkpoint or in the
-registered model's folder, see `ray_jobs.inference.calibration_store`).
+registered model's folder, see `ray_jobs.inference.calibration_store`), one per precision; the
+model is loaded to answer in one precision (`ray_jobs.inference.precision`) and carries that
+precision's calibration.
 """
 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,9 @@ from torch import Tensor, nn
 
 from ray_jobs.config import TrainConfig, saved_train_config
 from ray_jobs.errors import UserInputError
-from ray_jobs.inference.calibration_store import AnyCalibration, read_calibration
+from ray_jobs.inference.calibration_store import AnyCalibration, read_calibrations
 from ray_jobs.inference.mlflow_uri import env_default, using_tracking_uri
+from ray_jobs.inference.precision import InferencePrecision, resolve_precision
 from ray_jobs.model.inputs import input_spec
 from ray_jobs.model.checkpoint import UNSAFE_LOAD_ERRORS, load_checkpoint, load_error_line
 from ray_jobs.model.foodnet import FoodNet, trained_net
@@ -60,6 +63,7 @@ class LoadedModel:
     source: str
     metadata: dict[str, Any] = field(default_factory=dict)
     calibration: AnyCalibration | None = None  # open-set detectors and thresholds; None: never "unknown"
+    precision: str = "fp32"  # of the forward (`ray_jobs.inference.precision`), and of `calibration`
 
     @property
     def image_size(self) -> int:
@@ -99,30 +103,37 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(source: str | None = None, tracking_uri: str | None = None) -> LoadedModel:
+def load_model(source: str | None = None, tracking_uri: str | None = None,
+               precision: InferencePrecision = "auto") -> LoadedModel:
     """Load a checkpoint (directory or file), a registered model's folder or an MLflow model URI
-    (default: the champion). Neither runs code from the files it reads.
+    (default: the champion), to answer in `precision`. Neither runs code from the files it reads.
     """
     source = source or DEFAULT_MODEL_URI
     device = default_device()
     if Path(source, "MLmodel").is_file():  # a downloaded registered model's folder
         folder = Path(source).resolve()
-        return model_from_folder(folder, str(folder), device)
+        return in_precision(model_from_folder(folder, str(folder), device), folder, precision)
     if Path(source).exists():
         loaded = model_from_checkpoint(source, device)
-        return LoadedModel(
-            module=LogitsModel(loaded.net).eval(),
-            classes=loaded.classes,
-            config=loaded.config,
-            source=str(source),
-            calibration=read_calibration(source, loaded.classes, loaded.config.model.feat_dim, loaded.state.get("epoch")),
-        )
+        model = LoadedModel(module=LogitsModel(loaded.net).eval(), classes=loaded.classes, config=loaded.config,
+                            source=str(source))
+        return in_precision(model, source, precision, loaded.state.get("epoch"))
     if not source.startswith(_MLFLOW_SCHEMES):
         raise UserInputError(f"--model {source!r} is neither an existing checkpoint path nor an MLflow model URI")
-    return _load_mlflow_model(source, tracking_uri, device)
+    return _load_mlflow_model(source, tracking_uri, device, precision)
 
 
-def _load_mlflow_model(uri: str, tracking_uri: str | None, device: torch.device) -> LoadedModel:
+def in_precision(model: LoadedModel, folder: str | Path, setting: InferencePrecision,
+                 epoch: int | None = None) -> LoadedModel:
+    """`model` set to answer in `setting` (resolved), with the calibration stored in `folder` for that precision."""
+    calibrations = read_calibrations(folder, model.classes, model.config.model.feat_dim, epoch)
+    device = next(model.module.parameters()).device
+    precision = resolve_precision(setting, device, tuple(calibrations) or None, model.source)
+    return replace(model, precision=precision, calibration=calibrations.get(precision))
+
+
+def _load_mlflow_model(uri: str, tracking_uri: str | None, device: torch.device,
+                       precision: InferencePrecision) -> LoadedModel:
     """A model logged by `train-food register`, downloaded from the tracking server."""
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
@@ -134,11 +145,12 @@ def _load_mlflow_model(uri: str, tracking_uri: str | None, device: torch.device)
         except MlflowException as err:
             where = tracking_uri or mlflow.get_tracking_uri()
             raise UserInputError(f"cannot load model {uri} from tracking server {where}: {err.message}") from None
-        return model_from_folder(Path(local), uri, device)
+        return in_precision(model_from_folder(Path(local), uri, device), local, precision)
 
 
 def model_from_folder(folder: Path, source: str, device: torch.device) -> LoadedModel:
-    """Rebuild a registered model from its folder: MLmodel metadata + `weights.pt` (tensors only)."""
+    """Rebuild a registered model from its folder: MLmodel metadata + `weights.pt` (tensors only); its
+    calibration comes with `in_precision`."""
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
@@ -175,5 +187,4 @@ def model_from_folder(folder: Path, source: str, device: torch.device) -> Loaded
         config=config,
         source=source,
         metadata=dict(metadata),
-        calibration=read_calibration(folder, classes, config.model.feat_dim),
     )

@@ -8,10 +8,10 @@ from the val photos, which the fit did not see: the largest that accepts `accept
 detector in use: `default`, the first of `DETECTOR_RANKING` (`bench/open_set.py`'s order by
 paired mean AUROC) that the model has, unless the user names another. KNN's k is chosen on val too, by leaving one class out.
 
-Features for the fit and the thresholds come from the fp32 forward, the precision
-`ray_jobs.inference.predict` serves in (`SERVING_PRECISION`); a detector's tensors are rounded to
-float32, as stored, before its threshold is set, so the stored threshold is exactly the one the
-stored detector earns.
+Features for the fit and the thresholds come from the forward in the precision the calibration
+is for (`precision`; `ray_jobs.inference.calibrate` makes one per precision a model may be served
+in); a detector's tensors are rounded to float32, as stored, before its threshold is set, so the
+stored threshold is exactly the one the stored detector earns.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from ray_jobs.inference.verdicts import Verdicts
 # bench/open_set.py's order by mean AUROC (softmax models, Lite0 224 px, 2 of 10 dishes held out; docs/results.md)
 DETECTOR_RANKING = ("energy", "max_logit", "center_distance", "vim", "knn", "msp", "rmd", "mahalanobis")
 DEFAULT_ACCEPT_SHARE = 0.95
-SERVING_PRECISION = "fp32"
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ class OpenSetCalibration:
     accept_share: float
     fit_photos: int  # train photos the detectors were fit on
     val_photos: int  # val photos the thresholds come from
-    precision: str = SERVING_PRECISION
+    precision: str = "fp32"  # of the forward its features came from
     older: ClassVar[bool] = False
 
     @property

@@ -2,7 +2,8 @@
 
 `predict_tensors` serves callers that decode themselves (a Ray Serve replica reading request
 bodies); `predict_files` reads and decodes files first (`ray_jobs.data.decode`) and reports
-unreadable ones instead of raising. The open-set verdict comes from the model's calibration, with
+unreadable ones instead of raising. The forward runs in the model's precision (fp32 or bf16
+autocast, `LoadedModel.precision`). The open-set verdict comes from the model's calibration, with
 the detector the caller names (None: the calibration's default); without a calibration,
 predictions carry no score and nothing is flagged unknown.
 """
@@ -19,6 +20,7 @@ from torch import Tensor
 from ray_jobs.data.decode import read_image
 from ray_jobs.errors import UserInputError
 from ray_jobs.inference.loading import LoadedModel
+from ray_jobs.inference.precision import autocast
 from ray_jobs.model.inputs import eval_preprocessing
 
 
@@ -98,7 +100,8 @@ def predict_tensors(
     predictions: list[Prediction] = []
     for batch_names, batch_images in zip(_batches(names, batch_size), _batches(images, batch_size), strict=True):
         batch = torch.stack([transform(image) for image in batch_images]).to(device)
-        features, logits = model.net(batch)
+        with autocast(model.precision, device):  # the precision its calibration was made in
+            features, logits = model.net(batch)
         values, indices = logits.float().softmax(dim=1).cpu().topk(k, dim=1)
         verdicts = _verdicts(model, features.float().cpu(), logits.float().cpu(), detector)
         for name, vals, idxs, verdict in zip(batch_names, values.tolist(), indices.tolist(), verdicts, strict=True):

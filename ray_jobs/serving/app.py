@@ -30,6 +30,7 @@ import functools
 import hashlib
 import hmac
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,16 @@ class Classifier:
     def __init__(self, config: dict[str, Any], token_sha256: str | None) -> None:
         self.cfg = ServeConfig.model_validate(config)
         self.token_sha256 = token_sha256
-        self.live = LiveModel(self.cfg.model, self.cfg.tracking_uri, self.cfg.alias_poll_s)
+        # As many torch threads and decode threads as CPUs reserved (more only fight over them, and
+        # throughput falls as clients rise); the forward has its own thread, so a batch never waits
+        # behind decodes for a free one.
+        import torch  # here, not at the top: Serve pickles this module's ingress app, and torch's module does not
+
+        cpus = self.threads = max(1, round(self.cfg.replica_cpus))
+        torch.set_num_threads(cpus)
+        self.decoding = ThreadPoolExecutor(cpus, thread_name_prefix="decode")
+        self.forward = ThreadPoolExecutor(1, thread_name_prefix="forward")
+        self.live = LiveModel(self.cfg.model, self.cfg.tracking_uri, self.cfg.alias_poll_s, self.cfg.precision)
         self.classify.set_max_batch_size(self.cfg.max_batch_size)
         self.classify.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self._ids = itertools.count()
@@ -146,7 +156,9 @@ class Classifier:
         calibration = served.model.calibration
         return {"status": "ok", "model": served.name, "version": served.version, "alias": self.live.ref.alias,
                 "classes": len(served.model.classes), "image_size": served.model.image_size,
+                "precision": served.model.precision, "threads": self.threads,
                 "open_set": calibration.describe(self.cfg.detector) if calibration is not None else None,
+                "calibration_precision": getattr(calibration, "precision", "fp32") if calibration is not None else None,
                 "token_required": self.token_sha256 is not None, "max_body_bytes": self.cfg.max_body_bytes}
 
     @app.get("/", response_class=HTMLResponse)
@@ -158,8 +170,9 @@ class Classifier:
     async def predict(self, request: Request) -> dict[str, Any]:
         check_token(request, self.token_sha256)
         data = await read_body(request, self.cfg.max_body_bytes, self.cfg.body_timeout_s)
-        try:  # in a worker thread, before the batch: a slow decode never holds up a forward pass
-            image = await asyncio.wait_for(asyncio.to_thread(decode_photo, data, _WHERE), self.cfg.decode_timeout_s)
+        try:  # in a decode thread, before the batch: a slow decode never holds up a forward pass
+            decoding = asyncio.get_running_loop().run_in_executor(self.decoding, decode_photo, data, _WHERE)
+            image = await asyncio.wait_for(decoding, self.cfg.decode_timeout_s)
         except UserInputError as err:
             raise HTTPException(status_code=422, detail=one_line(err)) from None
         except TimeoutError:
@@ -171,12 +184,14 @@ class Classifier:
     async def classify(self, images: list[Tensor]) -> list[dict[str, Any]]:
         served = self.live.current  # one snapshot per batch: a version switch never splits a batch
         names = [f"request-{next(self._ids)}" for _ in images]
-        predictions = await asyncio.to_thread(predict_tensors, served.model, images, names, self.cfg.top_k,
-                                              detector=self.cfg.detector)
+        run = functools.partial(predict_tensors, served.model, images, names, self.cfg.top_k, detector=self.cfg.detector)
+        predictions = await asyncio.get_running_loop().run_in_executor(self.forward, run)
         return [answer(prediction, served) for prediction in predictions]
 
     def __del__(self) -> None:
         self.live.close()
+        self.decoding.shutdown(wait=False)
+        self.forward.shutdown(wait=False)
 
 
 def classifier_deployment(cfg: ServeConfig) -> Deployment:

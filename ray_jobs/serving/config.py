@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from ray_jobs.data.image_prep import MAX_FILE_BYTES
 from ray_jobs.inference.detector_names import DetectorName
+from ray_jobs.inference.precision import InferencePrecision
 from ray_jobs.inference.loading import DEFAULT_MODEL_URI
 
 TOKEN_ENV = "TRAIN_FOOD_SERVE_TOKEN"
@@ -36,6 +37,9 @@ class ServeConfig(BaseModel):
     detector: DetectorName | None = Field(
         default=None, description="Open-set detector that flags unknown dishes; None: the model calibration's default."
     )
+    precision: InferencePrecision = Field(
+        default="auto", description="Forward precision: fp32, bf16 (autocast), or auto (bf16 where the hardware "
+        "runs it natively and the model has a bf16 calibration, else fp32).")
     max_batch_size: int = Field(default=16, ge=1, description="Requests classified in one forward pass (1: no batching).")
     batch_wait_timeout_s: float = Field(
         default=0.01, ge=0.0, description="How long a batch waits for more requests before it runs."

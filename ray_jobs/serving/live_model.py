@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from ray_jobs.errors import UserInputError
 from ray_jobs.inference.loading import LoadedModel, load_model
+from ray_jobs.inference.precision import InferencePrecision
 from ray_jobs.inference.model_ref import ModelRef, alias_version, parse_model_ref, registry_client
 
 log = logging.getLogger("ray.serve")
@@ -35,9 +36,11 @@ class Served:
 class LiveModel:
     """Holds the current `Served`; follows `models:/NAME@ALIAS` when `poll_s` > 0."""
 
-    def __init__(self, source: str, tracking_uri: str | None, poll_s: float) -> None:
+    def __init__(self, source: str, tracking_uri: str | None, poll_s: float,
+                 precision: InferencePrecision = "auto") -> None:
         self.ref: ModelRef = parse_model_ref(source)
         self.tracking_uri = tracking_uri
+        self.precision = precision
         self._client = registry_client(tracking_uri) if self.ref.alias else None
         self._refused: str | None = None  # a version that failed to load: not retried every poll
         self.current: Served = self._load(self._target_version())
@@ -57,7 +60,7 @@ class LiveModel:
 
     def _load(self, version: str | None) -> Served:
         source = self.ref.uri_of(version) if version is not None else self.ref.source
-        return Served(model=load_model(source, self.tracking_uri), name=self.ref.name, version=version)
+        return Served(model=load_model(source, self.tracking_uri, self.precision), name=self.ref.name, version=version)
 
     def refresh(self) -> bool:
         """Load and switch to the alias's version if it moved; True when the model changed."""

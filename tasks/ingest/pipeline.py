@@ -48,7 +48,8 @@ from tasks.ingest.decode import Inspected, inspect_image
 from tasks.ingest import source_index
 from tasks.ingest.config import FINGERPRINT_FIELD
 from tasks.ingest.files import printable
-from tasks.ingest.fingerprint import UNREADABLE, fingerprint, ingest_code_version, listing_digest, short_fingerprint
+from tasks.ingest import fingerprint as fingerprinting
+from tasks.ingest.fingerprint import UNREADABLE, listing_digest, short_fingerprint
 from tasks.ingest.plan import SplitPlan, drop_duplicates, plan_splits, small_classes
 from tasks.ingest.scan import SourceTree, scan_source
 from tasks.ingest.spool import Spool, spool_of_this_run
@@ -80,7 +81,7 @@ def ingest(cfg: IngestConfig, on_progress: FilesDone | None = None) -> IngestRes
 def _ingest(fs: FileSystem, cfg: IngestConfig, tree: SourceTree, template: str, on_progress: FilesDone | None,
             waited: bool | None) -> IngestResult:
     """Reuse the build the source index names, else read every file once and finish from what it gave."""
-    options, code_version = cfg.options(), ingest_code_version()
+    options, code_version = cfg.options(), fingerprinting.ingest_code_version()
     known = None if cfg.force else source_index.known_build(fs, template, tree, options, code_version)
     if known is not None:
         reused = _finish(fs, cfg, template, known, None, tree, waited)
@@ -89,7 +90,7 @@ def _ingest(fs: FileSystem, cfg: IngestConfig, tree: SourceTree, template: str, 
     with spool_of_this_run() as spool:
         decoded = _decode_all(tree, cfg, spool, on_progress)
         digests = {**{f.rel_path: listing_digest(f.problem) for f in tree.files if f.problem}, **decoded.digests}
-        source_hash = fingerprint(digests, tree.dirs, options, code_version)
+        source_hash = fingerprinting.fingerprint(digests, tree.dirs, options, code_version)
         result = _finish(fs, cfg, template, source_hash, (decoded, digests), tree, waited)
     assert result is not None  # with the decoded files at hand, _finish always writes or skips
     return result
@@ -233,7 +234,7 @@ def _manifest(tree: SourceTree, cfg: IngestConfig, source_hash: str, plan: Split
         "fingerprint": source_hash,
         "test_split_digest": rows_digest([(image.content_sha256, tree.classes.index(image.class_name))
                                           for image in plan.rows["test"]], list(tree.classes)),
-        "ingest_code_version": ingest_code_version(),
+        "ingest_code_version": fingerprinting.ingest_code_version(),
         "splits_carved": plan.carved,
         "small_classes": small_classes(plan.rows, tree.classes),
         "quarantine": quarantine,
