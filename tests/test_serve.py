@@ -105,7 +105,7 @@ def test_deployment_carries_the_configured_batching_and_autoscaling_bounds():
     deployment = classifier_deployment(cfg)
     scaling = deployment._deployment_config.autoscaling_config  # Deployment has no public accessor for it
     assert (scaling.min_replicas, scaling.max_replicas) == (2, 5)
-    assert deployment.max_ongoing_requests == 8 and deployment.ray_actor_options["num_cpus"] == 0.25
+    assert deployment.max_ongoing_requests == 32 and deployment.ray_actor_options["num_cpus"] == 0.25  # 2 x 4 < 32
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -3,8 +3,8 @@
 `POST /predict` takes the raw image bytes as the request body (`curl --data-binary @photo.jpg`;
 a multipart form is refused with a hint). The body is decoded with `train-food predict`'s rules
 (`ray_jobs.data.decode.decode_photo`: same pixel limit, same conversions) while the request is on its
-own, then waits in a `@serve.batch` queue, so one forward pass serves up to `max_batch_size`
-requests. Bad input gets a 4xx with a one-line `detail` and never reaches the batch:
+own, then waits in the replica's batch queue (`ray_jobs.serving.batcher`), so one forward pass
+serves up to `max_batch_size` requests. Bad input gets a 4xx with a one-line `detail` and never reaches the batch:
 
 - 401 a missing or wrong bearer token, when the server has one (`--token`; required to serve on a
   non-loopback address);
@@ -18,8 +18,10 @@ Waiting is bounded: Serve answers 503 at once when `max_queued_requests` wait fo
 its proxy ends a request after `request_timeout_s`.
 
 `GET /` is a page to try the model in a browser (`page.html`: HTML, CSS and plain JavaScript,
-nothing fetched from elsewhere). `GET /health` names the model, version, alias and open-set detector; it answers 503 when the model
-cannot follow its alias (the follower died, or the registry has not answered for 3 polls). Model
+nothing fetched from elsewhere). `GET /stats` shows where the replica's time goes
+(`ray_jobs.serving.timings`). `GET /health` names the model, version, alias, precision and
+open-set detector; it answers 503 when the model cannot follow its alias (the follower died, or
+the registry has not answered for 3 polls). Model
 versions are switched by `ray_jobs.serving.live_model.LiveModel` (see there why polling, and why no
 request fails).
 """
@@ -30,6 +32,7 @@ import functools
 import hashlib
 import hmac
 import itertools
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -44,8 +47,11 @@ from torch import Tensor
 from ray_jobs.data.decode import decode_photo
 from ray_jobs.errors import UserInputError
 from ray_jobs.inference.predict import Prediction, predict_tensors
+from ray_jobs.serving.batcher import GreedyBatcher
 from ray_jobs.serving.config import ServeConfig
+from ray_jobs.inference.loading import LoadedModel
 from ray_jobs.serving.live_model import LiveModel, Served
+from ray_jobs.serving.timings import StageTimes
 
 app = FastAPI(title="train-food", description="Food dish classifier: POST raw image bytes to /predict.")
 
@@ -142,9 +148,9 @@ class Classifier:
         torch.set_num_threads(cpus)
         self.decoding = ThreadPoolExecutor(cpus, thread_name_prefix="decode")
         self.forward = ThreadPoolExecutor(1, thread_name_prefix="forward")
+        self.times = StageTimes()
         self.live = LiveModel(self.cfg.model, self.cfg.tracking_uri, self.cfg.alias_poll_s, self.cfg.precision)
-        self.classify.set_max_batch_size(self.cfg.max_batch_size)
-        self.classify.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.batcher = GreedyBatcher(self.classify, self.cfg.max_batch_size, self.cfg.batch_wait_timeout_s)
         self._ids = itertools.count()
 
     @app.get("/health")
@@ -166,10 +172,17 @@ class Classifier:
         """The page a person opens to try the model on a photo (it calls /health and /predict)."""
         return _page()
 
+    @app.get("/stats")
+    def stats(self) -> dict[str, Any]:
+        """Where this replica's time went since it started (`ray_jobs.serving.timings`)."""
+        return {"threads": self.threads, "stages": self.times.summary()}
+
     @app.post("/predict")
     async def predict(self, request: Request) -> dict[str, Any]:
+        started = time.perf_counter()
         check_token(request, self.token_sha256)
         data = await read_body(request, self.cfg.max_body_bytes, self.cfg.body_timeout_s)
+        read = time.perf_counter()
         try:  # in a decode thread, before the batch: a slow decode never holds up a forward pass
             decoding = asyncio.get_running_loop().run_in_executor(self.decoding, decode_photo, data, _WHERE)
             image = await asyncio.wait_for(decoding, self.cfg.decode_timeout_s)
@@ -178,15 +191,30 @@ class Classifier:
         except TimeoutError:
             raise HTTPException(status_code=422, detail=f"{_WHERE}: not decoded within "
                                                         f"{self.cfg.decode_timeout_s:g} s") from None
-        return await self.classify(image)
+        decoded = time.perf_counter()
+        result = await self.batcher.submit((image, decoded))
+        self.times.add("read", read - started)
+        self.times.add("decode", decoded - read)
+        self.times.add("request", time.perf_counter() - started)
+        return result
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # both reset from the config in __init__
-    async def classify(self, images: list[Tensor]) -> list[dict[str, Any]]:
+    async def classify(self, items: list[tuple[Tensor, float]]) -> list[dict[str, Any]]:
+        """One forward pass for the decoded images that arrived together (each with when it was decoded)."""
         served = self.live.current  # one snapshot per batch: a version switch never splits a batch
+        images = [image for image, _ in items]
         names = [f"request-{next(self._ids)}" for _ in images]
-        run = functools.partial(predict_tensors, served.model, images, names, self.cfg.top_k, detector=self.cfg.detector)
+        run = functools.partial(self._forward, served.model, images, names, [decoded for _, decoded in items])
         predictions = await asyncio.get_running_loop().run_in_executor(self.forward, run)
         return [answer(prediction, served) for prediction in predictions]
+
+    def _forward(self, model: LoadedModel, images: list[Tensor], names: list[str],
+                 decoded_at: list[float]) -> list[Prediction]:
+        started = time.perf_counter()
+        self.times.add("queue", sum(started - decoded for decoded in decoded_at), len(decoded_at))
+        predictions = predict_tensors(model, images, names, self.cfg.top_k, detector=self.cfg.detector)
+        self.times.add("forward", time.perf_counter() - started)
+        self.times.add("images", 0.0, len(images))
+        return predictions
 
     def __del__(self) -> None:
         self.live.close()
