@@ -92,25 +92,17 @@ def bare_forward_rate(checkpoint: str, precision: str, batch: int, photos: list[
                       ) -> tuple[float, str]:
     """Images per second of the model alone: batches of decoded, preprocessed photos, one thread, as served."""
     import torch
+    from inference_precision import forward_rate  # bench/, beside this script
 
     from ray_jobs.data.decode import decode_photo
     from ray_jobs.inference.loading import load_model
-    from ray_jobs.inference.precision import autocast
     from ray_jobs.model.inputs import eval_preprocessing
 
     model = load_model(checkpoint, precision=precision)
     torch.set_num_threads(1)
     transform = eval_preprocessing(model.config)
     tensors = torch.stack([transform(decode_photo(data, "photo")) for data in photos[:batch]])
-    device = torch.device("cpu")
-    with torch.no_grad(), autocast(model.precision, device):
-        for _ in range(3):
-            model.net(tensors)
-        done, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            model.net(tensors)
-            done += len(tensors)
-    return done / (time.perf_counter() - start), model.precision
+    return forward_rate(model.net, tensors, model.precision, seconds), model.precision
 
 
 def pin_replica(app: str, cpu: int) -> int:
