@@ -29,15 +29,12 @@ class StageProgress:
     """
 
     def __init__(self, key: str, description: str) -> None:
-        self.key = key
-        self.in_run = TaskRunContext.get() is not None
-        self.logger: logging.Logger | logging.LoggerAdapter[Any] | None = get_run_logger() if self.in_run else None
-        self.artifact: UUID | None = None
+        in_run = TaskRunContext.get() is not None
+        self.logger: logging.Logger | logging.LoggerAdapter[Any] | None = get_run_logger() if in_run else None
+        self.artifact: UUID | None = create_progress_artifact(0.0, key=key, description=description) if in_run else None
         self.percent = 0.0
         self.last_update = 0.0
         self.lock = threading.Lock()
-        if self.in_run:
-            self.artifact = create_progress_artifact(0.0, key=key, description=description)
 
     def say(self, line: str) -> None:
         """One line in the run's logs (which the terminal of `train-food run` shows), else on stdout."""

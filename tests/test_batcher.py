@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -32,7 +33,9 @@ def run_batches(count: int, max_batch_size: int, forward_s: float, arrive_every_
 
         return list(await asyncio.gather(*(client(item) for item in range(count))))
 
-    return sizes, asyncio.run(main())
+    # A thread of its own: an earlier test in the session may leave an event loop running on this one.
+    with ThreadPoolExecutor(1) as thread:
+        return sizes, thread.submit(asyncio.run, main()).result()
 
 
 def test_requests_arriving_during_a_forward_fill_the_next_batch():

@@ -102,8 +102,8 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = serve_fields.validated(args)
     if cfg.token is None and os.environ.get(TOKEN_ENV):
         cfg = _validated(ServeConfig, cfg.model_dump() | {"token": os.environ[TOKEN_ENV]}, f"${TOKEN_ENV}")
-    if cfg.exposure_problem():  # before Ray starts
-        raise UserInputError(cfg.exposure_problem())
+    if problem := cfg.exposure_problem():  # before Ray starts
+        raise UserInputError(problem)
     cfg = _absolute(cfg, workspace_fields.value(args, "workspace"))
     serving = check_model_source(parse_model_ref(cfg.model), cfg.tracking_uri)
     if cfg.detector is not None:  # refuse here, in one line, rather than in every replica

@@ -65,18 +65,19 @@ def calibrate_checkpoint(
     head = loaded.net.head
     linear = isinstance(head, nn.Linear)  # ViM needs the linear head that makes the logits (L-GM has none)
     names = tuple(name for name in DETECTORS if linear or name != "vim")
+    head_weight = head.weight.detach().float().cpu() if linear else None
+    head_bias = head.bias.detach().float().cpu() if linear else None
+
+    def run(split: ParquetImageDataset | Subset, precision: Precision) -> tuple[Tensor, Tensor, Tensor]:
+        return predict(loaded.net, DataLoader(split, batch_size=batch_size, num_workers=loader_workers), device,
+                       precision)
+
     calibrations = {}
     for name in OFFERED:
         precision = Precision(device, name)
-
-        def run(split: ParquetImageDataset | Subset, precision: Precision = precision) -> tuple[Tensor, Tensor, Tensor]:
-            return predict(loaded.net, DataLoader(split, batch_size=batch_size, num_workers=loader_workers), device,
-                           precision)
-
-        train_features, train_logits, train_labels = run(fit_rows)
-        val_features, val_logits, val_labels = run(val)
-        fit = FitData(train_features, train_logits, train_labels, head_weight=head.weight.detach().float().cpu()
-                      if linear else None, head_bias=head.bias.detach().float().cpu() if linear else None)
+        train_features, train_logits, train_labels = run(fit_rows, precision)
+        val_features, val_logits, val_labels = run(val, precision)
+        fit = FitData(train_features, train_logits, train_labels, head_weight=head_weight, head_bias=head_bias)
         try:
             calibration = fit_open_set(fit, val_features, val_logits, val_labels, accept_share, names=names)
         except ValueError as err:

@@ -2,7 +2,7 @@
 
 bf16 is offered everywhere (emulated where the CPU lacks it, so every model gets a calibration for
 it and tests run anywhere); `auto` picks it where it runs natively (a GPU, a CPU with AVX512-BF16
-or AMX: `bench/serve_load.py` measured its top-1 and speed there) and fp32 elsewhere. Open-set
+or AMX: `bench/inference_precision.py` measured its top-1 and speed there) and fp32 elsewhere. Open-set
 thresholds move with the precision of the features, so each precision has its own calibration
 (`ray_jobs.inference.calibration_store`), and a model is served only in a precision it was
 calibrated in.

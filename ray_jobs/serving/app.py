@@ -4,7 +4,8 @@
 a multipart form is refused with a hint). The body is decoded with `train-food predict`'s rules
 (`ray_jobs.data.decode.decode_photo`: same pixel limit, same conversions) while the request is on its
 own, then waits in the replica's batch queue (`ray_jobs.serving.batcher`), so one forward pass
-serves up to `max_batch_size` requests. Bad input gets a 4xx with a one-line `detail` and never reaches the batch:
+serves up to `max_batch_size` requests. Bad input gets a 4xx with a one-line `detail` and never
+reaches the batch:
 
 - 401 a missing or wrong bearer token, when the server has one (`--token`; required to serve on a
   non-loopback address);
@@ -46,10 +47,10 @@ from torch import Tensor
 
 from ray_jobs.data.decode import decode_photo
 from ray_jobs.errors import UserInputError
+from ray_jobs.inference.loading import LoadedModel
 from ray_jobs.inference.predict import Prediction, predict_tensors
 from ray_jobs.serving.batcher import GreedyBatcher
 from ray_jobs.serving.config import ServeConfig
-from ray_jobs.inference.loading import LoadedModel
 from ray_jobs.serving.live_model import LiveModel, Served
 from ray_jobs.serving.timings import StageTimes
 
@@ -252,8 +253,8 @@ def start(cfg: ServeConfig) -> tuple[str, int]:
     """
     from ray.serve.context import _get_global_client
 
-    if cfg.exposure_problem():
-        raise UserInputError(cfg.exposure_problem())
+    if problem := cfg.exposure_problem():
+        raise UserInputError(problem)
     running = _get_global_client(raise_if_no_controller_running=False)
     if running is not None:
         bound = (running.http_config.host, running.http_config.port)

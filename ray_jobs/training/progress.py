@@ -26,8 +26,6 @@ class Progress:
     line: str
     epoch: int | None = None
     epochs: int | None = None
-    val_acc1: float | None = None
-    seconds_left: float | None = None
 
     @property
     def fraction(self) -> float | None:
@@ -53,8 +51,7 @@ def epoch_line(metrics: dict[str, Any], epochs: int, seconds_left: float | None)
 
 
 def epoch_progress(metrics: dict[str, Any], epochs: int, seconds_left: float | None) -> Progress:
-    return Progress(epoch_line(metrics, epochs, seconds_left), int(metrics["epoch"]), epochs,
-                    float(metrics["val_acc1"]), seconds_left)
+    return Progress(epoch_line(metrics, epochs, seconds_left), int(metrics["epoch"]), epochs)
 
 
 class HasLine(Protocol):
