@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 POLL_S = 0.2
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # Ray gives the head node this resource
 
 
 @dataclass(frozen=True)
@@ -63,16 +64,14 @@ def print_progress(progress: HasLine) -> None:
 
 
 def _new_queue(local: bool) -> Any:
-    """A queue rank 0 can reach: in-process, or a Ray actor on the driver's node (a worker node may
-    go away mid-run; the driver's cannot without ending the run)."""
+    """A queue rank 0 can reach: in-process, or a Ray actor on the head node. A worker node may go
+    away mid-run (elastic training restarts without it), and so may the node a driver attached to
+    when several share its address; the head holds the cluster's control store, so it outlives both."""
     if local:
         return queue.Queue()
-    import ray
     from ray.util.queue import Queue
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    return Queue(actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}})
 
 
 @contextmanager

@@ -90,8 +90,12 @@ def _rank_seed(seed: int, rank: int) -> int:
 def _announce(sink: Any, progress: Progress) -> None:
     """Rank 0 hands its progress to the driver, which prints or logs it once (no sink: a sweep's
     trial, whose epochs Tune reports to the driver)."""
-    if sink is not None:
+    if sink is None:
+        return
+    try:
         sink.put(progress)
+    except Exception as err:  # noqa: BLE001 - the relay is for the user; losing it must not end training
+        print(f"{progress.line}  (progress relay lost: {type(err).__name__})", flush=True)
 
 
 def _order_digest(sampler: SeededShardSampler) -> int:
