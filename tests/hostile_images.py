@@ -91,6 +91,14 @@ def rotated_jpeg(seed: int = 0) -> bytes:
     return encode(picture(seed=seed), "JPEG", quality=95, exif=exif)
 
 
+def jpeg_with_orientation(value: int, seed: int = 0) -> bytes:
+    """A JPEG whose EXIF orientation tag holds `value` (0 is outside the standard's 1-8: cameras write
+    it, and both decoders show such a picture as it is stored)."""
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return encode(picture(seed=seed), "JPEG", quality=95, exif=exif)
+
+
 def mixed_formats() -> dict[str, bytes]:
     """One file per format and quirk, each with different pixels (so none is a duplicate)."""
     p = picture
@@ -101,6 +109,7 @@ def mixed_formats() -> dict[str, bytes]:
         "jpeg_gray.jpg": encode(p(seed=2).convert("L"), "JPEG"),
         "jpeg_cmyk.jpg": encode(p(seed=3).convert("CMYK"), "JPEG"),
         "jpeg_rotated.jpg": rotated_jpeg(seed=4),
+        "jpeg_orientation_0.jpg": jpeg_with_orientation(0, seed=22),
         "png_rgb.png": encode(p(seed=5), "PNG"),
         "png_gray.png": encode(p(seed=6).convert("L"), "PNG"),
         "png_palette.png": encode(p(seed=7).convert("P"), "PNG"),
@@ -127,4 +136,4 @@ def mixed_formats() -> dict[str, bytes]:
 
 
 # Files whose bytes training's decoder reads as Pillow does: ingestion stores them unchanged.
-STORED_AS_IS = {"jpeg.jpg", "jpeg_gray.jpg", "png_rgb.png", "png_gray.png", "webp.webp"}
+STORED_AS_IS = {"jpeg.jpg", "jpeg_gray.jpg", "jpeg_orientation_0.jpg", "png_rgb.png", "png_gray.png", "webp.webp"}

@@ -11,10 +11,12 @@ import hashlib
 import io
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
 import uuid
+import warnings
 from pathlib import Path
 
 import hostile_images as hostile
@@ -38,6 +40,7 @@ from ray_jobs.data.parquet import ParquetImageDataset, read_split
 from ray_jobs.data.transforms import IMAGENET, eval_transform
 from ray_jobs.errors import UserInputError
 from tasks.ingest.config import IngestConfig, IngestResult
+from tasks.ingest.decode import check_decodes
 from tasks.ingest.pipeline import ingest
 from tasks.ingest.store import read_ingested_manifest
 
@@ -133,6 +136,59 @@ def test_exif_orientation_is_applied_before_storing(mixed) -> None:
     # the red block of the picture's top-left corner is now at the top right
     red = np.array((230, 20, 20))
     assert np.abs(stored[2, -3] - red).max() < 30 and np.abs(stored[2, 2] - red).max() > 60
+
+
+def test_an_orientation_tag_outside_1_to_8_is_stored_as_it_is(mixed) -> None:
+    # Both decoders ignore such a tag; re-encoding would cost time and a JPEG generation for nothing
+    # (237 of food101_mini10's 2,000 photos carry orientation 0).
+    src, out, result = mixed
+    rows = rows_by_source(out)
+    path = next(p for p in rows if p.endswith("jpeg_orientation_0.jpg"))
+    assert rows[path]["image"] == (src / path).read_bytes()
+    assert result.manifest["reencoded"]["EXIF orientation"] == 1  # jpeg_rotated.jpg only
+    with Image.open(src / path) as source:
+        assert np.array_equal(as_array(training_decode(rows[path])), np.asarray(source.convert("RGB")).astype(int))
+
+
+def _damaged_jpegs(photo: bytes, count: int, seed: int) -> list[bytes]:
+    """`photo` cut short, with bytes overwritten, or with a run of zeros: what disks and downloads do."""
+    rng = random.Random(seed)
+    damaged = []
+    for index in range(count):
+        data = bytearray(photo)
+        if index % 3 == 0:
+            data = data[: rng.randrange(len(data) // 4, len(data))]
+        elif index % 3 == 1:
+            for _ in range(30):
+                data[rng.randrange(600, len(data))] = rng.randrange(256)
+        else:
+            start = rng.randrange(600, len(data) - 200)
+            data[start:start + 200] = bytes(200)
+        damaged.append(bytes(data))
+    return damaged
+
+
+def _refused(check, data: bytes) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            check(Image.open(io.BytesIO(data)))
+    except Exception:  # noqa: BLE001 - any decoder error is a refusal
+        return True
+    return False
+
+
+def test_the_scaled_jpeg_check_refuses_exactly_what_a_full_decode_refuses() -> None:
+    # Ingestion checks a JPEG it stores as it is at 1/8 scale (`check_decodes`): every byte of the
+    # entropy-coded data is still decoded, so it must refuse the same damaged files as a full decode.
+    photos = sorted((REPO / "data" / "food-sample").rglob("*.jpg"))[:8]
+    outcomes = {"refused": 0, "accepted": 0}
+    for number, photo in enumerate(photos):
+        for data in _damaged_jpegs(photo.read_bytes(), 12, seed=number):
+            full = _refused(lambda image: image.load(), data)
+            assert _refused(check_decodes, data) == full, f"{photo.name}, damage {number}"
+            outcomes["refused" if full else "accepted"] += 1
+    assert min(outcomes.values()) >= 5, outcomes  # both outcomes were exercised
 
 
 def test_sixteen_bit_images_keep_their_content(mixed) -> None:

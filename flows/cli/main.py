@@ -12,22 +12,29 @@ import os
 import sys
 from collections.abc import Sequence
 
-from flows.cli import evaluation_commands, ingest_commands, model_commands, pipeline_commands, training_commands
-from flows.cli.command import Handler, Verb
-from ray_jobs.errors import UserInputError
+from typing import TYPE_CHECKING
 
-# In walkthrough order: run, deploy; ingest; train, tune; evaluate, register; predict, serve.
-VERBS: tuple[Verb, ...] = tuple(
-    verb for module in (pipeline_commands, ingest_commands, training_commands, evaluation_commands, model_commands)
-    for verb in module.VERBS
-)
+if TYPE_CHECKING:
+    from flows.cli.command import Handler, Verb
+
+
+def verbs() -> tuple[Verb, ...]:
+    """In walkthrough order: run, deploy; ingest; train, tune; evaluate, register; predict, serve.
+
+    Imported here, not at module level: a process that `multiprocessing` spawns (ingestion's decode
+    workers) re-imports the console script, which imports this module; it should cost nothing.
+    """
+    from flows.cli import evaluation_commands, ingest_commands, model_commands, pipeline_commands, training_commands
+
+    modules = (pipeline_commands, ingest_commands, training_commands, evaluation_commands, model_commands)
+    return tuple(verb for module in modules for verb in module.VERBS)
 
 
 def _build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """Every subcommand; with `only`, just that one gets its flags (the others are never parsed)."""
     parser = argparse.ArgumentParser(prog="train-food", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for verb in VERBS:
+    for verb in verbs():
         verb_parser = sub.add_parser(verb.name, help=verb.help, description=verb.description)
         verb_parser.set_defaults(handler=verb.handler)
         if only is None or only == verb.name:
@@ -36,6 +43,8 @@ def _build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ray_jobs.errors import UserInputError
+
     # Offline, the temporary Prefect server's telemetry heartbeat fails with a "database is locked"
     # traceback; nothing is lost without it. On a busy 2-core machine that server can take longer
     # than Prefect's default 20 s to start. A user's own settings win.

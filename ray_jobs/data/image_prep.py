@@ -102,7 +102,7 @@ def reencode_reason(image: Image.Image, data: bytes) -> str | None:
         return f"mode {image.mode}"
     if "transparency" in image.info:
         return "transparency"
-    if _orientation(image) not in (None, 1):
+    if _orientation(image) in _UNDO_ORIENTATION:  # 2-8; 1 is upright, and 0 or 9+ mean nothing to either decoder
         return "EXIF orientation"
     if image.format == "PNG" and _png_bit_depth(data) != 8:  # Pillow shows 16-bit RGB PNGs as 8-bit RGB
         return f"{_png_bit_depth(data)}-bit PNG"

@@ -47,7 +47,7 @@ class Inspected:
 
 def inspect_image(job: tuple[int, str], max_side: int | None = None, spool_dir: str | None = None,
                   max_file_bytes: int = MAX_FILE_BYTES) -> Inspected:
-    """Read `job = (index, path)` once: hash it, fully decode it, and append the bytes to store to this
+    """Read `job = (index, path)` once: hash it, decode it (`check_decodes`), and append the bytes to store to this
     worker's spool file in `spool_dir`: its own, or a re-encoding when training could not read it as
     it is or it is larger than max_side. The hash, the decode check and the stored bytes so come
     from one read.
@@ -70,7 +70,12 @@ def inspect_image(job: tuple[int, str], max_side: int | None = None, spool_dir: 
             image = open_image(data)
             source_format = image.format
             reason = reencode_reason(image, data)
-            pixels = upright_rgb(image)
+            as_is = reason is None and (max_side is None or max(image.size) <= max_side)
+            width, height = image.size  # upright: a file stored as it is has no EXIF rotation
+            if as_is:
+                check_decodes(image)
+            else:
+                pixels = upright_rgb(image)
     except TooManyPixels as err:
         return Inspected(sha256=digest, error=str(err))
     except MemoryError:  # the machine's limit, not the file's fault: the run fails (tasks.ingest.workers)
@@ -82,15 +87,29 @@ def inspect_image(job: tuple[int, str], max_side: int | None = None, spool_dir: 
     except Exception as err:  # noqa: BLE001 - any decoder failure means a corrupt file
         kind = "truncated" if "truncated" in str(err) else "corrupt"
         return Inspected(sha256=digest, error=f"{kind} image: {type(err).__name__}: {err}")
+    if as_is:
+        return Inspected(sha256=digest, content_sha256=digest, width=width, height=height,
+                         stored_at=_spool(data, spool_dir))
     as_jpeg = source_format in _LOSSY_FORMATS
     if max_side is not None and max(pixels.size) > max_side:
         pixels, reason, as_jpeg = _shrink(pixels, max_side), f"longer side over --max-side {max_side}", True
-    elif reason is None:
-        return Inspected(sha256=digest, content_sha256=digest, width=pixels.width, height=pixels.height,
-                         stored_at=_spool(data, spool_dir))
     encoded = _encode(pixels, as_jpeg)
     return Inspected(sha256=digest, content_sha256=hashlib.sha256(encoded).hexdigest(), width=pixels.width,
                      height=pixels.height, stored_at=_spool(encoded, spool_dir), reencode_reason=reason)
+
+
+def check_decodes(image: Image.Image) -> None:
+    """Decode every byte of `image`'s picture data, raising what the decoder raises; the pixels are
+    not needed (the file's own bytes are stored).
+
+    A JPEG is decoded at 1/8 scale (libjpeg's DCT scaling, Pillow's `draft`): the entropy-coded
+    data, where truncation and corruption show, is still read and checked in full; only the
+    inverse DCT runs on 1 of 64 coefficients, which takes a third off the time of a full decode.
+    tests/test_ingest_hostile.py checks that it refuses exactly the damaged JPEGs a full decode refuses.
+    """
+    if image.format == "JPEG":
+        image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+    image.load()
 
 
 _SPOOL_FILES: dict[str, BinaryIO] = {}  # this process's append-only spool file, by spool folder

@@ -41,7 +41,11 @@ def read_regular(path: str | os.PathLike[str], max_bytes: int) -> bytes:
         size = os.fstat(stream.fileno()).st_size
         if size > max_bytes:
             raise FileTooLarge(size, max_bytes)
-        data = stream.read(max_bytes + 1)  # the file may grow after the fstat
+        # Ask for the size fstat gave, plus one byte to notice a file that grew since: asking for
+        # max_bytes would allocate (then shrink) a buffer of max_bytes for every file.
+        data = stream.read(size + 1)
+        if len(data) > size:
+            data += stream.read(max_bytes + 1 - len(data))
     if len(data) > max_bytes:
         raise FileTooLarge(len(data), max_bytes)
     return data
