@@ -28,6 +28,7 @@ import tasks.ingest.store as store
 from flows.cli.main import main
 from ray_jobs.errors import UserInputError
 from tasks.ingest.config import IngestConfig, IngestResult
+from tasks.ingest.decode import jpeg_picture_digest
 from tasks.ingest.fingerprint import ingest_code_version
 from tasks.ingest.pipeline import ingest
 from tasks.ingest.store import read_ingested_manifest
@@ -181,15 +182,47 @@ def test_exact_duplicates_are_kept_once_and_never_in_two_splits(tmp_path: Path) 
     manifest = run(src, tmp_path / "out").manifest
 
     kept = f"train/{CLASSES[0]}/{original.name}"
+    picture = jpeg_picture_digest(original.read_bytes())
     assert sorted(manifest["duplicates"], key=lambda d: d["path"]) == [
-        {"path": f"test/{CLASSES[0]}/copy_in_test.jpg", "kept": kept, "sha256": _sha(original)},
-        {"path": f"train/{CLASSES[1]}/copy_in_other_class.jpg", "kept": kept, "sha256": _sha(original)},
+        {"path": f"test/{CLASSES[0]}/copy_in_test.jpg", "kept": kept, "sha256": _sha(original),
+         "picture_sha256": picture},
+        {"path": f"train/{CLASSES[1]}/copy_in_other_class.jpg", "kept": kept, "sha256": _sha(original),
+         "picture_sha256": picture},
     ]
     rows = read_rows(tmp_path / "out")
     assert len({r["sha256"] for r in rows}) == len(rows)
     assert [r["source_path"] for r in rows if r["sha256"] == _sha(original)] == [kept]
     assert manifest["duplicates_dropped"] == 2
     assert_accounting(manifest)
+
+
+def test_one_picture_with_other_metadata_is_a_duplicate_and_another_picture_is_not(tmp_path: Path) -> None:
+    # Food-101's test/apple_pie holds two files with one picture and different EXIF bytes.
+    src = tmp_path / "src"
+    make_tree(src, {c: 4 for c in CLASSES[:2]})
+    original = sample_files(CLASSES[0], 1)[0]
+    with Image.open(original) as image:
+        exif = image.getexif()
+        exif[0x010E] = "re-tagged by a photo manager"  # ImageDescription
+        exif[0x0112] = 0  # an orientation tag outside 1-8: shown as stored
+        pixels_saved_again = io.BytesIO()
+        image.save(pixels_saved_again, format="JPEG", quality=70)  # another picture: new pixels
+    data = original.read_bytes()
+    retagged = data[:2] + _app1(exif.tobytes()) + data[2:]
+    (src / CLASSES[1] / "retagged.jpg").write_bytes(retagged)
+    (src / CLASSES[1] / "saved_again.jpg").write_bytes(pixels_saved_again.getvalue())
+    manifest = run(src, tmp_path / "out").manifest
+
+    assert _sha(src / CLASSES[1] / "retagged.jpg") != _sha(original)
+    assert [(d["path"], d["kept"]) for d in manifest["duplicates"]] == [
+        (f"{CLASSES[1]}/retagged.jpg", f"{CLASSES[0]}/{original.name}")]
+    assert manifest["rows_written"] == 9 and manifest["reencoded"] == {}  # saved_again kept, nothing re-encoded
+    assert_accounting(manifest)
+
+
+def _app1(exif: bytes) -> bytes:
+    """An APP1 segment holding `exif` (Pillow's `Exif.tobytes()` starts with b"Exif\\0\\0")."""
+    return b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif
 
 
 def _sha(path: Path) -> str:

@@ -38,6 +38,7 @@ class Inspected:
 
     sha256: str = ""  # of the source file's bytes ("" only when the file could not be read)
     content_sha256: str = ""  # of the bytes that will be stored (the source's when stored as they are)
+    picture_sha256: str = ""  # what duplicates are found by: a stored JPEG's hash without its metadata
     width: int = 0  # of the image as it will be stored
     height: int = 0
     stored_at: tuple[str, int, int] | None = None  # (spool file, offset, length) of the bytes to store
@@ -88,14 +89,40 @@ def inspect_image(job: tuple[int, str], max_side: int | None = None, spool_dir: 
         kind = "truncated" if "truncated" in str(err) else "corrupt"
         return Inspected(sha256=digest, error=f"{kind} image: {type(err).__name__}: {err}")
     if as_is:
-        return Inspected(sha256=digest, content_sha256=digest, width=width, height=height,
+        picture = jpeg_picture_digest(data) if source_format == "JPEG" else digest
+        return Inspected(sha256=digest, content_sha256=digest, picture_sha256=picture, width=width, height=height,
                          stored_at=_spool(data, spool_dir))
     as_jpeg = source_format in _LOSSY_FORMATS
     if max_side is not None and max(pixels.size) > max_side:
         pixels, reason, as_jpeg = _shrink(pixels, max_side), f"longer side over --max-side {max_side}", True
     encoded = _encode(pixels, as_jpeg)
-    return Inspected(sha256=digest, content_sha256=hashlib.sha256(encoded).hexdigest(), width=pixels.width,
+    stored = hashlib.sha256(encoded).hexdigest()
+    return Inspected(sha256=digest, content_sha256=stored, picture_sha256=stored, width=pixels.width,
                      height=pixels.height, stored_at=_spool(encoded, spool_dir), reencode_reason=reason)
+
+
+_METADATA_SEGMENTS = frozenset(range(0xE0, 0xF0)) - {0xEE} | {0xFE}  # APP0-15 but APP14 (Adobe: colour transform); COM
+
+
+def jpeg_picture_digest(data: bytes) -> str:
+    """SHA-256 of a JPEG without its metadata segments (EXIF, ICC, XMP, comments, ...).
+
+    Two files that differ only there are one picture to both decoders (neither applies an ICC
+    profile, and a JPEG stored as it is has no EXIF rotation), so they are duplicates: Food-101
+    has such pairs, and one in test and one in train would be a leak.
+    """
+    digest = hashlib.sha256(data[:2])
+    position = 2
+    while position + 4 <= len(data) and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xDA:  # start of scan: the picture data, to the end of the file
+            break
+        end = position + 2 + int.from_bytes(data[position + 2:position + 4], "big")
+        if marker not in _METADATA_SEGMENTS:
+            digest.update(data[position:end])
+        position = end
+    digest.update(data[position:])
+    return digest.hexdigest()
 
 
 def check_decodes(image: Image.Image) -> None:

@@ -148,6 +148,7 @@ class _Image:
     source_split: str | None
     sha256: str  # of the source file
     content_sha256: str  # of the bytes stored
+    picture_sha256: str  # of the picture in them (duplicates share it: `plan.drop_duplicates`)
     width: int
     height: int
     stored_at: tuple[str, int, int]  # (spool file, offset, length) of the bytes to store
@@ -178,7 +179,7 @@ def _decode_all(tree: SourceTree, cfg: IngestConfig, spool: Spool, on_progress: 
             quarantine.append({"path": file.rel_path, "reason": found.error})
         else:
             images.append(_Image(file.rel_path, file.class_name, file.source_split, found.sha256,
-                                 found.content_sha256, found.width, found.height, found.stored_at,
+                                 found.content_sha256, found.picture_sha256, found.width, found.height, found.stored_at,
                                  found.reencode_reason))
     shown = [{"path": printable(q["path"]), "reason": q["reason"]} for q in quarantine]
     return _Decoded(images, sorted(shown, key=lambda q: q["path"]), digests, spool)

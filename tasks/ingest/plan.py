@@ -25,6 +25,8 @@ class _Image(Protocol):
     def source_split(self) -> str | None: ...
     @property
     def content_sha256(self) -> str: ...
+    @property
+    def picture_sha256(self) -> str: ...
 
 
 ImageT = TypeVar("ImageT", bound=_Image)
@@ -39,19 +41,21 @@ class SplitPlan:
 
 
 def drop_duplicates(images: list[ImageT]) -> tuple[list[ImageT], list[dict[str, str]]]:
-    """Keep the first copy of each stored content hash in (train, val, test, path) order.
+    """Keep the first copy of each picture in (train, val, test, path) order.
 
     Dropping before splitting guarantees one picture never lands in two splits. The hash is of the
-    bytes that will be stored, so the same pixels in two containers (a BMP and a TIFF, both stored
-    as the same PNG) are duplicates too. Returns the kept images and one record per dropped copy
+    bytes that will be stored, less a stored JPEG's metadata (`decode.jpeg_picture_digest`), so the
+    same pixels in two containers (a BMP and a TIFF, both stored as the same PNG) and one JPEG with
+    two EXIF blocks are duplicates too. Returns the kept images and one record per dropped copy
     naming the copy that was kept.
     """
     kept: dict[str, ImageT] = {}
     dropped = []
     for image in sorted(images, key=_dedup_order):
-        first = kept.setdefault(image.content_sha256, image)
+        first = kept.setdefault(image.picture_sha256, image)
         if first is not image:
-            dropped.append({"path": image.rel_path, "kept": first.rel_path, "sha256": image.content_sha256})
+            dropped.append({"path": image.rel_path, "kept": first.rel_path, "sha256": image.content_sha256,
+                            "picture_sha256": image.picture_sha256})
     return list(kept.values()), dropped
 
 

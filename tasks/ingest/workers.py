@@ -31,6 +31,7 @@ from tasks.ingest.decode import Inspected
 
 Job = tuple[int, str]
 POLL_S = 0.2
+BATCH_S = 0.01  # the parent's CPU is the workers' CPU on a small machine
 
 
 class ResourceExhausted(RuntimeError):
@@ -116,6 +117,7 @@ def supervised_map(fn: Callable[[Job], Inspected], jobs: list[Job], workers: int
             now = time.monotonic()
             if arrived:
                 quiet_since = now
+                time.sleep(BATCH_S)  # let results gather: one wake-up per batch, not per file
             for position, worker in enumerate(pool):
                 index = worker.slot.value
                 if worker.seen[0] != index:
