@@ -43,7 +43,7 @@ from ray_jobs.metrics import classification_metrics  # noqa: E402
 from ray_jobs.model.inputs import backbone_inputs, eval_preprocessing  # noqa: E402
 from ray_jobs.training.engine import Precision, predict  # noqa: E402
 from ray_jobs.training.trainer import fit  # noqa: E402
-from tasks.ingest.config import IngestConfig  # noqa: E402
+from tasks.ingest.config import FINGERPRINT_FIELD, IngestConfig  # noqa: E402
 from tasks.ingest.pipeline import ingest  # noqa: E402
 
 SOURCE = REPO.parent / "shared" / "data" / "food101_mini10"
@@ -159,7 +159,7 @@ def best_of_grid(results: Path) -> dict[str, dict[str, Any]]:
 def dataset_for(image_size: int, workspace: Path) -> str:
     """food101_mini10 ingested once per size, long side twice the eval resize (as the results so far)."""
     max_side = round(image_size * 256 / 224) * 2
-    out = workspace / f"food101_mini10-{max_side}"
+    out = workspace / f"food101_mini10-{max_side}-{FINGERPRINT_FIELD}"  # another ingest code, another folder
     return ingest(IngestConfig(src=str(SOURCE), out=str(out), max_side=max_side)).out
 
 

@@ -24,7 +24,8 @@ from PIL import __version__ as PILLOW_VERSION
 
 from ray_jobs.dataset_format import SCHEMA_VERSION
 
-INGEST_OUTPUT_VERSION = 2  # 1: the hash of the tasks/ingest*.py sources, before the files moved
+INGEST_OUTPUT_VERSION = 3  # 1: the hash of the tasks/ingest*.py sources, before the files moved; 2: until JPEGs
+# with an EXIF orientation outside 2-8 were stored as they are and duplicates were found by picture
 
 
 def ingest_code_version() -> str:
