@@ -191,6 +191,7 @@ def execute(run: Run, results: Path, workspace: Path) -> dict[str, Any]:
     best = result.best_metrics
     record = {"stage": run.stage, "name": run.name, "arch": run.arch, "image_size": run.image_size,
               "epochs": run.epochs, "seed": run.seed, "recipe": {**NEW, **run.recipe}, "loss": run.loss,
+              "dataset": Path(dataset).name,  # names the ingest build (its fingerprint)
               "train_minutes": round(minutes, 2), "best_epoch": best["epoch"], "val_acc1": best["val_acc1"],
               "last_val_acc1": result.history[-1]["val_acc1"], "precision": result.history[-1].get("precision"),
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
