@@ -84,16 +84,10 @@ def animation(fmt: str, seed: int) -> bytes:
     return encode(first, fmt, save_all=True, append_images=[second], duration=100, loop=0)
 
 
-def rotated_jpeg(seed: int = 0) -> bytes:
-    """A 48 x 32 JPEG whose EXIF says 'rotate 90 degrees clockwise to view' (a phone held upright)."""
-    exif = Image.Exif()
-    exif[0x0112] = EXIF_ROTATED
-    return encode(picture(seed=seed), "JPEG", quality=95, exif=exif)
-
-
 def jpeg_with_orientation(value: int, seed: int = 0) -> bytes:
-    """A JPEG whose EXIF orientation tag holds `value` (0 is outside the standard's 1-8: cameras write
-    it, and both decoders show such a picture as it is stored)."""
+    """A 48 x 32 JPEG whose EXIF orientation tag holds `value`: `EXIF_ROTATED` says 'rotate 90 degrees
+    clockwise to view' (a phone held upright); 0 is outside the standard's 1-8 (cameras write it, and
+    both decoders show such a picture as it is stored)."""
     exif = Image.Exif()
     exif[0x0112] = value
     return encode(picture(seed=seed), "JPEG", quality=95, exif=exif)
@@ -108,7 +102,7 @@ def mixed_formats() -> dict[str, bytes]:
         "jpeg.jpg": encode(p(seed=1), "JPEG"),
         "jpeg_gray.jpg": encode(p(seed=2).convert("L"), "JPEG"),
         "jpeg_cmyk.jpg": encode(p(seed=3).convert("CMYK"), "JPEG"),
-        "jpeg_rotated.jpg": rotated_jpeg(seed=4),
+        "jpeg_rotated.jpg": jpeg_with_orientation(EXIF_ROTATED, seed=4),
         "jpeg_orientation_0.jpg": jpeg_with_orientation(0, seed=22),
         "png_rgb.png": encode(p(seed=5), "PNG"),
         "png_gray.png": encode(p(seed=6).convert("L"), "PNG"),

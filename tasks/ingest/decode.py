@@ -72,7 +72,9 @@ def inspect_image(job: tuple[int, str], max_side: int | None = None, spool_dir: 
             source_format = image.format
             reason = reencode_reason(image, data)
             as_is = reason is None and (max_side is None or max(image.size) <= max_side)
-            width, height = image.size  # upright: a file stored as it is has no EXIF rotation
+            # Before the check: a JPEG's scaled decode shrinks `size`. Upright, as a file stored as it
+            # is has no EXIF rotation.
+            width, height = image.size
             if as_is:
                 check_decodes(image)
             else:
