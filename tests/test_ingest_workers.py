@@ -19,6 +19,7 @@ import pytest
 from test_ingest import CLASSES, assert_accounting, make_tree, sample_files
 
 import tasks.ingest.pipeline as pipeline
+from tasks.ingest import workers
 from flows.cli.main import main
 from ray_jobs.errors import UserInputError
 from tasks.ingest.config import IngestConfig
@@ -53,6 +54,23 @@ def test_a_crashing_and_a_hanging_decoder_cost_only_their_files(tmp_path, misbeh
     assert reasons[f"{CLASSES[0]}/hang.jpg"] == "decoder timed out (over 3 s)"
     assert manifest["rows_written"] == 6
     assert_accounting(manifest)
+
+
+def test_the_files_after_a_crash_in_the_same_hand_out_are_still_decoded(tmp_path):
+    """Jobs go out in chunks: the files a dead or stuck worker had not reached are handed out again."""
+    photo = sample_files(CLASSES[0], 1)[0]
+    names = [f"{i:03d}.jpg" for i in range(64)]
+    names[9], names[18] = "crash-9.jpg", "hang-18.jpg"  # inside the first and the third chunk of 8
+    for name in names:
+        shutil.copy2(photo, tmp_path / name)
+    jobs = [(i, str(tmp_path / name)) for i, name in enumerate(names)]
+    assert len(jobs) // 8 == workers.MAX_CHUNK // 2  # one worker: chunks of 8 files
+    start = time.monotonic()
+    results = dict(workers.supervised_map(misbehaving_decoder.decode, jobs, 1, timeout_s=2))
+    assert time.monotonic() - start < 2 + 5, "handed out again at once, not by the idle-pool fallback"
+    assert sorted(job[0] for job in results) == list(range(64))
+    failed = {job[1].rsplit("/", 1)[1]: result.error for job, result in results.items() if result.error}
+    assert failed == {"crash-9.jpg": "decoder crashed (exit code 3)", "hang-18.jpg": "decoder timed out (over 2 s)"}
 
 
 @pytest.mark.parametrize(("name", "message"), [("oom.jpg", "out of memory"),

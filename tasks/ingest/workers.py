@@ -13,6 +13,10 @@ A `MemoryError` or a full disk (`ENOSPC`) in a worker is not a property of the f
 back as `ResourceExhausted`, which fails the run in one line instead of quarantining the file
 (and then caching that loss in the dataset's fingerprint).
 
+Jobs go out in small chunks (a queue round trip per file cost about 0.04 ms of a worker's 0.7 ms
+on food101_mini10); the slot still names the file a worker is on, and the files of a chunk it did
+not finish go back to the queue when it dies.
+
 Workers are spawned (a fresh interpreter that imports only `tasks.ingest.decode`), as before.
 """
 
@@ -32,6 +36,7 @@ from tasks.ingest.decode import Inspected
 Job = tuple[int, str]
 POLL_S = 0.2
 BATCH_S = 0.01  # the parent's CPU is the workers' CPU on a small machine
+MAX_CHUNK = 16  # files per hand-out; fewer when there are few files, so every worker gets some
 
 
 class ResourceExhausted(RuntimeError):
@@ -55,20 +60,21 @@ def _work(fn: Callable[[Job], Inspected], jobs: Any, send: Any, lock: Any, slot:
 
     while os.getppid() == parent:
         try:
-            job = jobs.get(timeout=1.0)
+            chunk = jobs.get(timeout=1.0)
         except queue.Empty:
             continue
-        if job is None:
+        if chunk is None:
             return
-        slot.value = job[0]
-        try:
-            reply(("done", job, fn(job)))
-        except MemoryError:
-            reply(("exhausted", job, "out of memory"))
-        except OSError as err:
-            if err.errno != errno.ENOSPC:
-                raise
-            reply(("exhausted", job, f"no space left for the decode spool ({err.filename or err})"))
+        for job in chunk:
+            slot.value = job[0]
+            try:
+                reply(("done", job, fn(job)))
+            except MemoryError:
+                reply(("exhausted", job, "out of memory"))
+            except OSError as err:
+                if err.errno != errno.ENOSPC:
+                    raise
+                reply(("exhausted", job, f"no space left for the decode spool ({err.filename or err})"))
         slot.value = -1
 
 
@@ -85,8 +91,11 @@ def supervised_map(fn: Callable[[Job], Inspected], jobs: list[Job], workers: int
     receive, send = context.Pipe(duplex=False)
     lock = context.Lock()
     by_index = {job[0]: job for job in jobs}
-    for job in jobs:
-        job_queue.put(job)
+    size = max(1, min(MAX_CHUNK, len(jobs) // (8 * max(1, workers))))
+    chunks = [jobs[start:start + size] for start in range(0, len(jobs), size)]
+    chunk_of = {job[0]: chunk for chunk in chunks for job in chunk}
+    for chunk in chunks:
+        job_queue.put(chunk)
 
     def spawn() -> _Worker:
         slot = context.Value("q", -1, lock=False)
@@ -133,11 +142,15 @@ def supervised_map(fn: Callable[[Job], Inspected], jobs: list[Job], workers: int
                 if index >= 0 and index not in done:
                     done[index] = Inspected(error=_lost_reason(worker, alive, timeout_s))
                     yield by_index[index], done[index]
+                if index >= 0:  # the rest of its chunk: nobody else will take those files
+                    rest = [job for job in chunk_of[index] if job[0] not in done]
+                    if rest:
+                        job_queue.put(rest)
                 quiet_since = now
             if now - quiet_since > timeout_s + 5 and all(w.slot.value < 0 for w in pool) and job_queue.empty():
                 for index, job in by_index.items():  # taken by a worker that died before marking it
                     if index not in done:
-                        job_queue.put(job)
+                        job_queue.put([job])
                 quiet_since = now
     finally:
         for _ in pool:
