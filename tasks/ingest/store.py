@@ -188,7 +188,7 @@ def _column(values: list[Any], type_: pa.DataType) -> pa.Array:
     if not (pa.types.is_binary(type_) or pa.types.is_string(type_)):
         return pa.array(values, type=type_)
     try:
-        encoded = [value if isinstance(value, bytes) else value.encode("utf-8") for value in values]
+        encoded = [value.encode("utf-8") if isinstance(value, str) else value for value in values]
     except UnicodeEncodeError:
         return pa.array(values, type=type_)  # it raises, naming the value
     offsets = array.array("i", [0])
