@@ -1,0 +1,154 @@
+"""Could another post-hoc score flag more unknown dishes than the shipped detectors? On cached features.
+
+`bench/open_set.py run` caches, per model, the eval-mode features and logits of its train, val and
+test photos (under --workspace). Here each cached model is scored again with the shipped default
+(`center_distance`, fit as `train-food evaluate` fits it) and with scores from the literature that
+the shipped set lacks, each with its published default and nothing tuned, fit on the train photos
+only: ReAct (features clipped at their 90th train percentile, then energy), GEN (gamma 0.1, every
+class), Mahalanobis and a per-class Gaussian (QDA, Ledoit-Wolf covariances) on L2-normalised
+features. A last row is not a detector: an RBF SVM trained by 5-fold cross-validation on the test
+photos themselves, known against unknown, i.e. how far these features can separate them at all.
+
+Per score, mean ± sd over models: AUROC (known = positive), FPR@95 (the share of unknown photos
+accepted when 95% of known ones are) and the share flagged there (1 - FPR@95), and the paired
+AUROC and FPR@95 differences against `center_distance` with 95% bootstrap intervals over models.
+
+    python bench/open_set_posthoc.py [--loss softmax] [--workspace workspace/bench-open-set]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from open_set import fpr_at_95  # noqa: E402  (bench/, beside this script: one definition for both)
+from ray_jobs.inference.detectors import FitData, Mahalanobis, ledoit_wolf_precision  # noqa: E402
+from ray_jobs.inference.open_set import fit_open_set  # noqa: E402
+from ray_jobs.metrics import auroc  # noqa: E402
+
+Score = Callable[[Tensor, Tensor], Tensor]  # (features, logits) -> higher = more known
+
+
+def energy(logits: Tensor) -> Tensor:
+    return torch.logsumexp(logits, dim=1)
+
+
+def react(train: Tensor, weight: Tensor, bias: Tensor, percentile: float = 90.0) -> Score:
+    """ReAct (Sun et al. 2021): clip features at a train percentile, recompute the logits, energy."""
+    ceiling = torch.quantile(train.flatten(), percentile / 100)
+    return lambda features, logits: energy(features.clamp(max=ceiling) @ weight.T + bias)
+
+
+def gen(gamma: float = 0.1) -> Score:
+    """GEN (Liu et al. 2023): minus the generalised entropy of the softmax over every class."""
+    def score(features: Tensor, logits: Tensor) -> Tensor:
+        p = logits.softmax(dim=1)
+        return -(p.pow(gamma) * (1 - p).pow(gamma)).sum(dim=1)
+    return score
+
+
+def normalised_mahalanobis(data: FitData) -> Score:
+    """The shipped Mahalanobis detector (class means, shared Ledoit-Wolf covariance) on unit-length features."""
+    fitted = Mahalanobis().fit(FitData(F.normalize(data.features, dim=1), data.logits, data.labels,
+                                       data.head_weight, data.head_bias))
+    return lambda features, logits: fitted.score(F.normalize(features, dim=1), logits)
+
+
+def normalised_qda(data: FitData) -> Score:
+    """A Gaussian per class (its own Ledoit-Wolf covariance) on unit-length features: max log-density."""
+    unit = F.normalize(data.features, dim=1).double()
+    classes = []
+    for label in range(data.num_classes):
+        rows = unit[data.labels == label]
+        mean = rows.mean(dim=0)
+        precision, _ = ledoit_wolf_precision(rows - mean)
+        classes.append((mean, precision.double(), -torch.logdet(precision.double())))
+
+    def score(features: Tensor, logits: Tensor) -> Tensor:
+        x = F.normalize(features, dim=1).double()
+        return torch.stack([-0.5 * ((x - m) @ p * (x - m)).sum(dim=1) - 0.5 * logdet for m, p, logdet in classes],
+                           dim=1).max(dim=1).values
+    return score
+
+
+def svm_ceiling(known: Tensor, unknown: Tensor) -> tuple[Tensor, Tensor]:
+    """Decision values of an RBF SVM trained on these very photos (5-fold): not a detector, a ceiling."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.svm import SVC
+
+    x = F.normalize(torch.cat([known, unknown]), dim=1).numpy()
+    y = [1] * len(known) + [0] * len(unknown)
+    folds = StratifiedKFold(5, shuffle=True, random_state=0)
+    values = torch.from_numpy(cross_val_predict(SVC(gamma="scale"), x, y, cv=folds, method="decision_function"))
+    return values[:len(known)], values[len(known):]
+
+
+def model_rows(state: dict) -> dict[str, tuple[float, float]]:
+    """(AUROC, FPR@95) per score for one cached model."""
+    train_f, train_l, train_y = state["train"]
+    weight, bias = state["head"]
+    data = FitData(train_f, train_l, train_y, weight, bias)
+    shipped = fit_open_set(data, *state["val"], accept_share=0.95)
+    known_f, known_l, _ = state["test_known"]
+    unknown_f, unknown_l = state["test_unknown"]
+    scores: dict[str, Score] = {
+        "center_distance (shipped default)": lambda f, lg: shipped.judge(f, lg, "center_distance").score,
+        "energy (shipped)": lambda f, lg: energy(lg),
+        "ReAct p90 + energy": react(train_f, weight, bias),
+        "GEN gamma 0.1": gen(),
+        "Mahalanobis, L2-normalised": normalised_mahalanobis(data),
+        "QDA, L2-normalised": normalised_qda(data),
+    }
+    rows = {}
+    for name, score in scores.items():
+        known, unknown = score(known_f, known_l).double(), score(unknown_f, unknown_l).double()
+        rows[name] = (auroc(known, unknown), fpr_at_95(known, unknown))
+    known, unknown = svm_ceiling(known_f, unknown_f)
+    rows["ceiling: SVM trained on the test photos"] = (auroc(known, unknown), fpr_at_95(known, unknown))
+    return rows
+
+
+def _interval(diffs: list[float], rng: random.Random) -> str:
+    boots = sorted(statistics.mean(rng.choice(diffs) for _ in diffs) for _ in range(2000))
+    return f"{statistics.mean(diffs):+.3f} ({boots[50]:+.3f}, {boots[1949]:+.3f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--loss", default="softmax", help="the objective of the cached models to score")
+    parser.add_argument("--workspace", default=str(REPO / "workspace" / "bench-open-set"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    caches = sorted(Path(args.workspace).glob(f"{args.loss}-split*-seed*.pt"))
+    if not caches:
+        raise SystemExit(f"no cached models for --loss {args.loss} under {args.workspace}: run bench/open_set.py run")
+    per_model = [model_rows(torch.load(path)) for path in caches]
+    baseline = "center_distance (shipped default)"
+    rng = random.Random(0)
+    print(f"{len(caches)} cached models ({args.loss}), {len(per_model[0])} scores\n")
+    print("| score | AUROC | FPR@95 | flagged at 95% known | AUROC - center_distance (95% CI) | "
+          "FPR@95 - center_distance (95% CI) |\n|---|---|---|---|---|---|")
+    for name in per_model[0]:
+        aurocs, fprs = [rows[name][0] for rows in per_model], [rows[name][1] for rows in per_model]
+        flagged = [1 - value for value in fprs]
+        cells = [f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" for v in (aurocs, fprs, flagged)]
+        if name == baseline:
+            paired = ["-", "-"]
+        else:
+            paired = [_interval([rows[name][i] - rows[baseline][i] for rows in per_model], rng) for i in (0, 1)]
+        print(f"| {name} | {' | '.join(cells)} | {' | '.join(paired)} |")
+
+
+if __name__ == "__main__":
+    main()
