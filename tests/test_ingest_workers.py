@@ -5,6 +5,7 @@ run leaves nothing the next run does not clean; two runs of one build at once ma
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+import dies_in_a_child
 import misbehaving_decoder
 import pytest
 from test_ingest import CLASSES, assert_accounting, make_tree, sample_files
@@ -71,6 +73,22 @@ def test_the_files_after_a_crash_in_the_same_hand_out_are_still_decoded(tmp_path
     assert sorted(job[0] for job in results) == list(range(64))
     failed = {job[1].rsplit("/", 1)[1]: result.error for job, result in results.items() if result.error}
     assert failed == {"crash-9.jpg": "decoder crashed (exit code 3)", "hang-18.jpg": "decoder timed out (over 2 s)"}
+
+
+@pytest.mark.timeout(120)  # it hung before
+def test_workers_that_die_before_taking_a_file_stop_the_run_in_one_line(tmp_path, monkeypatch, capsys):
+    """Nothing to blame on a file, so no file is quarantined, and no endless respawning."""
+    src = _with(tmp_path / "src")
+    monkeypatch.setattr(pipeline, "inspect_image", dies_in_a_child.decode)
+    monkeypatch.setenv("TRAIN_FOOD_TEST_PARENT", str(os.getpid()))
+    start = time.monotonic()
+    code = main(["ingest", str(src), "--out", str(tmp_path / "out"), "--workers", "2"])
+    assert time.monotonic() - start < 60
+    assert code == 2 and not (tmp_path / "out").exists()
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == ("train-food ingest: error: ingest stopped, nothing written: 6 decode workers in a row crashed "
+                    "(exit code 7) before taking a file (their error output is above); check the installation "
+                    "(`make install`) and run again")
 
 
 @pytest.mark.parametrize(("name", "message"), [("oom.jpg", "out of memory"),

@@ -53,7 +53,7 @@ from tasks.ingest.fingerprint import UNREADABLE, listing_digest, short_fingerpri
 from tasks.ingest.plan import SplitPlan, drop_duplicates, plan_splits, small_classes
 from tasks.ingest.scan import SourceTree, scan_source
 from tasks.ingest.spool import Spool, spool_of_this_run
-from tasks.ingest.workers import ResourceExhausted, supervised_map
+from tasks.ingest.workers import ResourceExhausted, WorkersKeepDying, supervised_map
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,9 @@ def _map_with_progress(fn: Callable[[tuple[int, str]], Inspected], jobs: list[tu
         except ResourceExhausted as err:
             raise UserInputError(f"ingest stopped, nothing written: the machine ran out while decoding {err}; "
                                  "free memory or disk (or use fewer --workers) and run again") from None
+        except WorkersKeepDying as err:
+            raise UserInputError(f"ingest stopped, nothing written: {err} (their error output is above); "
+                                 "check the installation (`make install`) and run again") from None
     return [results[job] for job in jobs]
 
 

@@ -37,10 +37,17 @@ Job = tuple[int, str]
 POLL_S = 0.2
 BATCH_S = 0.01  # the parent's CPU is the workers' CPU on a small machine
 MAX_CHUNK = 16  # files per hand-out; fewer when there are few files, so every worker gets some
+DEATHS_WITHOUT_A_FILE = 3  # per worker, in a row, before the run stops
 
 
 class ResourceExhausted(RuntimeError):
     """The machine, not the file, ran out of something (memory, spool disk)."""
+
+
+class WorkersKeepDying(RuntimeError):
+    """Decode workers die before they take a file, again and again: nothing to blame on a file (a
+    broken environment, or code changed under a running ingest), so the run stops instead of
+    respawning them forever."""
 
 
 @dataclass
@@ -106,6 +113,7 @@ def supervised_map(fn: Callable[[Job], Inspected], jobs: list[Job], workers: int
     pool = [spawn() for _ in range(max(1, min(workers, len(jobs))))]
     done: dict[int, Inspected] = {}
     quiet_since = time.monotonic()
+    deaths_without_a_file = 0
 
     def received(wait_s: float) -> list[tuple[Job, Inspected]]:
         out = []
@@ -125,7 +133,7 @@ def supervised_map(fn: Callable[[Job], Inspected], jobs: list[Job], workers: int
             yield from arrived
             now = time.monotonic()
             if arrived:
-                quiet_since = now
+                quiet_since, deaths_without_a_file = now, 0
                 time.sleep(BATCH_S)  # let results gather: one wake-up per batch, not per file
             for position, worker in enumerate(pool):
                 index = worker.slot.value
@@ -136,6 +144,11 @@ def supervised_map(fn: Callable[[Job], Inspected], jobs: list[Job], workers: int
                     continue
                 if not alive:
                     yield from received(0)  # what it sent before dying counts
+                    deaths_without_a_file = deaths_without_a_file + 1 if index < 0 else 0
+                    if deaths_without_a_file >= DEATHS_WITHOUT_A_FILE * len(pool):
+                        raise WorkersKeepDying(f"{deaths_without_a_file} decode workers in a row "
+                                               f"{_lost_reason(worker, alive, timeout_s)[len('decoder '):]} "
+                                               "before taking a file")
                 worker.process.kill()
                 worker.process.join()
                 pool[position] = spawn()
