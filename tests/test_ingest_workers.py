@@ -21,9 +21,9 @@ import pytest
 from test_ingest import CLASSES, assert_accounting, make_tree, sample_files
 
 import tasks.ingest.pipeline as pipeline
-from tasks.ingest import workers
 from flows.cli.main import main
 from ray_jobs.errors import UserInputError
+from tasks.ingest import workers
 from tasks.ingest.config import IngestConfig
 from tasks.ingest.pipeline import ingest
 
@@ -62,7 +62,7 @@ def test_the_files_after_a_crash_in_the_same_hand_out_are_still_decoded(tmp_path
     """Jobs go out in chunks: the files a dead or stuck worker had not reached are handed out again."""
     photo = sample_files(CLASSES[0], 1)[0]
     names = [f"{i:03d}.jpg" for i in range(64)]
-    names[9], names[18] = "crash-9.jpg", "hang-18.jpg"  # inside the first and the third chunk of 8
+    names[9], names[18] = "crash-9.jpg", "hang-18.jpg"  # inside the second and the third chunk of 8
     for name in names:
         shutil.copy2(photo, tmp_path / name)
     jobs = [(i, str(tmp_path / name)) for i, name in enumerate(names)]
