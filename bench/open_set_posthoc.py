@@ -33,21 +33,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from open_set import fpr_at_95  # noqa: E402  (bench/, beside this script: one definition for both)
-from ray_jobs.inference.detectors import FitData, Mahalanobis, ledoit_wolf_precision  # noqa: E402
+from ray_jobs.inference.detectors import Energy, FitData, Mahalanobis, ledoit_wolf_precision  # noqa: E402
 from ray_jobs.inference.open_set import fit_open_set  # noqa: E402
 from ray_jobs.metrics import auroc  # noqa: E402
 
 Score = Callable[[Tensor, Tensor], Tensor]  # (features, logits) -> higher = more known
 
 
-def energy(logits: Tensor) -> Tensor:
-    return torch.logsumexp(logits, dim=1)
-
-
 def react(train: Tensor, weight: Tensor, bias: Tensor, percentile: float = 90.0) -> Score:
-    """ReAct (Sun et al. 2021): clip features at a train percentile, recompute the logits, energy."""
+    """ReAct (Sun et al. 2021): clip features at a train percentile, recompute the logits, the shipped energy."""
     ceiling = torch.quantile(train.flatten(), percentile / 100)
-    return lambda features, logits: energy(features.clamp(max=ceiling) @ weight.T + bias)
+
+    def score(features: Tensor, logits: Tensor) -> Tensor:
+        clipped = features.clamp(max=ceiling)
+        return Energy().score(clipped, clipped @ weight.T + bias)
+    return score
 
 
 def gen(gamma: float = 0.1) -> Score:
@@ -104,7 +104,7 @@ def model_rows(state: dict) -> dict[str, tuple[float, float]]:
     unknown_f, unknown_l = state["test_unknown"]
     scores: dict[str, Score] = {
         "center_distance (shipped default)": lambda f, lg: shipped.judge(f, lg, "center_distance").score,
-        "energy (shipped)": lambda f, lg: energy(lg),
+        "energy (shipped)": lambda f, lg: shipped.judge(f, lg, "energy").score,
         "ReAct p90 + energy": react(train_f, weight, bias),
         "GEN gamma 0.1": gen(),
         "Mahalanobis, L2-normalised": normalised_mahalanobis(data),

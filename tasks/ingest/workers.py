@@ -147,13 +147,12 @@ def supervised_map(fn: Callable[[Job], Inspected], jobs: list[Job], workers: int
                     deaths_without_a_file = deaths_without_a_file + 1 if index < 0 else 0
                     if deaths_without_a_file >= DEATHS_WITHOUT_A_FILE * len(pool):
                         raise WorkersKeepDying(f"{deaths_without_a_file} decode workers in a row "
-                                               f"{_lost_reason(worker, alive, timeout_s)[len('decoder '):]} "
-                                               "before taking a file")
+                                               f"{_what_happened(worker, alive, timeout_s)} before taking a file")
                 worker.process.kill()
                 worker.process.join()
                 pool[position] = spawn()
                 if index >= 0 and index not in done:
-                    done[index] = Inspected(error=_lost_reason(worker, alive, timeout_s))
+                    done[index] = Inspected(error=f"decoder {_what_happened(worker, alive, timeout_s)}")
                     yield by_index[index], done[index]
                 if index >= 0:  # the rest of its chunk: nobody else will take those files
                     rest = [job for job in chunk_of[index] if job[0] not in done]
@@ -176,8 +175,9 @@ def supervised_map(fn: Callable[[Job], Inspected], jobs: list[Job], workers: int
         job_queue.cancel_join_thread()
 
 
-def _lost_reason(worker: _Worker, alive: bool, timeout_s: float) -> str:
+def _what_happened(worker: _Worker, alive: bool, timeout_s: float) -> str:
+    """'timed out (over 3 s)' or 'crashed (exit code 3)' / 'crashed (killed by signal 9)'."""
     if alive:
-        return f"decoder timed out (over {timeout_s:g} s)"
+        return f"timed out (over {timeout_s:g} s)"
     code = worker.process.exitcode
-    return f"decoder crashed ({f'killed by signal {-code}' if code is not None and code < 0 else f'exit code {code}'})"
+    return f"crashed ({f'killed by signal {-code}' if code is not None and code < 0 else f'exit code {code}'})"
