@@ -73,6 +73,9 @@ def test_scores_match_pytorch_ood_on_fixed_tensors() -> None:
     torch.testing.assert_close(ours("energy"), -pod.EnergyBased(None).predict_logits(query_logits))
     mahalanobis = pod.Mahalanobis(None).fit_features(features, labels).predict_features(query)
     torch.testing.assert_close(ours("mahalanobis", shrinkage=0.0), -2 * n * mahalanobis, rtol=1e-4, atol=1e-3)
+    unit = torch.nn.functional.normalize
+    normalised = pod.Mahalanobis(None).fit_features(unit(features, dim=1), labels).predict_features(unit(query, dim=1))
+    torch.testing.assert_close(ours("mahalanobis_normalised", shrinkage=0.0), -2 * n * normalised, rtol=1e-4, atol=1e-3)
     rmd = pod.RMD(None).fit_features(features, labels).predict_features(query)
     torch.testing.assert_close(ours("rmd", shrinkage=0.0), -n * rmd, rtol=1e-4, atol=1e-3)
     knn = pod.KNN(None, k=5).fit_features(features, labels).predict_features(query)

@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-DetectorName = Literal["msp", "max_logit", "energy", "center_distance", "mahalanobis", "rmd", "knn", "vim"]
+DetectorName = Literal["msp", "max_logit", "energy", "center_distance", "mahalanobis", "mahalanobis_normalised", "rmd",
+                       "knn", "vim"]
 DETECTORS: tuple[str, ...] = get_args(DetectorName)

@@ -12,6 +12,9 @@ plain tensors and numbers (`state()` / `from_state`), stored beside the model as
 - `mahalanobis`: minus the smallest Mahalanobis distance to a class mean, one covariance shared by
   the classes (Lee et al. 2018), shrunk towards a scaled identity by Ledoit-Wolf: with D-dimensional
   features and not many more photos than D the plain inverse is ill-conditioned.
+- `mahalanobis_normalised`: the same on features scaled to unit length first (Mahalanobis++,
+  Mueller & Hein 2025): an unknown dish's features are shorter than a known one's, which puts them
+  near the shared covariance's centre, where plain Mahalanobis calls them known.
 - `rmd`: Relative Mahalanobis (Ren et al. 2021): the class distance minus the distance under one
   Gaussian fit to all train features, which removes what every class shares.
 - `knn`: minus the cosine distance to the k-th nearest train feature (Sun et al. 2022).
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -158,6 +161,16 @@ class Mahalanobis(Detector):
         return -self.class_distances(features).min(dim=1).values
 
 
+class NormalisedMahalanobis(Mahalanobis):
+    name = "mahalanobis_normalised"
+
+    def fit(self, data: FitData) -> Detector:
+        return super().fit(replace(data, features=F.normalize(data.features.double(), dim=1)))
+
+    def class_distances(self, features: Tensor) -> Tensor:
+        return super().class_distances(F.normalize(features.double(), dim=1))
+
+
 class RelativeMahalanobis(Mahalanobis):
     name = "rmd"
 
@@ -220,7 +233,7 @@ class ViM(Detector):
 
 
 _CLASSES: dict[str, type[Detector]] = {cls.name: cls for cls in (
-    MaxSoftmax, MaxLogit, Energy, CenterDistance, Mahalanobis, RelativeMahalanobis, KNN, ViM)}
+    MaxSoftmax, MaxLogit, Energy, CenterDistance, Mahalanobis, NormalisedMahalanobis, RelativeMahalanobis, KNN, ViM)}
 
 
 def make_detector(name: str, **options: Any) -> Detector:
