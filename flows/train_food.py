@@ -85,6 +85,7 @@ def train_food(
         ingest_cached=ingested.skipped,
         run_name=run_name,
         checkpoint=checkpoint,
+        objective=cfg.objective,
         best_lam=lam,
         best_alpha=alpha,
         test_acc1=metrics["test_acc1"],

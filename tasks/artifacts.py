@@ -29,6 +29,7 @@ class PipelineSummary:
     ingest_cached: bool
     run_name: str
     checkpoint: str
+    objective: str  # LossConfig.kind; softmax has no lambda or alpha
     best_lam: float
     best_alpha: float
     test_acc1: float
@@ -54,7 +55,7 @@ class PipelineSummary:
             "|---|---|",
             f"| data | {counts} images ({'ingest cache hit' if self.ingest_cached else 'ingested'}) |",
             f"| {source} | `{self.run_name}`" + (f" ({self.sweep_trials} trials)" if self.sweep_trials else "") + " |",
-            f"| lambda, alpha | {self.best_lam:.4g}, {self.best_alpha:.3f} |",
+            f"| objective | {self.objective_text()} |",
             f"| test top-1 / top-5 | {self.test_acc1:.4f} / {self.test_acc5:.4f} |",
             f"| test compactness (intra/inter) | {self.test_compactness:.4f} |",
             f"| registered | `{self.model_uri}`: {'**champion**' if self.champion else 'not promoted'} |",
@@ -67,12 +68,17 @@ class PipelineSummary:
             lines += ["", f"## {role.replace('_', ' ')}", "", image_markdown(role, path)]
         return "\n".join(lines)
 
+    def objective_text(self) -> str:
+        """'softmax', or e.g. 'center, lambda 0.1, alpha 0.100' (the best of a sweep)."""
+        if self.objective == "softmax":
+            return "softmax"
+        return f"{self.objective}, lambda {self.best_lam:.4g}, alpha {self.best_alpha:.3f}"
+
     def text(self) -> str:
         counts = ", ".join(f"{split} {n}" for split, n in self.counts.items())
         return (
             f"data: {counts} ({'cache hit' if self.ingest_cached else 'ingested'})\n"
-            f"{'sweep' if self.sweep_trials else 'run'} {self.run_name}: lambda {self.best_lam:.4g}, "
-            f"alpha {self.best_alpha:.3f}\n"
+            f"{'sweep' if self.sweep_trials else 'run'} {self.run_name}: {self.objective_text()}\n"
             f"test top-1 {self.test_acc1:.4f}, top-5 {self.test_acc5:.4f}, compactness {self.test_compactness:.4f}\n"
             f"registered {self.model_uri}: {self.registration}\nreport: {self.report}"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -70,7 +71,6 @@ def test_flow_sweeps_evaluates_registers_then_hits_the_ingest_cache(prefect_harn
 
     import asyncio
     import base64
-    import re
 
     found, logs = asyncio.run(artifacts_and_logs())
     assert {"train-food-summary", "sweep-trials"} <= set(found)
@@ -158,6 +158,7 @@ def test_deployment_runs_on_a_real_prefect_server(tmp_path):
         assert "Completed" in run.stdout
         summary = (workspace / "latest_summary.txt").read_text()
         assert "registered models:/food-classifier/1" in summary
+        assert re.search(r"^run train-\S+: softmax$", summary, re.MULTILINE)  # no lambda or alpha: it has none
         assert str(registry(workspace).get_model_version_by_alias("food-classifier", "champion").version) == "1"
     finally:
         for process in reversed(started):
