@@ -164,6 +164,21 @@ def test_calibration_round_trips_through_its_files_and_refuses_another_model(tmp
         read_calibration(tmp_path, classes, 8)
 
 
+def test_a_calibration_made_before_a_detector_existed_keeps_its_default_and_refuses_the_new_one(tmp_path):
+    """Calibrations stored before `mahalanobis_normalised` (8 detectors, default center_distance) still judge as made."""
+    weight = torch.eye(4, 8) * 2
+    train, val = _clusters(30, seed=0), _clusters(15, seed=1)
+    before = tuple(name for name in DETECTORS if name != "mahalanobis_normalised")
+    old = fit_open_set(_fit_data(*train, weight), val[0], val[0] @ weight.T, val[1], names=before)
+    assert DETECTOR_RANKING[0] == "mahalanobis_normalised" and old.default == "center_distance"
+    write_calibration(tmp_path, {"fp32": old}, ["a", "b", "c", "d"], 3, "f" * 64)
+    back = read_calibration(tmp_path, ["a", "b", "c", "d"], feat_dim=8, epoch=3)
+    assert back.default == "center_distance"
+    assert back.judge(val[0], val[0] @ weight.T).detector == "center_distance"
+    with pytest.raises(ValueError, match="has no detector 'mahalanobis_normalised'"):
+        back.judge(val[0], val[0] @ weight.T, "mahalanobis_normalised")
+
+
 def _legacy_document(classes: list[str], centers: list[list[float]], thresholds: list[float], epoch: int | None,
                      distance: str | None = "relative") -> dict:
     """A calibration as train-food wrote it before the detectors (format /1; `distance` absent in the oldest)."""
