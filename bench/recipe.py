@@ -81,6 +81,7 @@ ABLATIONS = {  # name -> change to NEW
     "chosen, bilinear": {"augment": "randaugment", "random_erasing": 0.0, "label_smoothing": 0.0, "drop_path_rate": 0.0,
                          "interpolation": "bilinear"},
 }
+DEFAULT_EPOCHS = 5  # the budget of every run unless --epochs says otherwise (the report names other budgets)
 GRID = {"center": {"lam": (0.01, 0.1, 1.0), "alpha": (0.1, 0.5)},
         "contrastive_center": {"lam": (0.1, 1.0, 10.0), "alpha": (0.1, 0.5)}}
 
@@ -227,39 +228,45 @@ def paired_difference(runs: list[dict], baseline: list[dict], draws: int = 2000)
     return point, boots[int(0.025 * draws)], boots[int(0.975 * draws) - 1]
 
 
+Group = tuple[str, str, int, int]  # run name, arch, image size, epochs
+
+
 def report(results: Path) -> str:
     records = [json.loads(path.read_text()) for path in sorted(results.glob("*.json"))]
     lines = []
     for stage in ("ablate", "grid", "final"):
-        groups: dict[tuple[str, str, int], list[dict]] = {}
+        groups: dict[Group, list[dict]] = {}
         for record in records:
             if record["stage"] == stage:
-                groups.setdefault((record["name"], record["arch"], record["image_size"]), []).append(record)
+                key = (record["name"], record["arch"], record["image_size"], record["epochs"])
+                groups.setdefault(key, []).append(record)
         if not groups:
             continue
         lines += [f"\n### {stage}\n", "| run | arch | px | seeds | val top-1 (best) | test top-1 | test compactness "
                   "| test margin | paired vs baseline (95% CI) | train min/run |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for (name, arch, size), done in sorted(groups.items(), key=lambda item: (item[0][1], item[0][0])):
+        for (name, arch, size, epochs), done in sorted(groups.items(), key=lambda item: (item[0][1], item[0][3],
+                                                                                         item[0][0])):
             base_name = {"ablate": "new recipe", "grid": "softmax",  # final: old rows against the same objective
                          "final": name.removeprefix("old recipe ") if name.startswith("old") else "softmax"}
-            base = groups.get((base_name.get(stage, ""), arch, size), [])
+            base = groups.get((base_name.get(stage, ""), arch, size, epochs), [])
             diff, low, high = paired_difference(done, base) if base and base is not done else (float("nan"),) * 3
             paired = "-" if diff != diff else f"{100 * diff:+.1f} ({100 * low:+.1f}, {100 * high:+.1f})"
+            label = name if epochs == DEFAULT_EPOCHS else f"{name}, {epochs} epochs"
             lines.append(
-                f"| {name} | {arch} | {size} | {', '.join(str(r['seed']) for r in done)} "
+                f"| {label} | {arch} | {size} | {', '.join(str(r['seed']) for r in done)} "
                 f"| {mean_sd([r['val_acc1'] for r in done])} | {mean_sd([r['test_acc1'] for r in done])} "
                 f"| {mean_sd([r['test_compactness'] for r in done])} | {mean_sd([r['test_margin'] for r in done])} "
                 f"| {paired} | {statistics.mean(r['train_minutes'] for r in done):.1f} |")
         if stage == "final":
-            lines += _default_against_old_default(groups)
+            lines += _default_against_old_default(groups) + _longer_against_shorter(groups)
     return "\n".join(lines)
 
 
-def _default_against_old_default(groups: dict[tuple[str, str, int], list[dict]]) -> list[str]:
+def _default_against_old_default(groups: dict[Group, list[dict]]) -> list[str]:
     """The default a user gets now (the new recipe, softmax) against the one they got before (old recipe, center)."""
     lines = []
-    for (name, arch, size), done in sorted(groups.items()):
-        old = groups.get(("old recipe center", arch, size))
+    for (name, arch, size, epochs), done in sorted(groups.items()):
+        old = groups.get(("old recipe center", arch, size, epochs))
         if name == "softmax" and old:
             diff, low, high = paired_difference(done, old)
             lines.append(f"\n{arch} {size} px: the default now (new recipe, softmax) minus the default before (old "
@@ -268,11 +275,23 @@ def _default_against_old_default(groups: dict[tuple[str, str, int], list[dict]])
     return lines
 
 
+def _longer_against_shorter(groups: dict[Group, list[dict]]) -> list[str]:
+    """A run trained longer than the bench's default epochs against the same run at the default, seed by seed."""
+    lines = []
+    for (name, arch, size, epochs), done in sorted(groups.items()):
+        short = groups.get((name, arch, size, DEFAULT_EPOCHS))
+        if epochs != DEFAULT_EPOCHS and short:
+            diff, low, high = paired_difference(done, short)
+            lines.append(f"\n{arch} {size} px, {name}: {epochs} epochs minus {DEFAULT_EPOCHS}: {100 * diff:+.1f} points "
+                         f"({100 * low:+.1f}, {100 * high:+.1f}), seeds {', '.join(str(r['seed']) for r in done)}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=("ablate", "grid", "final", "report"))
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="ablate/grid: 0 1; final: 0 1 2")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     parser.add_argument("--arch", default="efficientnet_lite0", help="final: the backbone")
     parser.add_argument("--image-size", type=int, default=None, help="final: None = the backbone's native size")
     parser.add_argument("--objectives", default=None,
