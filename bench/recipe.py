@@ -8,6 +8,7 @@ the bench resumes where a session stopped; `report` reads whatever is there.
     python bench/recipe.py ablate [--seeds 0 1]     # Lite0, 128 px, softmax: old recipe, new, new minus each part
     python bench/recipe.py grid [--seeds 0 1]       # lambda x alpha of center and contrastive_center, on val
     python bench/recipe.py final [--arch efficientnet_lite0] [--seeds 0 1 2]
+    python bench/recipe.py last                     # also score each final run's last checkpoint (if kept)
     python bench/recipe.py report                   # markdown tables for docs/results.md
 
 Paired difference of an objective against softmax: per seed, the same test photos, the same data
@@ -40,6 +41,7 @@ from ray_jobs.config import (  # noqa: E402
 from ray_jobs.data.parquet import ParquetImageDataset  # noqa: E402
 from ray_jobs.inference.loading import model_from_checkpoint  # noqa: E402
 from ray_jobs.metrics import classification_metrics  # noqa: E402
+from ray_jobs.model.checkpoint import stored_checkpoints  # noqa: E402
 from ray_jobs.model.inputs import backbone_inputs, eval_preprocessing  # noqa: E402
 from ray_jobs.training.engine import Precision, predict  # noqa: E402
 from ray_jobs.training.trainer import fit  # noqa: E402
@@ -204,6 +206,25 @@ def execute(run: Run, results: Path, workspace: Path) -> dict[str, Any]:
     return record
 
 
+def score_last(results: Path, workspace: Path) -> None:
+    """Test top-1 of each final run's last-epoch checkpoint, beside its best-by-val one (150 val photos pick
+    noisily). The runs keep their last checkpoint; a record whose run folder is gone is left as it is."""
+    for path in sorted(results.glob("final_*.json")):
+        record = json.loads(path.read_text())
+        found = stored_checkpoints(str(workspace / "runs" / path.stem[:180]))
+        if "last_test_acc1" in record or not found:
+            continue
+        last = found[-1]
+        dataset = (str(workspace / record["dataset"]) if "dataset" in record  # older records: today's build of
+                   else dataset_for(record["image_size"], workspace))  # that size, the one they trained on
+        scored = record if last.epoch == record["best_epoch"] else score(f"{last.path}/checkpoint.pt", dataset)
+        record |= {"last_epoch": last.epoch, "last_test_acc1": scored["test_acc1"], "last_correct": scored["correct"]}
+        path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
+        path.with_suffix(".tmp").rename(path)
+        print(f"{path.stem[:90]}: best-val epoch {record['best_epoch']} test {record['test_acc1']:.3f}, "
+              f"last epoch {last.epoch} test {scored['test_acc1']:.3f}", flush=True)
+
+
 # ---- report -----------------------------------------------------------------------------------------
 
 
@@ -258,7 +279,7 @@ def report(results: Path) -> str:
                 f"| {mean_sd([r['test_compactness'] for r in done])} | {mean_sd([r['test_margin'] for r in done])} "
                 f"| {paired} | {statistics.mean(r['train_minutes'] for r in done):.1f} |")
         if stage == "final":
-            lines += _default_against_old_default(groups) + _longer_against_shorter(groups)
+            lines += _default_against_old_default(groups) + _longer_against_shorter(groups) + _last_against_best(groups)
     return "\n".join(lines)
 
 
@@ -287,9 +308,27 @@ def _longer_against_shorter(groups: dict[Group, list[dict]]) -> list[str]:
     return lines
 
 
+def _last_against_best(groups: dict[Group, list[dict]]) -> list[str]:
+    """Each run's last-epoch checkpoint against its best-by-val one, seed by seed (runs `last` has scored)."""
+    lines = []
+    for (name, arch, size, epochs), done in sorted(groups.items()):
+        scored = [r for r in done if "last_correct" in r]
+        if not scored:
+            continue
+        last = [{"seed": r["seed"], "correct": r["last_correct"]} for r in scored]
+        diff, low, high = paired_difference(last, scored)
+        label = name if epochs == DEFAULT_EPOCHS else f"{name}, {epochs} epochs"
+        lines.append(f"\n{arch} {size} px, {label}: last-epoch checkpoint {mean_sd([r['last_test_acc1'] for r in scored])}"
+                     f" against best-val {mean_sd([r['test_acc1'] for r in scored])}: {100 * diff:+.1f} points "
+                     f"({100 * low:+.1f}, {100 * high:+.1f}), seeds {', '.join(str(r['seed']) for r in scored)} "
+                     f"(last epochs {', '.join(str(r['last_epoch']) for r in scored)}, best-val epochs "
+                     f"{', '.join(str(r['best_epoch']) for r in scored)})")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=("ablate", "grid", "final", "report"))
+    parser.add_argument("stage", choices=("ablate", "grid", "final", "last", "report"))
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="ablate/grid: 0 1; final: 0 1 2")
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     parser.add_argument("--arch", default="efficientnet_lite0", help="final: the backbone")
@@ -305,6 +344,9 @@ def main() -> None:
     results = Path(args.results)
     if args.stage == "report":
         print(report(results))
+        return
+    if args.stage == "last":
+        score_last(results, Path(args.workspace))
         return
     args.seeds = args.seeds or ([0, 1, 2] if args.stage == "final" else [0, 1])
     runs = plan(args.stage, args)
