@@ -201,9 +201,14 @@ def execute(run: Run, results: Path, workspace: Path) -> dict[str, Any]:
                                        text=True).stdout.strip(),
               **score(result.best_checkpoint, dataset)}
     results.mkdir(parents=True, exist_ok=True)
+    _store(path, record)
+    return record
+
+
+def _store(path: Path, record: dict[str, Any]) -> None:
+    """Write a run's record whole or not at all (a session may end mid-write)."""
     path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
     path.with_suffix(".tmp").rename(path)
-    return record
 
 
 def score_last(results: Path, workspace: Path) -> None:
@@ -211,16 +216,17 @@ def score_last(results: Path, workspace: Path) -> None:
     noisily). The runs keep their last checkpoint; a record whose run folder is gone is left as it is."""
     for path in sorted(results.glob("final_*.json")):
         record = json.loads(path.read_text())
+        if "last_test_acc1" in record:
+            continue
         found = stored_checkpoints(str(workspace / "runs" / path.stem[:180]))
-        if "last_test_acc1" in record or not found:
+        if not found:
             continue
         last = found[-1]
         dataset = (str(workspace / record["dataset"]) if "dataset" in record  # older records: today's build of
                    else dataset_for(record["image_size"], workspace))  # that size, the one they trained on
         scored = record if last.epoch == record["best_epoch"] else score(f"{last.path}/checkpoint.pt", dataset)
         record |= {"last_epoch": last.epoch, "last_test_acc1": scored["test_acc1"], "last_correct": scored["correct"]}
-        path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
-        path.with_suffix(".tmp").rename(path)
+        _store(path, record)
         print(f"{path.stem[:90]}: best-val epoch {record['best_epoch']} test {record['test_acc1']:.3f}, "
               f"last epoch {last.epoch} test {scored['test_acc1']:.3f}", flush=True)
 
@@ -272,15 +278,19 @@ def report(results: Path) -> str:
             base = groups.get((base_name.get(stage, ""), arch, size, epochs), [])
             diff, low, high = paired_difference(done, base) if base and base is not done else (float("nan"),) * 3
             paired = "-" if diff != diff else f"{100 * diff:+.1f} ({100 * low:+.1f}, {100 * high:+.1f})"
-            label = name if epochs == DEFAULT_EPOCHS else f"{name}, {epochs} epochs"
             lines.append(
-                f"| {label} | {arch} | {size} | {', '.join(str(r['seed']) for r in done)} "
+                f"| {_label(name, epochs)} | {arch} | {size} | {', '.join(str(r['seed']) for r in done)} "
                 f"| {mean_sd([r['val_acc1'] for r in done])} | {mean_sd([r['test_acc1'] for r in done])} "
                 f"| {mean_sd([r['test_compactness'] for r in done])} | {mean_sd([r['test_margin'] for r in done])} "
                 f"| {paired} | {statistics.mean(r['train_minutes'] for r in done):.1f} |")
         if stage == "final":
             lines += _default_against_old_default(groups) + _longer_against_shorter(groups) + _last_against_best(groups)
     return "\n".join(lines)
+
+
+def _label(name: str, epochs: int) -> str:
+    """A run's name in the report, with its budget when it is not the bench's default."""
+    return name if epochs == DEFAULT_EPOCHS else f"{name}, {epochs} epochs"
 
 
 def _default_against_old_default(groups: dict[Group, list[dict]]) -> list[str]:
@@ -317,8 +327,7 @@ def _last_against_best(groups: dict[Group, list[dict]]) -> list[str]:
             continue
         last = [{"seed": r["seed"], "correct": r["last_correct"]} for r in scored]
         diff, low, high = paired_difference(last, scored)
-        label = name if epochs == DEFAULT_EPOCHS else f"{name}, {epochs} epochs"
-        lines.append(f"\n{arch} {size} px, {label}: last-epoch checkpoint {mean_sd([r['last_test_acc1'] for r in scored])}"
+        lines.append(f"\n{arch} {size} px, {_label(name, epochs)}: last-epoch checkpoint {mean_sd([r['last_test_acc1'] for r in scored])}"
                      f" against best-val {mean_sd([r['test_acc1'] for r in scored])}: {100 * diff:+.1f} points "
                      f"({100 * low:+.1f}, {100 * high:+.1f}), seeds {', '.join(str(r['seed']) for r in scored)} "
                      f"(last epochs {', '.join(str(r['last_epoch']) for r in scored)}, best-val epochs "
