@@ -50,7 +50,8 @@ def train_config(recipe: str, dataset: str, args: argparse.Namespace, loss: Loss
                  storage: str) -> TrainConfig:
     """The pretrained recipe is the pipeline's defaults; from scratch uses ResNet-18 and SGD."""
     if recipe == "pretrained":
-        model, optim = ModelConfig(), OptimConfig(epochs=args.epochs, warmup_epochs=1)
+        model = ModelConfig(arch="efficientnet_lite0")  # the backbone of its figures
+        optim = OptimConfig(epochs=args.epochs, warmup_epochs=1)
     else:
         model = ModelConfig(arch="resnet18", pretrained=False)
         optim = OptimConfig(name="sgd", lr=0.05, weight_decay=1e-4, epochs=args.epochs, warmup_epochs=1)
@@ -60,7 +61,8 @@ def train_config(recipe: str, dataset: str, args: argparse.Namespace, loss: Loss
         loss=loss,
         optim=optim,
         scaling=ScalingConfig(num_workers=0),
-        run=RunConfig(storage_path=storage, name=f"{recipe}-{loss.kind}-{seed}", seed=seed),
+        run=RunConfig(storage_path=storage, name=f"{recipe}-{loss.kind}-{seed}", seed=seed,
+                      checkpoint_choice="best_val"),  # the checkpoint its figures were made with
     )
 
 
@@ -145,9 +147,9 @@ def main() -> None:
                 start = time.perf_counter()
                 result = fit(cfg)
                 minutes = (time.perf_counter() - start) / 60
-                report = evaluate_checkpoint(EvaluateConfig(checkpoint=result.best_checkpoint, dataset=dataset,
+                report = evaluate_checkpoint(EvaluateConfig(checkpoint=result.checkpoint, dataset=dataset,
                                                             reports=f"{tmp}/reports/{name}-{seed}"))
-                best = result.best_metrics  # the checkpoint evaluated: the highest val top-1 that exists
+                best = result.checkpoint_metrics  # the checkpoint evaluated: the highest val top-1 that exists
                 assert best["val_acc1"] == max(row["val_acc1"] for row in result.history)
                 runs[name].append({"seed": seed, "lam": loss.lam, "best": best, "test": report.metrics,
                                    "minutes": minutes})

@@ -40,7 +40,9 @@ from torch.utils.data import DataLoader, Subset
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ray_jobs.config import DataConfig, LossConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig  # noqa: E402
+from ray_jobs.config import (  # noqa: E402
+    DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, ScalingConfig, TrainConfig,
+)
 from ray_jobs.data.decode import read_image  # noqa: E402
 from ray_jobs.data.parquet import ParquetImageDataset  # noqa: E402
 from ray_jobs.inference.calibrate import fit_subset  # noqa: E402
@@ -99,14 +101,15 @@ def cache_features(split: int, seed: int, args: argparse.Namespace, out: Path) -
         source = known_source(known, Path(tmp) / "src", args.limit_per_class)
         dataset = ingest(IngestConfig(src=str(source), out=f"{tmp}/data", max_side=args.max_side)).out
         cfg = TrainConfig(data=DataConfig(dataset=dataset, batch_size=32, loader_workers=1, image_size=args.image_size),
-                          loss=loss_config(args.loss), optim=OptimConfig(epochs=args.epochs, warmup_epochs=1),
+                          model=ModelConfig(arch=args.arch), loss=loss_config(args.loss),
+                          optim=OptimConfig(epochs=args.epochs, warmup_epochs=1),
                           scaling=ScalingConfig(num_workers=0),
                           run=RunConfig(storage_path=f"{tmp}/runs", name=f"split{split}-seed{seed}", seed=seed,
-                                        keep_checkpoints=1))
+                                        keep_checkpoints=1, checkpoint_choice="best_val"))
         start = time.perf_counter()
         result = fit(cfg)
         minutes = (time.perf_counter() - start) / 60
-        loaded = model_from_checkpoint(result.best_checkpoint)
+        loaded = model_from_checkpoint(result.checkpoint)
         preprocess = eval_preprocessing(loaded.config)
         train = ParquetImageDataset(dataset, "train", preprocess)
         test_known = [p for name in loaded.classes for p in sorted((SOURCE / "test" / name).iterdir())]
@@ -233,6 +236,7 @@ def main() -> None:
     parser.add_argument("--splits", type=int, default=5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--arch", default="efficientnet_lite0", help="the backbone (of every figure so far)")
     parser.add_argument("--image-size", type=int, default=None, help="None: the backbone's native size")
     parser.add_argument("--max-side", type=int, default=512)
     parser.add_argument("--loss", default=LossConfig().kind,

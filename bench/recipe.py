@@ -118,7 +118,8 @@ class Run:
             optim=OptimConfig(epochs=self.epochs, warmup_epochs=1, decay_norm_and_bias=recipe["decay_norm_and_bias"],
                               ema_decay=recipe.get("ema_decay")),
             scaling=ScalingConfig(num_workers=0, precision=recipe["precision"]),
-            run=RunConfig(storage_path=storage, name=self.key[:180], seed=self.seed, keep_checkpoints=1),
+            run=RunConfig(storage_path=storage, name=self.key[:180], seed=self.seed, keep_checkpoints=1,
+                          checkpoint_choice="best_val"),  # `last` scores the last epoch beside it
         )
 
 
@@ -191,7 +192,7 @@ def execute(run: Run, results: Path, workspace: Path) -> dict[str, Any]:
     start = time.perf_counter()
     result = fit(cfg)
     minutes = (time.perf_counter() - start) / 60
-    best = result.best_metrics
+    best = result.checkpoint_metrics
     record = {"stage": run.stage, "name": run.name, "arch": run.arch, "image_size": run.image_size,
               "epochs": run.epochs, "seed": run.seed, "recipe": {**NEW, **run.recipe}, "loss": run.loss,
               "dataset": Path(dataset).name,  # names the ingest build (its fingerprint)
@@ -199,7 +200,7 @@ def execute(run: Run, results: Path, workspace: Path) -> dict[str, Any]:
               "last_val_acc1": result.history[-1]["val_acc1"], "precision": result.history[-1].get("precision"),
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                        text=True).stdout.strip(),
-              **score(result.best_checkpoint, dataset)}
+              **score(result.checkpoint, dataset)}
     results.mkdir(parents=True, exist_ok=True)
     _store(path, record)
     return record
@@ -284,7 +285,8 @@ def report(results: Path) -> str:
                 f"| {mean_sd([r['test_compactness'] for r in done])} | {mean_sd([r['test_margin'] for r in done])} "
                 f"| {paired} | {statistics.mean(r['train_minutes'] for r in done):.1f} |")
         if stage == "final":
-            lines += _default_against_old_default(groups) + _longer_against_shorter(groups) + _last_against_best(groups)
+            lines += (_default_against_old_default(groups) + _longer_against_shorter(groups) + _last_against_best(groups)
+                      + _objectives_at_last_epoch(groups))
     return "\n".join(lines)
 
 
@@ -332,6 +334,29 @@ def _last_against_best(groups: dict[Group, list[dict]]) -> list[str]:
                      f"({100 * low:+.1f}, {100 * high:+.1f}), seeds {', '.join(str(r['seed']) for r in scored)} "
                      f"(last epochs {', '.join(str(r['last_epoch']) for r in scored)}, best-val epochs "
                      f"{', '.join(str(r['best_epoch']) for r in scored)})")
+    return lines
+
+
+def _objectives_at_last_epoch(groups: dict[Group, list[dict]]) -> list[str]:
+    """Each center objective against softmax, both at their last-epoch checkpoints (what `train-food` hands on by
+    default), seed by seed, where `last` has scored both."""
+    def last(records: list[dict]) -> list[dict]:
+        return [{"seed": r["seed"], "correct": r["last_correct"], "acc": r["last_test_acc1"]}
+                for r in records if "last_correct" in r]
+
+    lines = []
+    for (name, arch, size, epochs), done in sorted(groups.items()):
+        softmax = last(groups.get(("softmax", arch, size, epochs), []))
+        runs = last(done)
+        if name == "softmax" or name.startswith("old recipe") or not runs or not softmax:
+            continue
+        diff, low, high = paired_difference(runs, softmax)
+        paired = [r for r in runs if any(base["seed"] == r["seed"] for base in softmax)]
+        lines.append(f"\n{arch} {size} px, {epochs} epochs, last-epoch checkpoints: {name} "
+                     f"{mean_sd([r['acc'] for r in paired])} minus softmax "
+                     f"{mean_sd([b['acc'] for b in softmax if any(r['seed'] == b['seed'] for r in paired)])}: "
+                     f"{100 * diff:+.1f} points ({100 * low:+.1f}, {100 * high:+.1f}), seeds "
+                     f"{', '.join(str(r['seed']) for r in paired)}")
     return lines
 
 

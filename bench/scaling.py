@@ -63,7 +63,7 @@ def main() -> None:
             cfg = TrainConfig(
                 data=DataConfig(dataset=_ingest(Path(tmp), max_side=args.image_size * 2), image_size=args.image_size,
                                 batch_size=args.batch_size, loader_workers=0, limit_per_split=args.rows),
-                model=ModelConfig(),  # the pretrained default (EfficientNet-Lite0)
+                model=ModelConfig(arch="efficientnet_lite0"),  # pretrained, the backbone of its figures
                 loss=LossConfig(kind="center"),
                 optim=OptimConfig(epochs=args.epochs),
                 scaling=ScalingConfig(cpus_per_worker=1),

@@ -49,7 +49,7 @@ def _trained_checkpoint(workdir: Path, image_size: int) -> str:
         scaling=ScalingConfig(num_workers=0),
         run=RunConfig(storage_path=str(workdir / "runs"), name="serve-bench", seed=0),
     )
-    return fit(cfg).best_checkpoint
+    return fit(cfg).checkpoint
 
 
 def _free_port() -> int:

@@ -16,7 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ray_jobs.config import DataConfig, LossConfig, OptimConfig, RunConfig, ScalingConfig, SweepConfig, TrainConfig
+from ray_jobs.config import (
+    DataConfig, LossConfig, ModelConfig, OptimConfig, RunConfig, ScalingConfig, SweepConfig, TrainConfig,
+)
 from ray_jobs.training.trainer import fit
 from ray_jobs.tuning.sweep import run_sweep
 from tasks.ingest.config import IngestConfig
@@ -42,10 +44,11 @@ def main() -> None:
         dataset = ingest(IngestConfig(src=args.source, out=str(workdir / "data"), max_side=2 * args.image_size)).out
         train = TrainConfig(
             data=DataConfig(dataset=dataset, image_size=args.image_size, batch_size=32, loader_workers=0),
+            model=ModelConfig(arch="efficientnet_lite0"),  # the backbone of its figures
             loss=LossConfig(kind="center"),
             optim=OptimConfig(epochs=args.epochs, warmup_epochs=1),
             scaling=ScalingConfig(num_workers=1, cpus_per_worker=args.cpus_per_worker),
-            run=RunConfig(storage_path=str(workdir / "runs"), seed=0),
+            run=RunConfig(storage_path=str(workdir / "runs"), seed=0, checkpoint_choice="best_val"),
         )
         rows = {}
         for scheduler in ("none", "asha"):
@@ -76,7 +79,7 @@ def main() -> None:
     full, asha = rows["none"], rows["asha"]
     print(f"ASHA / full grid: epochs {asha['epochs'] / full['epochs']:.2f}, wall time {asha['wall_s'] / full['wall_s']:.2f}"
           f" (target <= 0.5); same best setting: {asha['best'] == full['best']}")
-    print(f"softmax, same budget: best val top-1 {softmax.best_metrics['val_acc1']:.3f} vs center loss at the best "
+    print(f"softmax, same budget: best val top-1 {softmax.checkpoint_metrics['val_acc1']:.3f} vs center loss at the best "
           f"setting {full['best_val_acc1']:.3f}")
 
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ray_jobs.config import (
     Arch,
+    CheckpointChoice,
     DataConfig,
     LossConfig,
     LossKind,
@@ -98,6 +99,9 @@ class PipelineConfig(BaseModel):
     loader_workers: int = Field(default=_stage(DataConfig, "loader_workers"), ge=0,
                                 description="DataLoader processes per Ray worker.")
     seed: int = Field(default=_stage(RunConfig, "seed"), description="Seeds the split, the data order and the init.")
+    checkpoint_choice: CheckpointChoice = Field(default=_stage(RunConfig, "checkpoint_choice"),
+                                                description="The checkpoint evaluated and registered: the last "
+                                                            "epoch's, or the best by val top-1.")
 
     @model_validator(mode="after")
     def _sweep_needs_knobs(self) -> PipelineConfig:
@@ -133,7 +137,7 @@ class PipelineConfig(BaseModel):
             scaling=ScalingConfig(num_workers=self.workers, use_gpu=self.use_gpu,
                                   cpus_per_worker=self.cpus_per_worker, placement=self.placement),
             run=RunConfig(name=run_name, storage_path=self.storage or str(self.root / "ray_results"), seed=self.seed,
-                          ray_address=self.ray_address),
+                          ray_address=self.ray_address, checkpoint_choice=self.checkpoint_choice),
         )
 
     def sweep_config(self, dataset: str, sweep_name: str) -> SweepConfig:

@@ -11,7 +11,7 @@ from typing import Any
 from prefect import flow
 
 from flows.pipeline_config import PipelineConfig
-from ray_jobs.config import Arch, LossKind, Placement, WorkerCount
+from ray_jobs.config import Arch, CheckpointChoice, LossKind, Placement, WorkerCount
 from ray_jobs.training.trainer import new_run_name
 from tasks.artifacts import PipelineSummary, publish
 from tasks.stages import evaluate_stage, ingest_stage, register_stage, serving_stage, train_stage, tune_stage
@@ -54,6 +54,7 @@ def train_food(
     limit_per_split: int | None = _default("limit_per_split"),
     loader_workers: int = _default("loader_workers"),
     seed: int = _default("seed"),
+    checkpoint_choice: CheckpointChoice = _default("checkpoint_choice"),
 ) -> dict[str, Any]:
     """Train a food classifier (softmax, or center loss and its kin) on `source` and register it in MLflow."""
     cfg = PipelineConfig(**{name: value for name, value in locals().items()})
@@ -66,12 +67,12 @@ def train_food(
     trials = None
     if cfg.sweep:
         result, _ = tune_stage(cfg.sweep_config(dataset, run_name), cfg.tracking())
-        checkpoint, trials = result.best_checkpoint, result.table
+        checkpoint, trials = result.checkpoint, result.table
         lam, alpha = result.best_config["lam"], result.best_config["alpha"]
         plots = {"sweep_plot": str(result.outputs["plot"])}
     else:
         trained = train_stage(cfg.train(dataset, run_name))
-        checkpoint, lam, alpha, plots = trained.best_checkpoint, cfg.lam, cfg.alpha, {}
+        checkpoint, lam, alpha, plots = trained.checkpoint, cfg.lam, cfg.alpha, {}
     if checkpoint is None:
         raise RuntimeError(f"{run_name} produced no checkpoint to evaluate")
 

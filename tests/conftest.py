@@ -68,9 +68,9 @@ def trained_checkpoint(tiny_dataset: str, tmp_path_factory: pytest.TempPathFacto
         run=RunConfig(storage_path=str(tmp_path_factory.mktemp("runs")), name="tiny-eval", seed=0),
     )
     result = fit(cfg)
-    assert result.best_checkpoint is not None
-    calibrate_checkpoint(result.best_checkpoint, tiny_dataset)
-    return result.best_checkpoint
+    assert result.checkpoint is not None
+    calibrate_checkpoint(result.checkpoint, tiny_dataset)
+    return result.checkpoint
 
 
 @pytest.fixture(scope="session")

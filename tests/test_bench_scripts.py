@@ -42,3 +42,26 @@ def test_the_recipe_report_keeps_runs_of_other_budgets_apart(tmp_path: Path) -> 
     rows = [line for line in done.stdout.splitlines() if line.startswith("| softmax")]
     assert [row.split(" | ")[5] for row in rows] == ["0.500", "0.750"], rows  # each budget its own test top-1
     assert "softmax: 10 epochs minus 5: +25.0 points" in done.stdout
+
+
+def test_the_recipe_report_pairs_each_objective_with_softmax_at_the_last_epoch(tmp_path: Path) -> None:
+    """The default hands on the last epoch: the verdict on center loss must also be read there, seed by seed."""
+    import json
+
+    def record(name: str, seed: int, best: str, last: str) -> dict:
+        return {"stage": "final", "name": name, "arch": "efficientnet_lite2", "image_size": 260, "epochs": 10,
+                "seed": seed, "val_acc1": 0.8, "test_acc1": best.count("1") / 4, "test_compactness": 0.5,
+                "test_margin": 0.4, "train_minutes": 1.0, "correct": best, "last_epoch": 10, "best_epoch": 9,
+                "last_test_acc1": last.count("1") / 4, "last_correct": last}
+
+    runs = [record("softmax", 0, "1111", "1100"), record("softmax", 1, "1111", "1000"),
+            record("center", 0, "0000", "1110"), record("center", 1, "0000", "1100"),
+            record("center", 2, "0000", "1111")]  # seed 2 has no softmax run: left out of the pair
+    for index, run in enumerate(runs):
+        (tmp_path / f"final_{index}.json").write_text(json.dumps(run))
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "recipe.py"), "report", "--results", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert ("efficientnet_lite2 260 px, 10 epochs, last-epoch checkpoints: center 0.625 ± 0.177 minus softmax "
+            "0.375 ± 0.177: +25.0 points") in done.stdout, done.stdout
+    assert "seeds 0, 1\n" in done.stdout + "\n"

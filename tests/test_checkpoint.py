@@ -1,4 +1,4 @@
-"""Checkpoints: the best one is the best that exists, pruning keeps what resuming needs, loading runs no code."""
+"""Checkpoints: the last and the best one are among those that exist, pruning keeps what resuming needs, loading runs no code."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from ray_jobs.errors import UserInputError
 from ray_jobs.model.checkpoint import (
     best_checkpoint,
     checkpoint_dir_name,
+    chosen_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
@@ -38,6 +39,15 @@ def test_best_is_the_highest_score_that_still_exists_and_the_latest_among_equals
         child.unlink()
     (tmp_path / checkpoint_dir_name(2)).rmdir()
     assert best_checkpoint(str(tmp_path)).epoch == 1
+
+
+def test_the_chosen_checkpoint_is_the_last_or_the_best_that_exists(tmp_path):
+    _fake_run(tmp_path, [0.2, 0.9, 0.4])
+    assert chosen_checkpoint(str(tmp_path), "last").epoch == 3
+    assert chosen_checkpoint(str(tmp_path), "best_val").epoch == 2
+    (tmp_path / checkpoint_dir_name(3) / "checkpoint.pt").unlink()  # the last one, half written
+    assert chosen_checkpoint(str(tmp_path), "last").epoch == 2
+    assert chosen_checkpoint(str(tmp_path / "missing"), "last") is None
 
 
 def test_half_written_checkpoints_are_ignored(tmp_path):

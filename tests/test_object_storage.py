@@ -82,13 +82,13 @@ def test_checkpoints_live_on_s3_resume_from_there_and_evaluate_by_uri(ray_cluste
     assert filesystem(result.path)[1] == "runs/train-food/on-s3"
     assert {c.epoch for c in stored_checkpoints(result.path)} == {1, 2}
     assert not (tmp_path / "on-s3").exists() and not list(tmp_path.glob("**/checkpoint_epoch_*")), "nothing local"
-    assert result.best_checkpoint.startswith("s3://runs/train-food/on-s3/checkpoint_epoch_")
-    assert result.best_checkpoint.endswith(s3_storage.split("?", 1)[1])
+    assert result.checkpoint.startswith("s3://runs/train-food/on-s3/checkpoint_epoch_")
+    assert result.checkpoint.endswith(s3_storage.split("?", 1)[1])
 
-    report = evaluate_checkpoint(EvaluateConfig(checkpoint=result.best_checkpoint, dataset=tiny_dataset,
+    report = evaluate_checkpoint(EvaluateConfig(checkpoint=result.checkpoint, dataset=tiny_dataset,
                                                 reports=str(tmp_path / "report"), limit=16, loader_workers=0))
     assert report.counts["images"] == 16
-    assert report.checkpoint_epoch == result.best_metrics["epoch"]
+    assert report.checkpoint_epoch == result.checkpoint_metrics["epoch"]
 
 
 def test_in_process_runs_refuse_object_storage(tiny_dataset):

@@ -277,7 +277,7 @@ def _train_and_evaluate(dataset: str, folder: Path, name: str) -> tuple[Evaluati
         scaling=ScalingConfig(num_workers=0),
         run=RunConfig(storage_path=str(folder / "runs"), name=name, seed=0),
     )
-    checkpoint = fit(cfg).best_checkpoint
+    checkpoint = fit(cfg).checkpoint
     assert checkpoint is not None
     reports = str(folder / "reports")
     report = evaluate_checkpoint(EvaluateConfig(checkpoint=checkpoint, dataset=dataset, reports=reports))

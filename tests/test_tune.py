@@ -14,6 +14,7 @@ import pytest
 from test_train import tiny_config
 
 from ray_jobs.config import LossConfig, SweepConfig
+from ray_jobs.model.checkpoint import checkpoint_dir_name
 from ray_jobs.tuning.sweep import _scheduler, concurrency
 from tasks.tune import PARENT_TAG, SWEEP_TAG, Tracking, tune_and_log
 
@@ -49,10 +50,11 @@ def test_sweep_of_three_trials_picks_the_best_and_logs_nested_mlflow_runs(ray_cl
     assert result.best_val_acc1 == table["best_val_acc1"].max()
     best_row = table.loc[table["best_val_acc1"].idxmax()]
     assert result.best_config == {"lam": best_row["lam"], "alpha": best_row["alpha"]}
-    assert Path(result.best_checkpoint, "checkpoint.pt").is_file()
-    for row in table.itertuples():  # each trial's checkpoint: under the workspace, existing, its best epoch
+    assert Path(result.checkpoint, "checkpoint.pt").is_file()
+    for row in table.itertuples():  # each trial: ranked by its best epoch, handing on its last one (the default)
         assert Path(row.checkpoint).is_relative_to(tmp_path / "runs") and Path(row.checkpoint, "checkpoint.pt").is_file()
         assert row.best_val_acc1 == result.histories[row.trial_id]["val_acc1"].max()
+        assert Path(row.checkpoint).name == checkpoint_dir_name(row.epochs) == checkpoint_dir_name(2)
     assert result.outputs["csv"].is_relative_to(tmp_path / "sweeps")
     assert all(1e-4 <= lam <= 1e-1 for lam in table["lam"]) and all(0.05 <= a <= 1.0 for a in table["alpha"])
     on_disk = pd.read_parquet(result.outputs["parquet"])

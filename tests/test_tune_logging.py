@@ -25,7 +25,7 @@ def sweep_result(tmp_path: Path, trials: list[str]) -> SweepResult:
                  for trial in trials}
     best = table.iloc[0]
     return SweepResult(name="s1", path=str(tmp_path), table=table.reset_index(drop=True),
-                       best_config={"lam": best["lam"], "alpha": best["alpha"]}, best_checkpoint=best["checkpoint"],
+                       best_config={"lam": best["lam"], "alpha": best["alpha"]}, checkpoint=best["checkpoint"],
                        best_val_acc1=best["best_val_acc1"], histories=histories,
                        outputs=write_sweep_outputs(tmp_path / "report", table))
 

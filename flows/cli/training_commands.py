@@ -11,13 +11,15 @@ from flows.cli.flags import Fields, add_config_arguments, config_from_args
 def _train(args: argparse.Namespace) -> int:
     from ray_jobs.training.trainer import fit
 
-    result = fit(config_from_args(args))
-    best = result.best_metrics
+    cfg = config_from_args(args)
+    result = fit(cfg)
+    kept = result.checkpoint_metrics
+    which = "last epoch" if cfg.run.checkpoint_choice == "last" else "best val epoch"
     print(
-        f"run {result.name}: {len(result.history)} epochs; best epoch {best.get('epoch')}: "
-        f"val_acc1 {best.get('val_acc1', float('nan')):.3f}, val_acc5 {best.get('val_acc5', float('nan')):.3f}, "
-        f"compactness {best.get('val_compactness', float('nan')):.3f}\n"
-        f"best checkpoint: {result.best_checkpoint}"
+        f"run {result.name}: {len(result.history)} epochs; {which} {kept.get('epoch')}: "
+        f"val_acc1 {kept.get('val_acc1', float('nan')):.3f}, val_acc5 {kept.get('val_acc5', float('nan')):.3f}, "
+        f"compactness {kept.get('val_compactness', float('nan')):.3f}\n"
+        f"checkpoint ({which}): {result.checkpoint}"
     )
     return 0
 
@@ -55,7 +57,8 @@ def _tune(args: argparse.Namespace) -> int:
     print(result.table[with_columns].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(
         f"sweep {result.name}: best val_acc1 {result.best_val_acc1:.3f} at lam {result.best_config['lam']:.4g}, "
-        f"alpha {result.best_config['alpha']:.3f}\nbest checkpoint: {result.best_checkpoint}\n"
+        f"alpha {result.best_config['alpha']:.3f}\ncheckpoint of that trial ({cfg.train.run.checkpoint_choice.replace('_', ' ')}): "
+        f"{result.checkpoint}\n"
         f"table: {result.outputs['csv']}  plot: {result.outputs['plot']}  MLflow run: {logged.parent_run_id}"
     )
     return 0

@@ -1,4 +1,4 @@
-"""Self-describing training checkpoints, and finding the best one that still exists.
+"""Self-describing training checkpoints, and finding the one a run hands on among those that still exist.
 
 A checkpoint directory `checkpoint_epoch_NNNN/` holds:
 
@@ -10,8 +10,9 @@ A checkpoint directory `checkpoint_epoch_NNNN/` holds:
   by reading a few bytes per epoch instead of every model.
 
 "Best" means the highest `val_acc1` among the checkpoints that exist on storage now (Ray deletes
-the worst ones as it goes, the earliest among equals), the latest epoch among equals. Every mode
-(Ray workers, local mode, Tune trials) uses the same rule on the same files.
+the worst ones as it goes, the earliest among equals, but always keeps the latest), the latest epoch
+among equals. The checkpoint a run hands on is its last or its best (`RunConfig.checkpoint_choice`).
+Every mode (Ray workers, local mode, Tune trials) uses the same rule on the same files.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
+from ray_jobs.config import CheckpointChoice
 from ray_jobs.errors import UserInputError
 from ray_jobs.storage import absolute, filesystem, is_uri, join
 
@@ -123,6 +125,14 @@ def stored_checkpoints(run_dir: str) -> list[StoredCheckpoint]:
 def best_checkpoint(run_dir: str) -> StoredCheckpoint | None:
     """The existing checkpoint with the highest `val_acc1` (the latest among equals); None if there is none."""
     return max(stored_checkpoints(run_dir), key=lambda c: (c.score, c.epoch), default=None)
+
+
+def chosen_checkpoint(run_dir: str, choice: CheckpointChoice) -> StoredCheckpoint | None:
+    """The checkpoint a run hands on: its last epoch's, or its best by val_acc1; None if there is none."""
+    if choice == "best_val":
+        return best_checkpoint(run_dir)
+    found = stored_checkpoints(run_dir)
+    return found[-1] if found else None
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:

@@ -22,7 +22,7 @@ from ray_jobs.cluster import ensure_ray
 from ray_jobs.config import TrainConfig
 from ray_jobs.dataset_format import dataset_info
 from ray_jobs.errors import UserInputError
-from ray_jobs.model.checkpoint import best_checkpoint
+from ray_jobs.model.checkpoint import best_checkpoint, chosen_checkpoint
 from ray_jobs.model.inputs import with_resolved_inputs
 from ray_jobs.storage import filesystem, is_uri, join
 from ray_jobs.training.checkpointing import RunInputs
@@ -35,13 +35,14 @@ START_ATTEMPTS = 3
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a finished run leaves behind. `best_checkpoint` exists and has the run's highest val_acc1."""
+    """What a finished run leaves behind. `checkpoint` exists: the last epoch's or the best by val_acc1, as
+    `RunConfig.checkpoint_choice` said; `checkpoint_metrics` are its epoch's metrics."""
 
     name: str
     path: str
     metrics: dict[str, Any]  # the last epoch's
-    best_checkpoint: str | None
-    best_metrics: dict[str, Any]
+    checkpoint: str | None
+    checkpoint_metrics: dict[str, Any]
     classes: list[str]
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -145,21 +146,22 @@ def fit(
     with progress_relay(on_progress, local=cfg.scaling.local) as sink:
         result = fit_retrying_start(build_trainer(cfg, run, name, progress=sink), name)
     outcome = result.return_value or {}
-    best = best_checkpoint(run_dir)
     if outcome.get("status") == "bad_input":
         raise UserInputError(outcome["error"])
     if outcome.get("status") == "non_finite":
+        best = best_checkpoint(run_dir)
         raise UserInputError(
             f"training run {name!r} stopped: loss became NaN/inf at epoch {outcome['epoch']}, step "
             f"{outcome['step']}; the best good checkpoint is {best.path if best else 'none'}"
         )
     history = outcome.get("history", [])
+    chosen = chosen_checkpoint(run_dir, cfg.run.checkpoint_choice)
     return TrainResult(
         name=name,
         path=run_dir,
-        metrics=dict(history[-1]) if history else dict(best.metrics if best else {}),
-        best_checkpoint=best.path if best else None,
-        best_metrics=dict(best.metrics) if best else {},
+        metrics=dict(history[-1]) if history else dict(chosen.metrics if chosen else {}),
+        checkpoint=chosen.path if chosen else None,
+        checkpoint_metrics=dict(chosen.metrics) if chosen else {},
         classes=run.classes,
         history=history,
     )

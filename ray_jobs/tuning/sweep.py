@@ -23,7 +23,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from ray_jobs.config import SweepConfig, TrainConfig
 from ray_jobs.errors import UserInputError
-from ray_jobs.model.checkpoint import best_checkpoint
+from ray_jobs.model.checkpoint import best_checkpoint, chosen_checkpoint
 from ray_jobs.storage import absolute, is_uri
 from ray_jobs.training.checkpointing import RunInputs
 from ray_jobs.training.progress import epoch_line, print_progress
@@ -143,20 +143,23 @@ def trial_count(cfg: SweepConfig) -> int:
 
 @dataclass(frozen=True)
 class SweepResult:
-    """The sweep's outcome: every trial in `table`, the best one's config and checkpoint."""
+    """The sweep's outcome: every trial in `table`, the best one's config and checkpoint (its last or its best
+    by val_acc1, as `RunConfig.checkpoint_choice` says)."""
 
     name: str
     path: str
     table: pd.DataFrame
     best_config: dict[str, float]
-    best_checkpoint: str | None
+    checkpoint: str | None
     best_val_acc1: float
     histories: dict[str, pd.DataFrame]
     outputs: dict[str, Path]
 
 
-def _trial_row(result: ray.tune.Result, max_epochs: int, storage: str, sweep: str) -> dict[str, Any]:
-    """One line of the trial table; its checkpoint is the trial's best that still exists on storage."""
+def _trial_row(result: ray.tune.Result, train: TrainConfig, sweep: str) -> dict[str, Any]:
+    """One line of the trial table: the trial's best epoch (by val_acc1, which ranks the trials) and the
+    checkpoint it hands on (`RunConfig.checkpoint_choice`), among those that still exist on storage."""
+    max_epochs = train.optim.epochs
     history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
     epochs = int(history["epoch"].max()) if "epoch" in history and len(history) else 0
     status = "error" if result.error else ("finished" if epochs >= max_epochs else "stopped early")
@@ -171,10 +174,12 @@ def _trial_row(result: ray.tune.Result, max_epochs: int, storage: str, sweep: st
         "val_compactness": float("nan"),
         "checkpoint": None,
     }
-    best = best_checkpoint(f"{storage}/{trial_run_name(sweep, trial_id)}") if trial_id else None
-    if best is not None:
+    run_dir = f"{train.run.storage_path}/{trial_run_name(sweep, trial_id)}"
+    best = best_checkpoint(run_dir) if trial_id else None
+    chosen = chosen_checkpoint(run_dir, train.run.checkpoint_choice) if trial_id else None
+    if best is not None and chosen is not None:
         row |= {"best_val_acc1": best.score, "val_compactness": best.metrics.get("val_compactness", float("nan")),
-                "checkpoint": best.path}
+                "checkpoint": chosen.path}
     return row
 
 
@@ -222,7 +227,7 @@ def run_sweep(cfg: SweepConfig, on_progress: Callable[[SweepProgress], None] = p
             ),
         )
     grid = tuner.fit()
-    rows = [_trial_row(result, train.optim.epochs, storage, name) for result in grid]
+    rows = [_trial_row(result, train, name) for result in grid]
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS).sort_values(
         "best_val_acc1", ascending=False, na_position="last", kind="stable"
     )
@@ -242,7 +247,7 @@ def run_sweep(cfg: SweepConfig, on_progress: Callable[[SweepProgress], None] = p
         path=path,
         table=table.reset_index(drop=True),
         best_config={"lam": float(best["lam"]), "alpha": float(best["alpha"])},
-        best_checkpoint=best["checkpoint"],
+        checkpoint=best["checkpoint"],
         best_val_acc1=float(best["best_val_acc1"]),
         histories=histories,
         outputs=outputs,
