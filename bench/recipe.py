@@ -286,7 +286,7 @@ def report(results: Path) -> str:
                 f"| {paired} | {statistics.mean(r['train_minutes'] for r in done):.1f} |")
         if stage == "final":
             lines += (_default_against_old_default(groups) + _longer_against_shorter(groups) + _last_against_best(groups)
-                      + _objectives_at_last_epoch(groups))
+                      + _objectives_at_last_epoch(groups) + _shipped_default_against_before(groups))
     return "\n".join(lines)
 
 
@@ -358,6 +358,30 @@ def _objectives_at_last_epoch(groups: dict[Group, list[dict]]) -> list[str]:
                      f"{100 * diff:+.1f} points ({100 * low:+.1f}, {100 * high:+.1f}), seeds "
                      f"{', '.join(str(r['seed']) for r in paired)}")
     return lines
+
+
+# What `train-food` trained before issue 23 (Lite0 at 224 px, the old recipe, center loss, best-val checkpoint),
+# as the bench ran it: at the finals' 5 epochs.
+BEFORE: Group = ("old recipe center", "efficientnet_lite0", 224, DEFAULT_EPOCHS)
+
+
+def _shipped_default_against_before(groups: dict[Group, list[dict]]) -> list[str]:
+    """What `train-food train` ships now (the configs' defaults: backbone, epochs, objective, checkpoint choice)
+    against the old recipe's row, seed by seed on the same test photos."""
+    arch = ModelConfig.model_fields["arch"].default
+    epochs = OptimConfig.model_fields["epochs"].default
+    now = groups.get((LossConfig.model_fields["kind"].default, arch, backbone_inputs(arch).image_size, epochs), [])
+    if RunConfig.model_fields["checkpoint_choice"].default == "last":
+        now = [r | {"correct": r["last_correct"], "test_acc1": r["last_test_acc1"]} for r in now if "last_correct" in r]
+    before = groups.get(BEFORE, [])
+    if not now or not before:
+        return []
+    diff, low, high = paired_difference(now, before)
+    return [f"\nthe default now ({arch}, {epochs} epochs, {RunConfig.model_fields['checkpoint_choice'].default} "
+            f"checkpoint) {mean_sd([r['test_acc1'] for r in now])} minus the default before ({BEFORE[1]} "
+            f"{BEFORE[2]} px, {BEFORE[0]}, {BEFORE[3]} epochs, best-val checkpoint) "
+            f"{mean_sd([r['test_acc1'] for r in before])}: {100 * diff:+.1f} points ({100 * low:+.1f}, "
+            f"{100 * high:+.1f}), seeds {', '.join(str(r['seed']) for r in now)}"]
 
 
 def main() -> None:

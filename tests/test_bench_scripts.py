@@ -65,3 +65,28 @@ def test_the_recipe_report_pairs_each_objective_with_softmax_at_the_last_epoch(t
     assert ("efficientnet_lite2 260 px, 10 epochs, last-epoch checkpoints: center 0.625 ± 0.177 minus softmax "
             "0.375 ± 0.177: +25.0 points") in done.stdout, done.stdout
     assert "seeds 0, 1\n" in done.stdout + "\n"
+
+
+def test_the_recipe_report_scores_the_shipped_default_at_its_checkpoint_choice(tmp_path: Path) -> None:
+    """The default now is read from the configs (backbone, epochs, objective) at the checkpoint it hands on."""
+    import json
+
+    from ray_jobs.config import ModelConfig, OptimConfig
+    from ray_jobs.model.inputs import backbone_inputs
+
+    arch = ModelConfig.model_fields["arch"].default
+    epochs = OptimConfig.model_fields["epochs"].default
+    now = {"stage": "final", "name": "softmax", "arch": arch, "image_size": backbone_inputs(arch).image_size,
+           "epochs": epochs, "seed": 0, "val_acc1": 0.8, "test_acc1": 0.0, "test_compactness": 0.5,
+           "test_margin": 0.4, "train_minutes": 1.0, "correct": "0000", "last_epoch": epochs, "best_epoch": 1,
+           "last_test_acc1": 1.0, "last_correct": "1111"}
+    before = now | {"name": "old recipe center", "arch": "efficientnet_lite0", "image_size": 224, "epochs": 5,
+                    "test_acc1": 0.5, "correct": "1100"}
+    before = {key: value for key, value in before.items() if not key.startswith("last")}
+    for index, record in enumerate((now, before)):
+        (tmp_path / f"final_{index}.json").write_text(json.dumps(record))
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "recipe.py"), "report", "--results", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"the default now ({arch}, {epochs} epochs, last checkpoint) 1.000 minus the default before" in done.stdout
+    assert "0.500: +50.0 points" in done.stdout, done.stdout
