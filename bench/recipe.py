@@ -320,6 +320,12 @@ def _longer_against_shorter(groups: dict[Group, list[dict]]) -> list[str]:
     return lines
 
 
+def _at_last_epoch(records: list[dict]) -> list[dict]:
+    """The records `last` has scored, with their last-epoch checkpoint's photos and test top-1 in the place of the
+    best-val one's, so `paired_difference` and the columns read them alike."""
+    return [r | {"correct": r["last_correct"], "test_acc1": r["last_test_acc1"]} for r in records if "last_correct" in r]
+
+
 def _last_against_best(groups: dict[Group, list[dict]]) -> list[str]:
     """Each run's last-epoch checkpoint against its best-by-val one, seed by seed (runs `last` has scored)."""
     lines = []
@@ -327,8 +333,7 @@ def _last_against_best(groups: dict[Group, list[dict]]) -> list[str]:
         scored = [r for r in done if "last_correct" in r]
         if not scored:
             continue
-        last = [{"seed": r["seed"], "correct": r["last_correct"]} for r in scored]
-        diff, low, high = paired_difference(last, scored)
+        diff, low, high = paired_difference(_at_last_epoch(scored), scored)
         lines.append(f"\n{arch} {size} px, {_label(name, epochs)}: last-epoch checkpoint {mean_sd([r['last_test_acc1'] for r in scored])}"
                      f" against best-val {mean_sd([r['test_acc1'] for r in scored])}: {100 * diff:+.1f} points "
                      f"({100 * low:+.1f}, {100 * high:+.1f}), seeds {', '.join(str(r['seed']) for r in scored)} "
@@ -340,23 +345,20 @@ def _last_against_best(groups: dict[Group, list[dict]]) -> list[str]:
 def _objectives_at_last_epoch(groups: dict[Group, list[dict]]) -> list[str]:
     """Each center objective against softmax, both at their last-epoch checkpoints (what `train-food` hands on by
     default), seed by seed, where `last` has scored both."""
-    def last(records: list[dict]) -> list[dict]:
-        return [{"seed": r["seed"], "correct": r["last_correct"], "acc": r["last_test_acc1"]}
-                for r in records if "last_correct" in r]
-
     lines = []
     for (name, arch, size, epochs), done in sorted(groups.items()):
-        softmax = last(groups.get(("softmax", arch, size, epochs), []))
-        runs = last(done)
-        if name == "softmax" or name.startswith("old recipe") or not runs or not softmax:
+        softmax = _at_last_epoch(groups.get(("softmax", arch, size, epochs), []))
+        runs = _at_last_epoch(done)
+        seeds = {r["seed"] for r in runs} & {r["seed"] for r in softmax}
+        if name == "softmax" or name.startswith("old recipe") or not seeds:
             continue
+        runs, softmax = [r for r in runs if r["seed"] in seeds], [r for r in softmax if r["seed"] in seeds]
         diff, low, high = paired_difference(runs, softmax)
-        paired = [r for r in runs if any(base["seed"] == r["seed"] for base in softmax)]
         lines.append(f"\n{arch} {size} px, {epochs} epochs, last-epoch checkpoints: {name} "
-                     f"{mean_sd([r['acc'] for r in paired])} minus softmax "
-                     f"{mean_sd([b['acc'] for b in softmax if any(r['seed'] == b['seed'] for r in paired)])}: "
+                     f"{mean_sd([r['test_acc1'] for r in runs])} minus softmax "
+                     f"{mean_sd([r['test_acc1'] for r in softmax])}: "
                      f"{100 * diff:+.1f} points ({100 * low:+.1f}, {100 * high:+.1f}), seeds "
-                     f"{', '.join(str(r['seed']) for r in paired)}")
+                     f"{', '.join(str(r['seed']) for r in runs)}")
     return lines
 
 
@@ -372,7 +374,7 @@ def _shipped_default_against_before(groups: dict[Group, list[dict]]) -> list[str
     epochs = OptimConfig.model_fields["epochs"].default
     now = groups.get((LossConfig.model_fields["kind"].default, arch, backbone_inputs(arch).image_size, epochs), [])
     if RunConfig.model_fields["checkpoint_choice"].default == "last":
-        now = [r | {"correct": r["last_correct"], "test_acc1": r["last_test_acc1"]} for r in now if "last_correct" in r]
+        now = _at_last_epoch(now)
     before = groups.get(BEFORE, [])
     if not now or not before:
         return []
