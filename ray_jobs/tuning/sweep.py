@@ -174,9 +174,10 @@ def _trial_row(result: ray.tune.Result, train: TrainConfig, sweep: str) -> dict[
         "val_compactness": float("nan"),
         "checkpoint": None,
     }
+    if not trial_id:
+        return row
     run_dir = f"{train.run.storage_path}/{trial_run_name(sweep, trial_id)}"
-    best = best_checkpoint(run_dir) if trial_id else None
-    chosen = chosen_checkpoint(run_dir, train.run.checkpoint_choice) if trial_id else None
+    best, chosen = best_checkpoint(run_dir), chosen_checkpoint(run_dir, train.run.checkpoint_choice)
     if best is not None and chosen is not None:
         row |= {"best_val_acc1": best.score, "val_compactness": best.metrics.get("val_compactness", float("nan")),
                 "checkpoint": chosen.path}
