@@ -1,23 +1,27 @@
 """Open-set detectors against each other on food101_mini10: can a model trained on 8 dishes flag the other 2?
 
 For each split (2 of the 10 classes held out, seeded) and training seed, one model trains on the
-other 8 with the default recipe at the backbone's native size (`--loss` for a training-time
-option), in this process. Its best-by-val checkpoint's eval-mode features and logits are cached
-(under --workspace, not committed): the train photos the detectors fit on (the same capped,
+other 8 with the default recipe, backbone, budget and checkpoint choice (as `train-food train`
+ships them; `--arch`, `--epochs`, `--checkpoint-choice` remake older figures, `--loss` tries a
+training-time option), in this process. The chosen checkpoint's eval-mode features and logits are
+cached (under --workspace, not committed): the train photos the detectors fit on (the same capped,
 seeded subset `ray_jobs.inference.calibrate` uses), val, and the known and unknown test photos
 read from their files, as a user's photo is. Then the shipped code fits and thresholds every
 detector (`ray_jobs.inference.open_set.fit_open_set`: KNN's k chosen on val by leaving a class
 out, thresholds accepting 95% of val) and each model's per-photo test scores go to a small JSON
 file under --results (committed), so `report` needs only those and a session that ends mid-run
 resumes at the next model (`--rescore` refits from the cached features after a detector changes).
+Each budget (backbone, epochs, checkpoint choice) keeps its own folder under both, named by
+`budget_folder`, so remaking the figures on a new default never mixes or overwrites the old ones.
 
 Per detector, mean ± sd over models: AUROC (known = positive); FPR@95, the share of unknown test
 photos accepted at the threshold that accepts 95% of the known test photos (`roc_curve`); AUPR
 (known positive); at the val threshold, the shares of known test photos accepted and unknown
 ones flagged; the paired AUROC difference against MSP with a 95% bootstrap interval over models.
 
-    python bench/open_set.py run [--splits 5] [--seeds 0 1] [--epochs 5] [--loss center]
+    python bench/open_set.py run [--splits 5] [--seeds 0 1] [--loss center]
     python bench/open_set.py report [--loss center] [--against softmax]
+    python bench/open_set.py report --arch efficientnet_lite0 --epochs 5 --checkpoint-choice best_val
 """
 
 from __future__ import annotations
@@ -59,6 +63,11 @@ from tasks.ingest.pipeline import ingest  # noqa: E402
 
 SOURCE = REPO.parent / "shared" / "data" / "food101_mini10"
 CPU = torch.device("cpu")
+
+
+def budget_folder(arch: str, epochs: int, checkpoint_choice: str) -> str:
+    """The results and cache subfolder of one training budget, e.g. `efficientnet_lite2-10ep-last`."""
+    return f"{arch}-{epochs}ep-{checkpoint_choice}"
 
 
 def held_out(classes: list[str], split: int, seed: int = 0, count: int = 2) -> list[str]:
@@ -105,7 +114,7 @@ def cache_features(split: int, seed: int, args: argparse.Namespace, out: Path) -
                           optim=OptimConfig(epochs=args.epochs, warmup_epochs=1),
                           scaling=ScalingConfig(num_workers=0),
                           run=RunConfig(storage_path=f"{tmp}/runs", name=f"split{split}-seed{seed}", seed=seed,
-                                        keep_checkpoints=1, checkpoint_choice="best_val"))
+                                        keep_checkpoints=1, checkpoint_choice=args.checkpoint_choice))
         start = time.perf_counter()
         result = fit(cfg)
         minutes = (time.perf_counter() - start) / 60
@@ -116,7 +125,7 @@ def cache_features(split: int, seed: int, args: argparse.Namespace, out: Path) -
         head = loaded.net.head
         state = {
             "split": split, "seed": seed, "loss": args.loss, "unknown_classes": unknown, "classes": loaded.classes,
-            "best_epoch": loaded.state["epoch"], "train_minutes": round(minutes, 2),
+            "epoch": loaded.state["epoch"], "checkpoint_choice": args.checkpoint_choice, "train_minutes": round(minutes, 2),
             "image_size": input_spec(loaded.config).image_size,
             "train": _split(loaded, Subset(train, fit_subset(train.labels))),
             "val": _split(loaded, ParquetImageDataset(dataset, "val", preprocess)),
@@ -155,8 +164,11 @@ def score(state: dict) -> dict:
             "known": [round(v, 6) for v in calibration.judge(known_f, known_l, name).score.tolist()],
             "unknown": [round(v, 6) for v in calibration.judge(unknown_f, unknown_l, name).score.tolist()],
         }
-    return {key: state[key] for key in ("split", "seed", "loss", "unknown_classes", "classes", "best_epoch",
-                                        "train_minutes", "image_size")} | {
+    return {key: state[key] for key in ("split", "seed", "loss", "unknown_classes", "classes", "train_minutes",
+                                        "image_size")} | {
+        # caches made before the budget folders hold the best-val checkpoint's epoch under "best_epoch"
+        "epoch": state.get("epoch", state.get("best_epoch")),
+        "checkpoint_choice": state.get("checkpoint_choice", "best_val"),
         "top1": float((known_l.argmax(1) == known_y).double().mean()), "knn_k": calibration.detectors["knn"].options["k"],
         "default": calibration.default, "detectors": per_detector}
 
@@ -182,7 +194,7 @@ def report(results: Path, loss: str) -> str:
         return f"no results for --loss {loss} under {results}: run `bench/open_set.py run` first"
     rows = {name: [metrics(model["detectors"][name]) for model in models] for name in DETECTORS}
     ranked = sorted(DETECTORS, key=lambda name: -statistics.mean(r["auroc"] for r in rows[name]))
-    lines = [f"{len(models)} models ({loss}; splits {sorted({m['split'] for m in models})} x seeds "
+    lines = [f"{len(models)} models ({loss}, {results.name}; splits {sorted({m['split'] for m in models})} x seeds "
              f"{sorted({m['seed'] for m in models})}), closed-set top-1 {_mean_sd([m['top1'] for m in models])}, "
              f"KNN k chosen {sorted(m['knn_k'] for m in models)}, train {_mean_sd([m['train_minutes'] for m in models])} "
              "min a model", "",
@@ -235,8 +247,10 @@ def main() -> None:
     parser.add_argument("stage", choices=("run", "report"))
     parser.add_argument("--splits", type=int, default=5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--arch", default="efficientnet_lite0", help="the backbone (of every figure so far)")
+    parser.add_argument("--arch", default=ModelConfig().arch, help="the backbone (default: the shipped one)")
+    parser.add_argument("--epochs", type=int, default=OptimConfig().epochs)
+    parser.add_argument("--checkpoint-choice", choices=("last", "best_val"), default=RunConfig().checkpoint_choice,
+                        help="the checkpoint whose features the detectors see (default: the one a run hands on)")
     parser.add_argument("--image-size", type=int, default=None, help="None: the backbone's native size")
     parser.add_argument("--max-side", type=int, default=512)
     parser.add_argument("--loss", default=LossConfig().kind,
@@ -248,7 +262,8 @@ def main() -> None:
     parser.add_argument("--results", default=str(REPO / "bench" / "results" / "open_set"))
     parser.add_argument("--workspace", default=str(REPO / "workspace" / "bench-open-set"))
     args = parser.parse_args()
-    results = Path(args.results)
+    budget = budget_folder(args.arch, args.epochs, args.checkpoint_choice)
+    results, workspace = Path(args.results) / budget, Path(args.workspace) / budget
     if args.stage == "report":
         print(report(results, args.loss))
         if args.against:
@@ -257,7 +272,7 @@ def main() -> None:
     for split in range(args.splits):
         for seed in args.seeds:
             name = f"{args.loss}-split{split}-seed{seed}"
-            cached, scored = Path(args.workspace) / f"{name}.pt", results / f"{name}.json"
+            cached, scored = workspace / f"{name}.pt", results / f"{name}.json"
             if scored.is_file() and not args.rescore:
                 print(f"{name}: scored earlier", flush=True)
                 continue
