@@ -89,16 +89,39 @@ def known_source(known: list[str], out: Path, limit: int | None) -> Path:
     return out
 
 
+class PooledFeatures:
+    """Collects the backbone's pooled features (the embedding's input) of every forward while entered,
+    so the cache also holds the wider features a detector could fit on instead of the embedding's."""
+
+    def __init__(self, loaded: CheckpointModel) -> None:
+        self.embedding, self.parts = loaded.net.embedding, []
+
+    def __enter__(self) -> PooledFeatures:
+        self.handle = self.embedding.register_forward_hook(lambda _m, args, _out: self.parts.append(args[0].float()))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+    def joined(self) -> torch.Tensor:
+        return torch.cat(self.parts)
+
+
 def _split(loaded: CheckpointModel, dataset: ParquetImageDataset | Subset) -> tuple[torch.Tensor, ...]:
-    return predict(loaded.net, DataLoader(dataset, batch_size=50), CPU, Precision(CPU, "fp32"))
+    """Features, logits, labels and pooled backbone features of every photo of `dataset`."""
+    with PooledFeatures(loaded) as pooled:
+        outputs = predict(loaded.net, DataLoader(dataset, batch_size=50), CPU, Precision(CPU, "fp32"))
+    return (*outputs, pooled.joined())
 
 
 @torch.no_grad()
 def _files(loaded: CheckpointModel, paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and logits of photo files, decoded and preprocessed as `train-food predict` does it."""
     preprocess, net = eval_preprocessing(loaded.config), loaded.net.eval()
-    parts = [net(torch.stack([preprocess(read_image(p)) for p in paths[i : i + 50]])) for i in range(0, len(paths), 50)]
-    return torch.cat([f for f, _ in parts]).float(), torch.cat([lg for _, lg in parts]).float()
+    with PooledFeatures(loaded) as pooled:
+        parts = [net(torch.stack([preprocess(read_image(p)) for p in paths[i : i + 50]]))
+                 for i in range(0, len(paths), 50)]
+    return torch.cat([f for f, _ in parts]).float(), torch.cat([lg for _, lg in parts]).float(), pooled.joined()
 
 
 def cache_features(split: int, seed: int, args: argparse.Namespace, out: Path) -> None:
@@ -122,17 +145,24 @@ def cache_features(split: int, seed: int, args: argparse.Namespace, out: Path) -
         preprocess = eval_preprocessing(loaded.config)
         train = ParquetImageDataset(dataset, "train", preprocess)
         test_known = [p for name in loaded.classes for p in sorted((SOURCE / "test" / name).iterdir())]
+        test_unknown = [p for name in unknown for p in sorted((SOURCE / "test" / name).iterdir())]
+        *train_outputs, train_pooled = _split(loaded, Subset(train, fit_subset(train.labels)))
+        *val_outputs, val_pooled = _split(loaded, ParquetImageDataset(dataset, "val", preprocess))
+        *known_outputs, known_pooled = _files(loaded, test_known)
+        *unknown_outputs, unknown_pooled = _files(loaded, test_unknown)
         head = loaded.net.head
         state = {
             "split": split, "seed": seed, "loss": args.loss, "unknown_classes": unknown, "classes": loaded.classes,
             "epoch": loaded.state["epoch"], "checkpoint_choice": args.checkpoint_choice, "train_minutes": round(minutes, 2),
             "image_size": input_spec(loaded.config).image_size,
-            "train": _split(loaded, Subset(train, fit_subset(train.labels))),
-            "val": _split(loaded, ParquetImageDataset(dataset, "val", preprocess)),
-            "test_known": (*_files(loaded, test_known), torch.tensor(
+            "train": tuple(train_outputs), "val": tuple(val_outputs),
+            "test_known": (*known_outputs, torch.tensor(
                 [i for i, name in enumerate(loaded.classes) for _ in sorted((SOURCE / "test" / name).iterdir())])),
-            "test_unknown": _files(loaded, [p for name in unknown for p in sorted((SOURCE / "test" / name).iterdir())]),
+            "test_unknown": tuple(unknown_outputs),
             "head": (head.weight.detach().float(), head.bias.detach().float()),
+            # the backbone's pooled features of the same photos, for detectors tried on them post hoc
+            "pooled": {"train": train_pooled, "val": val_pooled, "test_known": known_pooled,
+                       "test_unknown": unknown_pooled},
         }
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, out.with_suffix(".tmp"))
