@@ -8,13 +8,15 @@ tuned, fit on the train photos only: ReAct (features clipped at their 90th train
 energy), GEN (gamma 0.1, every class), a per-class Gaussian (QDA, Ledoit-Wolf covariances) on
 L2-normalised features. A last row is not a detector: an RBF SVM trained by 5-fold cross-validation
 on the test photos themselves, known against unknown, i.e. how far these features can separate them
-at all.
+at all. When the cache holds the backbone's pooled features (the embedding's input; caches made
+since they were added), the shipped detectors are also fit on those, with the head composed through
+the embedding (both linear) for ViM, and the SVM ceiling is drawn on them too.
 
 Per score, mean ± sd over models: AUROC (known = positive), FPR@95 (the share of unknown photos
 accepted when 95% of known ones are) and the share flagged there (1 - FPR@95), and the paired
 AUROC and FPR@95 differences against the shipped default with 95% bootstrap intervals over models.
 
-    python bench/open_set_posthoc.py [--loss softmax] [--workspace workspace/bench-open-set]
+    python bench/open_set_posthoc.py [--loss softmax] [--arch efficientnet_lite0 --epochs 5 --checkpoint-choice best_val]
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from torch import Tensor
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from open_set import fpr_at_95  # noqa: E402  (bench/, beside this script: one definition for both)
+from open_set import _mean_sd, budget_folder, fpr_at_95  # noqa: E402  (bench/, beside this script: one definition for both)
 from ray_jobs.inference.detectors import Energy, FitData, ledoit_wolf_precision  # noqa: E402
+from ray_jobs.config import ModelConfig, OptimConfig, RunConfig  # noqa: E402
 from ray_jobs.inference.open_set import DETECTOR_RANKING, fit_open_set  # noqa: E402
 from ray_jobs.metrics import auroc  # noqa: E402
 
@@ -111,6 +114,33 @@ def model_rows(state: dict) -> dict[str, tuple[float, float]]:
         rows[name] = (auroc(known, unknown), fpr_at_95(known, unknown))
     known, unknown = svm_ceiling(known_f, unknown_f)
     rows["ceiling: SVM trained on the test photos"] = (auroc(known, unknown), fpr_at_95(known, unknown))
+    if "pooled" in state:
+        rows |= pooled_rows(state)
+    return rows
+
+
+def pooled_rows(state: dict) -> dict[str, tuple[float, float]]:
+    """(AUROC, FPR@95) of the shipped detectors fit on the pooled backbone features, and their SVM ceiling."""
+    pooled = state["pooled"]
+    weight, bias = state["head"]
+    # the embedding is linear, so logits = pooled @ (weight @ W_emb).T + (weight @ b_emb + bias): the cache has
+    # no embedding weights, so recover that fixed map by least squares over every cached photo (more photos
+    # than pooled dimensions: exact up to float error; a parameter of the model, no label is used)
+    inputs = torch.cat([pooled[part] for part in ("train", "val", "test_known", "test_unknown")]).double()
+    outputs = torch.cat([state[part][1] for part in ("train", "val", "test_known", "test_unknown")]).double()
+    solution = torch.linalg.lstsq(torch.cat([inputs, torch.ones(len(inputs), 1, dtype=inputs.dtype)], dim=1),
+                                  outputs).solution
+    composed_weight, composed_bias = solution[:-1].T.float(), solution[-1].float()
+    data = FitData(pooled["train"], state["train"][1], state["train"][2], composed_weight, composed_bias)
+    shipped = fit_open_set(data, pooled["val"], *state["val"][1:], accept_share=0.95)
+    known_l, unknown_l = state["test_known"][1], state["test_unknown"][1]
+    rows = {}
+    for name in ("mahalanobis_normalised", "center_distance", "knn", "vim", "rmd"):
+        known = shipped.judge(pooled["test_known"], known_l, name).score
+        unknown = shipped.judge(pooled["test_unknown"], unknown_l, name).score
+        rows[f"{name} on pooled features"] = (auroc(known, unknown), fpr_at_95(known, unknown))
+    known, unknown = svm_ceiling(pooled["test_known"], pooled["test_unknown"])
+    rows["ceiling: SVM on pooled features"] = (auroc(known, unknown), fpr_at_95(known, unknown))
     return rows
 
 
@@ -122,22 +152,26 @@ def _interval(diffs: list[float], rng: random.Random) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--loss", default="softmax", help="the objective of the cached models to score")
+    parser.add_argument("--arch", default=ModelConfig().arch)
+    parser.add_argument("--epochs", type=int, default=OptimConfig().epochs)
+    parser.add_argument("--checkpoint-choice", choices=("last", "best_val"), default=RunConfig().checkpoint_choice)
     parser.add_argument("--workspace", default=str(REPO / "workspace" / "bench-open-set"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    caches = sorted(Path(args.workspace).glob(f"{args.loss}-split*-seed*.pt"))
+    workspace = Path(args.workspace) / budget_folder(args.arch, args.epochs, args.checkpoint_choice)
+    caches = sorted(workspace.glob(f"{args.loss}-split*-seed*.pt"))
     if not caches:
-        raise SystemExit(f"no cached models for --loss {args.loss} under {args.workspace}: run bench/open_set.py run")
+        raise SystemExit(f"no cached models for --loss {args.loss} under {workspace}: run bench/open_set.py run")
     per_model = [model_rows(torch.load(path)) for path in caches]
     baseline = f"{DEFAULT} (shipped default)"
     rng = random.Random(0)
-    print(f"{len(caches)} cached models ({args.loss}), {len(per_model[0])} scores\n")
+    print(f"{len(caches)} cached models ({args.loss}, {workspace.name}), {len(per_model[0])} scores\n")
     print(f"| score | AUROC | FPR@95 | flagged at 95% known | AUROC - {DEFAULT} (95% CI) | "
           f"FPR@95 - {DEFAULT} (95% CI) |\n|---|---|---|---|---|---|")
     for name in per_model[0]:
         aurocs, fprs = [rows[name][0] for rows in per_model], [rows[name][1] for rows in per_model]
         flagged = [1 - value for value in fprs]
-        cells = [f"{statistics.mean(v):.3f} ± {statistics.stdev(v):.3f}" for v in (aurocs, fprs, flagged)]
+        cells = [_mean_sd(v) for v in (aurocs, fprs, flagged)]
         if name == baseline:
             paired = ["-", "-"]
         else:
