@@ -65,9 +65,11 @@ SOURCE = REPO.parent / "shared" / "data" / "food101_mini10"
 CPU = torch.device("cpu")
 
 
-def budget_folder(arch: str, epochs: int, checkpoint_choice: str) -> str:
-    """The results and cache subfolder of one training budget, e.g. `efficientnet_lite2-10ep-last`."""
-    return f"{arch}-{epochs}ep-{checkpoint_choice}"
+def budget_folder(arch: str, epochs: int, checkpoint_choice: str, label_smoothing: float | None = None) -> str:
+    """The results and cache subfolder of one training budget, e.g. `efficientnet_lite2-10ep-last` (with
+    `-ls0.0` appended when the label smoothing is not LossConfig's)."""
+    smoothing = "" if label_smoothing in (None, LossConfig().label_smoothing) else f"-ls{label_smoothing}"
+    return f"{arch}-{epochs}ep-{checkpoint_choice}{smoothing}"
 
 
 def held_out(classes: list[str], split: int, seed: int = 0, count: int = 2) -> list[str]:
@@ -133,7 +135,8 @@ def cache_features(split: int, seed: int, args: argparse.Namespace, out: Path) -
         source = known_source(known, Path(tmp) / "src", args.limit_per_class)
         dataset = ingest(IngestConfig(src=str(source), out=f"{tmp}/data", max_side=args.max_side)).out
         cfg = TrainConfig(data=DataConfig(dataset=dataset, batch_size=32, loader_workers=1, image_size=args.image_size),
-                          model=ModelConfig(arch=args.arch), loss=loss_config(args.loss),
+                          model=ModelConfig(arch=args.arch),
+                          loss=loss_config(args.loss).model_copy(update={"label_smoothing": args.label_smoothing}),
                           optim=OptimConfig(epochs=args.epochs, warmup_epochs=1),
                           scaling=ScalingConfig(num_workers=0),
                           run=RunConfig(storage_path=f"{tmp}/runs", name=f"split{split}-seed{seed}", seed=seed,
@@ -281,6 +284,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=OptimConfig().epochs)
     parser.add_argument("--checkpoint-choice", choices=("last", "best_val"), default=RunConfig().checkpoint_choice,
                         help="the checkpoint whose features the detectors see (default: the one a run hands on)")
+    parser.add_argument("--label-smoothing", type=float, default=LossConfig().label_smoothing,
+                        help="of the cross-entropy (a training-time option for rejection)")
     parser.add_argument("--image-size", type=int, default=None, help="None: the backbone's native size")
     parser.add_argument("--max-side", type=int, default=512)
     parser.add_argument("--loss", default=LossConfig().kind,
@@ -292,7 +297,7 @@ def main() -> None:
     parser.add_argument("--results", default=str(REPO / "bench" / "results" / "open_set"))
     parser.add_argument("--workspace", default=str(REPO / "workspace" / "bench-open-set"))
     args = parser.parse_args()
-    budget = budget_folder(args.arch, args.epochs, args.checkpoint_choice)
+    budget = budget_folder(args.arch, args.epochs, args.checkpoint_choice, args.label_smoothing)
     results, workspace = Path(args.results) / budget, Path(args.workspace) / budget
     if args.stage == "report":
         print(report(results, args.loss))

@@ -155,10 +155,11 @@ def main() -> None:
     parser.add_argument("--arch", default=ModelConfig().arch)
     parser.add_argument("--epochs", type=int, default=OptimConfig().epochs)
     parser.add_argument("--checkpoint-choice", choices=("last", "best_val"), default=RunConfig().checkpoint_choice)
+    parser.add_argument("--label-smoothing", type=float, default=None, help="None: LossConfig's")
     parser.add_argument("--workspace", default=str(REPO / "workspace" / "bench-open-set"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    workspace = Path(args.workspace) / budget_folder(args.arch, args.epochs, args.checkpoint_choice)
+    workspace = Path(args.workspace) / budget_folder(args.arch, args.epochs, args.checkpoint_choice, args.label_smoothing)
     caches = sorted(workspace.glob(f"{args.loss}-split*-seed*.pt"))
     if not caches:
         raise SystemExit(f"no cached models for --loss {args.loss} under {workspace}: run bench/open_set.py run")
