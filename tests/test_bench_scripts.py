@@ -90,3 +90,33 @@ def test_the_recipe_report_scores_the_shipped_default_at_its_checkpoint_choice(t
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"the default now ({arch}, {epochs} epochs, last checkpoint) 1.000 minus the default before" in done.stdout
     assert "0.500: +50.0 points" in done.stdout, done.stdout
+
+
+def test_the_open_set_report_reads_the_shipped_budget_and_keeps_older_ones_apart(tmp_path: Path) -> None:
+    """The Lite0 5-epoch best-val models must not land in the table of the shipped default (Lite2, 10, last)."""
+    import json
+
+    from ray_jobs.config import ModelConfig, OptimConfig, RunConfig
+    from ray_jobs.inference.detector_names import DETECTORS
+
+    def record(split: int, separated: bool) -> dict:
+        unknown = [0.0, 0.1] if separated else [2.0, 3.0]
+        detectors = {name: {"threshold": 0.5, "known": [1.0, 2.0, 3.0, 4.0], "unknown": unknown} for name in DETECTORS}
+        return {"split": split, "seed": 0, "top1": 0.9, "knn_k": 10, "train_minutes": 1.0, "detectors": detectors}
+
+    shipped = (f"{ModelConfig.model_fields['arch'].default}-{OptimConfig.model_fields['epochs'].default}ep-"
+               f"{RunConfig.model_fields['checkpoint_choice'].default}")
+    for folder, separated in ((shipped, True), ("efficientnet_lite0-5ep-best_val", False)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "softmax-split0-seed0.json").write_text(json.dumps(record(0, separated)))
+
+    def report(*options: str) -> str:
+        done = subprocess.run([sys.executable, str(REPO / "bench" / "open_set.py"), "report", "--results", str(tmp_path),
+                               *options], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    assert f"1 models (softmax, {shipped};" in report()
+    assert "| msp | 1.000 | 0.000 |" in report()
+    older = report("--arch", "efficientnet_lite0", "--epochs", "5", "--checkpoint-choice", "best_val")
+    assert "| msp | 0.500 | 1.000 |" in older, older
