@@ -20,7 +20,7 @@ photos accepted at the threshold that accepts 95% of the known test photos (`roc
 ones flagged; the paired AUROC difference against MSP with a 95% bootstrap interval over models.
 
     python bench/open_set.py run [--splits 5] [--seeds 0 1] [--loss center]
-    python bench/open_set.py report [--loss center] [--against softmax]
+    python bench/open_set.py report [--loss center] [--against softmax] [--against-budget efficientnet_lite0-5ep-best_val]
     python bench/open_set.py report --arch efficientnet_lite0 --epochs 5 --checkpoint-choice best_val
 """
 
@@ -246,28 +246,32 @@ def report(results: Path, loss: str) -> str:
     return "\n".join(lines)
 
 
-def compare_losses(results: Path, loss: str, baseline: str) -> str:
-    """Per detector, AUROC of `loss`'s models minus `baseline`'s on the same split and seed (a training-time option)."""
-    def load(name: str) -> dict[tuple[int, int], dict]:
+def compare_runs(results: Path, loss: str, baseline: str, baseline_results: Path | None = None) -> str:
+    """Per detector, AUROC of `loss`'s models minus `baseline`'s on the same split and seed: a training-time
+    option (another loss), or another budget's models (`baseline_results`, another budget folder)."""
+    def load(folder: Path, name: str) -> dict[tuple[int, int], dict]:
         return {(m["split"], m["seed"]): m for m in (json.loads(p.read_text())
-                                                     for p in sorted(results.glob(f"{name}-split*-seed*.json")))}
+                                                     for p in sorted(folder.glob(f"{name}-split*-seed*.json")))}
 
-    ours, theirs = load(loss), load(baseline)
+    baseline_results = baseline_results or results
+    ours, theirs = load(results, loss), load(baseline_results, baseline)
     pairs = sorted(set(ours) & set(theirs))
     if not pairs:
-        return f"no (split, seed) run with both --loss {loss} and {baseline}"
+        return f"no (split, seed) run with both {loss} in {results.name} and {baseline} in {baseline_results.name}"
     rng = random.Random(0)
-    lines = [f"{loss} minus {baseline}, {len(pairs)} paired models; closed-set top-1 "
+    names = (f"{loss}, {results.name}", f"{baseline}, {baseline_results.name}")
+    lines = [f"{names[0]} minus {names[1]}, {len(pairs)} paired models (splits x seeds {pairs}); closed-set top-1 "
              f"{statistics.mean(ours[k]['top1'] - theirs[k]['top1'] for k in pairs):+.3f}", "",
-             "| detector | AUROC difference (95% CI) | unknown flagged difference |", "|---|---|---|"]
+             "| detector | AUROC difference (95% CI) | unknown flagged difference (val threshold) "
+             "| flagged at 95% known difference |", "|---|---|---|---|"]
     for name in DETECTORS:
-        diffs = [metrics(ours[k]["detectors"][name])["auroc"] - metrics(theirs[k]["detectors"][name])["auroc"]
-                 for k in pairs]
-        flagged = [metrics(ours[k]["detectors"][name])["unknown_flagged"]
-                   - metrics(theirs[k]["detectors"][name])["unknown_flagged"] for k in pairs]
+        rows = [(metrics(ours[k]["detectors"][name]), metrics(theirs[k]["detectors"][name])) for k in pairs]
+        diffs = [mine["auroc"] - other["auroc"] for mine, other in rows]
+        flagged = [mine["unknown_flagged"] - other["unknown_flagged"] for mine, other in rows]
+        flagged_95 = [other["fpr95"] - mine["fpr95"] for mine, other in rows]  # flagged = 1 - FPR@95
         boots = sorted(statistics.mean(rng.choice(diffs) for _ in diffs) for _ in range(2000))
         lines.append(f"| {name} | {statistics.mean(diffs):+.3f} ({boots[50]:+.3f}, {boots[1949]:+.3f}) "
-                     f"| {statistics.mean(flagged):+.3f} |")
+                     f"| {statistics.mean(flagged):+.3f} | {statistics.mean(flagged_95):+.3f} |")
     return "\n".join(lines)
 
 
@@ -294,6 +298,8 @@ def main() -> None:
     parser.add_argument("--limit-per-class", type=int, default=None, help="smoke runs: photos per class and split")
     parser.add_argument("--rescore", action="store_true", help="run: refit the detectors on every cached model")
     parser.add_argument("--against", default=None, help="report: also pair --loss's models with this loss's")
+    parser.add_argument("--against-budget", default=None,
+                        help="report: also pair the models with those of this budget folder (same --loss, or --against)")
     parser.add_argument("--results", default=str(REPO / "bench" / "results" / "open_set"))
     parser.add_argument("--workspace", default=str(REPO / "workspace" / "bench-open-set"))
     args = parser.parse_args()
@@ -301,8 +307,9 @@ def main() -> None:
     results, workspace = Path(args.results) / budget, Path(args.workspace) / budget
     if args.stage == "report":
         print(report(results, args.loss))
-        if args.against:
-            print("\n" + compare_losses(results, args.loss, args.against))
+        if args.against or args.against_budget:
+            other = Path(args.results) / args.against_budget if args.against_budget else None
+            print("\n" + compare_runs(results, args.loss, args.against or args.loss, other))
         return
     for split in range(args.splits):
         for seed in args.seeds:

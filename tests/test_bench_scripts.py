@@ -120,3 +120,5 @@ def test_the_open_set_report_reads_the_shipped_budget_and_keeps_older_ones_apart
     assert "| msp | 1.000 | 0.000 |" in report()
     older = report("--arch", "efficientnet_lite0", "--epochs", "5", "--checkpoint-choice", "best_val")
     assert "| msp | 0.500 | 1.000 |" in older, older
+    paired = report("--against-budget", "efficientnet_lite0-5ep-best_val")
+    assert "| msp | +0.500 (+0.500, +0.500) | +1.000 | +1.000 |" in paired, paired
