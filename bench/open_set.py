@@ -117,8 +117,9 @@ def _split(loaded: CheckpointModel, dataset: ParquetImageDataset | Subset) -> tu
 
 
 @torch.no_grad()
-def _files(loaded: CheckpointModel, paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and logits of photo files, decoded and preprocessed as `train-food predict` does it."""
+def _files(loaded: CheckpointModel, paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features, logits and pooled backbone features of photo files, decoded and preprocessed as
+    `train-food predict` does it."""
     preprocess, net = eval_preprocessing(loaded.config), loaded.net.eval()
     with PooledFeatures(loaded) as pooled:
         parts = [net(torch.stack([preprocess(read_image(p)) for p in paths[i : i + 50]]))

@@ -10,7 +10,9 @@ L2-normalised features. A last row is not a detector: an RBF SVM trained by 5-fo
 on the test photos themselves, known against unknown, i.e. how far these features can separate them
 at all. When the cache holds the backbone's pooled features (the embedding's input; caches made
 since they were added), the shipped detectors are also fit on those, with the head composed through
-the embedding (both linear) for ViM, and the SVM ceiling is drawn on them too.
+the embedding (both linear) for ViM; so is Mahalanobis++ on pooled features centred and reduced to
+their top principal directions (`pooled_projection`), alone and summed with the shipped default
+(each z-scored on val); and the SVM ceiling is drawn on them too.
 
 Per score, mean ± sd over models: AUROC (known = positive), FPR@95 (the share of unknown photos
 accepted when 95% of known ones are) and the share flagged there (1 - FPR@95), and the paired
