@@ -43,7 +43,7 @@ from ray_jobs.inference.detectors import (  # noqa: E402
     Energy, FitData, NormalisedMahalanobis, ledoit_wolf_precision,
 )
 from ray_jobs.config import ModelConfig, OptimConfig, RunConfig  # noqa: E402
-from ray_jobs.inference.open_set import DETECTOR_RANKING, fit_open_set  # noqa: E402
+from ray_jobs.inference.open_set import DETECTOR_RANKING, OpenSetCalibration, fit_open_set  # noqa: E402
 from ray_jobs.metrics import auroc  # noqa: E402
 
 Score = Callable[[Tensor, Tensor], Tensor]  # (features, logits) -> higher = more known
@@ -121,11 +121,11 @@ def model_rows(state: dict) -> dict[str, tuple[float, float]]:
     known, unknown = svm_ceiling(known_f, unknown_f)
     rows["ceiling: SVM trained on the test photos"] = (auroc(known, unknown), fpr_at_95(known, unknown))
     if "pooled" in state:
-        rows |= pooled_rows(state)
+        rows |= pooled_rows(state, shipped)
     return rows
 
 
-def pooled_rows(state: dict) -> dict[str, tuple[float, float]]:
+def pooled_rows(state: dict, shipped_default: OpenSetCalibration) -> dict[str, tuple[float, float]]:
     """(AUROC, FPR@95) of the shipped detectors fit on the pooled backbone features, and their SVM ceiling."""
     pooled = state["pooled"]
     weight, bias = state["head"]
@@ -152,8 +152,7 @@ def pooled_rows(state: dict) -> dict[str, tuple[float, float]]:
     unknown = reduced.score(project(pooled["test_unknown"]), unknown_l)
     rows[name] = (auroc(known, unknown), fpr_at_95(known, unknown))
     # the shipped default (on the embedding) plus that, each z-scored by its val photos' scores
-    default = fit_open_set(FitData(*state["train"], *state["head"]), *state["val"], accept_share=0.95)
-    parts = [(lambda split: default.judge(state[split][0], state[split][1], DEFAULT).score),
+    parts = [(lambda split: shipped_default.judge(state[split][0], state[split][1], DEFAULT).score),
              (lambda split: reduced.score(project(pooled[split]), None))]
 
     def fused(split: str) -> Tensor:
