@@ -65,6 +65,22 @@ SOURCE = REPO.parent / "shared" / "data" / "food101_mini10"
 CPU = torch.device("cpu")
 
 
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """The four options that pick a training budget (and so its `budget_folder`), shared with
+    bench/open_set_posthoc.py so both scripts read the same models by default."""
+    parser.add_argument("--arch", default=ModelConfig().arch, help="the backbone (default: the shipped one)")
+    parser.add_argument("--epochs", type=int, default=OptimConfig().epochs)
+    parser.add_argument("--checkpoint-choice", choices=("last", "best_val"), default=RunConfig().checkpoint_choice,
+                        help="the checkpoint whose features the detectors see (default: the one a run hands on)")
+    parser.add_argument("--label-smoothing", type=float, default=LossConfig().label_smoothing,
+                        help="of the cross-entropy (a training-time option for rejection)")
+
+
+def budget_of(args: argparse.Namespace) -> str:
+    """`budget_folder` of the options `add_budget_arguments` added."""
+    return budget_folder(args.arch, args.epochs, args.checkpoint_choice, args.label_smoothing)
+
+
 def budget_folder(arch: str, epochs: int, checkpoint_choice: str, label_smoothing: float | None = None) -> str:
     """The results and cache subfolder of one training budget, e.g. `efficientnet_lite2-10ep-last` (with
     `-ls0.0` appended when the label smoothing is not LossConfig's)."""
@@ -229,8 +245,8 @@ def report(results: Path, loss: str) -> str:
     rows = {name: [metrics(model["detectors"][name]) for model in models] for name in DETECTORS}
     ranked = sorted(DETECTORS, key=lambda name: -statistics.mean(r["auroc"] for r in rows[name]))
     lines = [f"{len(models)} models ({loss}, {results.name}; splits {sorted({m['split'] for m in models})} x seeds "
-             f"{sorted({m['seed'] for m in models})}), closed-set top-1 {_mean_sd([m['top1'] for m in models])}, "
-             f"KNN k chosen {sorted(m['knn_k'] for m in models)}, train {_mean_sd([m['train_minutes'] for m in models])} "
+             f"{sorted({m['seed'] for m in models})}), closed-set top-1 {mean_sd([m['top1'] for m in models])}, "
+             f"KNN k chosen {sorted(m['knn_k'] for m in models)}, train {mean_sd([m['train_minutes'] for m in models])} "
              "min a model", "",
              "| detector | AUROC | FPR@95 | AUPR | known accepted (val 95%) | unknown flagged | AUROC - MSP (95% CI) |",
              "|---|---|---|---|---|---|---|"]
@@ -239,7 +255,7 @@ def report(results: Path, loss: str) -> str:
     for name in ranked:
         diffs = [row["auroc"] - base for row, base in zip(rows[name], msp, strict=True)]
         boots = sorted(statistics.mean(rng.choice(diffs) for _ in diffs) for _ in range(2000))
-        cells = [_mean_sd([row[key] for row in rows[name]]) for key in ("auroc", "fpr95", "aupr", "known_accepted",
+        cells = [mean_sd([row[key] for row in rows[name]]) for key in ("auroc", "fpr95", "aupr", "known_accepted",
                                                                          "unknown_flagged")]
         paired = "-" if name == "msp" else f"{statistics.mean(diffs):+.3f} ({boots[50]:+.3f}, {boots[1949]:+.3f})"
         lines.append(f"| {name} | {' | '.join(cells)} | {paired} |")
@@ -276,7 +292,8 @@ def compare_runs(results: Path, loss: str, baseline: str, baseline_results: Path
     return "\n".join(lines)
 
 
-def _mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float]) -> str:
+    """`mean ± sd` to 3 places (the value alone for one model)."""
     return f"{values[0]:.3f}" if len(values) == 1 else f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
@@ -285,12 +302,7 @@ def main() -> None:
     parser.add_argument("stage", choices=("run", "report"))
     parser.add_argument("--splits", type=int, default=5)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--arch", default=ModelConfig().arch, help="the backbone (default: the shipped one)")
-    parser.add_argument("--epochs", type=int, default=OptimConfig().epochs)
-    parser.add_argument("--checkpoint-choice", choices=("last", "best_val"), default=RunConfig().checkpoint_choice,
-                        help="the checkpoint whose features the detectors see (default: the one a run hands on)")
-    parser.add_argument("--label-smoothing", type=float, default=LossConfig().label_smoothing,
-                        help="of the cross-entropy (a training-time option for rejection)")
+    add_budget_arguments(parser)
     parser.add_argument("--image-size", type=int, default=None, help="None: the backbone's native size")
     parser.add_argument("--max-side", type=int, default=512)
     parser.add_argument("--loss", default=LossConfig().kind,
@@ -304,7 +316,7 @@ def main() -> None:
     parser.add_argument("--results", default=str(REPO / "bench" / "results" / "open_set"))
     parser.add_argument("--workspace", default=str(REPO / "workspace" / "bench-open-set"))
     args = parser.parse_args()
-    budget = budget_folder(args.arch, args.epochs, args.checkpoint_choice, args.label_smoothing)
+    budget = budget_of(args)
     results, workspace = Path(args.results) / budget, Path(args.workspace) / budget
     if args.stage == "report":
         print(report(results, args.loss))

@@ -38,11 +38,10 @@ from torch import Tensor
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from open_set import _mean_sd, budget_folder, fpr_at_95  # noqa: E402  (bench/, beside this script: one definition for both)
+from open_set import add_budget_arguments, budget_of, fpr_at_95, mean_sd  # noqa: E402  (bench/, beside this script: one definition for both)
 from ray_jobs.inference.detectors import (  # noqa: E402
     Energy, FitData, NormalisedMahalanobis, ledoit_wolf_precision,
 )
-from ray_jobs.config import ModelConfig, OptimConfig, RunConfig  # noqa: E402
 from ray_jobs.inference.open_set import DETECTOR_RANKING, OpenSetCalibration, fit_open_set  # noqa: E402
 from ray_jobs.metrics import auroc  # noqa: E402
 
@@ -184,14 +183,11 @@ def _interval(diffs: list[float], rng: random.Random) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--loss", default="softmax", help="the objective of the cached models to score")
-    parser.add_argument("--arch", default=ModelConfig().arch)
-    parser.add_argument("--epochs", type=int, default=OptimConfig().epochs)
-    parser.add_argument("--checkpoint-choice", choices=("last", "best_val"), default=RunConfig().checkpoint_choice)
-    parser.add_argument("--label-smoothing", type=float, default=None, help="None: LossConfig's")
+    add_budget_arguments(parser)
     parser.add_argument("--workspace", default=str(REPO / "workspace" / "bench-open-set"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    workspace = Path(args.workspace) / budget_folder(args.arch, args.epochs, args.checkpoint_choice, args.label_smoothing)
+    workspace = Path(args.workspace) / budget_of(args)
     caches = sorted(workspace.glob(f"{args.loss}-split*-seed*.pt"))
     if not caches:
         raise SystemExit(f"no cached models for --loss {args.loss} under {workspace}: run bench/open_set.py run")
@@ -204,7 +200,7 @@ def main() -> None:
     for name in per_model[0]:
         aurocs, fprs = [rows[name][0] for rows in per_model], [rows[name][1] for rows in per_model]
         flagged = [1 - value for value in fprs]
-        cells = [_mean_sd(v) for v in (aurocs, fprs, flagged)]
+        cells = [mean_sd(v) for v in (aurocs, fprs, flagged)]
         if name == baseline:
             paired = ["-", "-"]
         else:

@@ -122,3 +122,42 @@ def test_the_open_set_report_reads_the_shipped_budget_and_keeps_older_ones_apart
     assert "| msp | 0.500 | 1.000 |" in older, older
     paired = report("--against-budget", "efficientnet_lite0-5ep-best_val")
     assert "| msp | +0.500 (+0.500, +0.500) | +1.000 | +1.000 |" in paired, paired
+
+
+def test_the_open_set_posthoc_bench_scores_a_cached_model_of_the_shipped_budget(tmp_path: Path) -> None:
+    """bench/open_set_posthoc.py reads the cache `bench/open_set.py run` writes (the shipped budget's folder,
+    with pooled features) and its default row ranks a far-away cluster as unknown."""
+    import torch
+
+    from ray_jobs.config import ModelConfig, OptimConfig, RunConfig
+    from ray_jobs.inference.open_set import DETECTOR_RANKING
+
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 24, generator=gen) * 6  # three known dishes and a far-away unknown one
+    embed, head_w, head_b = torch.randn(12, 24, generator=gen), torch.randn(3, 12, generator=gen), torch.zeros(3)
+
+    def photos(label: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pooled = centers[label] + torch.randn(count, 24, generator=gen)
+        features = pooled @ embed.T
+        return pooled, features, features @ head_w.T + head_b
+
+    def part(count: int, labels: range) -> tuple[torch.Tensor, tuple]:
+        parts = [photos(label, count) for label in labels]
+        labels_of = torch.tensor([label for label in labels for _ in range(count)])
+        pooled, features, logits = (torch.cat([p[i] for p in parts]) for i in range(3))
+        return pooled, (features, logits, labels_of)
+
+    (train_p, train), (val_p, val), (known_p, known) = part(40, range(3)), part(20, range(3)), part(20, range(3))
+    unknown_p, unknown = part(20, range(3, 4))
+    state = {"train": train, "val": val, "test_known": known, "test_unknown": unknown[:2], "head": (head_w, head_b),
+             "pooled": {"train": train_p, "val": val_p, "test_known": known_p, "test_unknown": unknown_p}}
+    shipped = (f"{ModelConfig.model_fields['arch'].default}-{OptimConfig.model_fields['epochs'].default}ep-"
+               f"{RunConfig.model_fields['checkpoint_choice'].default}")
+    (tmp_path / shipped).mkdir()
+    torch.save(state, tmp_path / shipped / "softmax-split0-seed0.pt")
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "open_set_posthoc.py"), "--workspace", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"1 cached models (softmax, {shipped})" in done.stdout, done.stdout
+    assert f"| {DETECTOR_RANKING[0]} (shipped default) | 1.000 | 0.000 | 1.000 | - | - |" in done.stdout, done.stdout
+    assert "on pooled features, centred, PCA 256" in done.stdout
