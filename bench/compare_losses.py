@@ -37,6 +37,7 @@ from tasks.evaluation.evaluate import evaluate_checkpoint
 from tasks.evaluation.report import EvaluateConfig
 from tasks.ingest.config import IngestConfig
 from tasks.ingest.pipeline import ingest
+from summaries import mean_sd  # bench/, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 LOSSES = {
@@ -94,13 +95,6 @@ def plain_pytorch_loop(cfg: TrainConfig, num_classes: int) -> float:
     return correct / len(test)
 
 
-def _mean_sd(values: list[float]) -> str:
-    """`mean ± sample sd` (just the value for one run)."""
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def table(runs: dict[str, list[dict]], plain: list[float]) -> str:
     softmax_compactness = statistics.mean(run["test"]["test_compactness"] for run in runs["softmax"])
     lines = [
@@ -110,14 +104,14 @@ def table(runs: dict[str, list[dict]], plain: list[float]) -> str:
     ]
     for name, done in runs.items():
         lam = "-" if name == "softmax" else f"{done[0]['lam']:g}"
-        cells = [_mean_sd([run[part][key] for run in done]) for part, key in
+        cells = [mean_sd([run[part][key] for run in done]) for part, key in
                  (("best", "val_acc1"), ("test", "test_acc1"), ("test", "test_acc5"), ("test", "test_compactness"))]
         epochs = ", ".join(str(run["best"]["epoch"]) for run in done)
         ratio = softmax_compactness / statistics.mean(run["test"]["test_compactness"] for run in done)
         minutes = statistics.mean(run["minutes"] for run in done)
         lines.append(f"| {name} | {lam} | {epochs} | {' | '.join(cells)} | {ratio:.2f}x | {minutes:.1f} |")
     if plain:
-        lines.append(f"| plain PyTorch loop, softmax (last epoch) | - | - | - | {_mean_sd(plain)} | - | - | - | - |")
+        lines.append(f"| plain PyTorch loop, softmax (last epoch) | - | - | - | {mean_sd(plain)} | - | - | - | - |")
     return "\n".join(lines)
 
 

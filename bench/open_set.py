@@ -58,6 +58,7 @@ from ray_jobs.metrics import auroc  # noqa: E402
 from ray_jobs.model.inputs import eval_preprocessing, input_spec  # noqa: E402
 from ray_jobs.training.engine import Precision, predict  # noqa: E402
 from ray_jobs.training.trainer import fit  # noqa: E402
+from summaries import mean_sd, paired_interval  # noqa: E402  (bench/, beside this script)
 from tasks.ingest.config import IngestConfig  # noqa: E402
 from tasks.ingest.pipeline import ingest  # noqa: E402
 
@@ -254,10 +255,10 @@ def report(results: Path, loss: str) -> str:
     msp = [row["auroc"] for row in rows["msp"]]
     for name in ranked:
         diffs = [row["auroc"] - base for row, base in zip(rows[name], msp, strict=True)]
-        boots = sorted(statistics.mean(rng.choice(diffs) for _ in diffs) for _ in range(2000))
         cells = [mean_sd([row[key] for row in rows[name]]) for key in ("auroc", "fpr95", "aupr", "known_accepted",
                                                                          "unknown_flagged")]
-        paired = "-" if name == "msp" else f"{statistics.mean(diffs):+.3f} ({boots[50]:+.3f}, {boots[1949]:+.3f})"
+        interval = paired_interval(diffs, rng)  # drawn for MSP too, so each row's interval keeps its draws
+        paired = "-" if name == "msp" else interval
         lines.append(f"| {name} | {' | '.join(cells)} | {paired} |")
     lines += ["", f"ranking by mean AUROC: {', '.join(ranked)}"]
     return "\n".join(lines)
@@ -286,15 +287,10 @@ def compare_runs(results: Path, loss: str, baseline: str, baseline_results: Path
         diffs = [mine["auroc"] - other["auroc"] for mine, other in rows]
         flagged = [mine["unknown_flagged"] - other["unknown_flagged"] for mine, other in rows]
         flagged_95 = [other["fpr95"] - mine["fpr95"] for mine, other in rows]  # flagged = 1 - FPR@95
-        boots = sorted(statistics.mean(rng.choice(diffs) for _ in diffs) for _ in range(2000))
-        lines.append(f"| {name} | {statistics.mean(diffs):+.3f} ({boots[50]:+.3f}, {boots[1949]:+.3f}) "
+        lines.append(f"| {name} | {paired_interval(diffs, rng)} "
                      f"| {statistics.mean(flagged):+.3f} | {statistics.mean(flagged_95):+.3f} |")
     return "\n".join(lines)
 
-
-def mean_sd(values: list[float]) -> str:
-    """`mean ± sd` to 3 places (the value alone for one model)."""
-    return f"{values[0]:.3f}" if len(values) == 1 else f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def main() -> None:

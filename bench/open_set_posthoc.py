@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -38,7 +37,8 @@ from torch import Tensor
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from open_set import add_budget_arguments, budget_of, fpr_at_95, mean_sd  # noqa: E402  (bench/, beside this script: one definition for both)
+from open_set import add_budget_arguments, budget_of, fpr_at_95  # noqa: E402  (bench/, beside this script: one definition for both)
+from summaries import mean_sd, paired_interval  # noqa: E402
 from ray_jobs.inference.detectors import (  # noqa: E402
     Energy, FitData, NormalisedMahalanobis, ledoit_wolf_precision,
 )
@@ -175,11 +175,6 @@ def pooled_projection(train: Tensor, dim: int) -> Callable[[Tensor], Tensor]:
     return lambda x: (x.double() - mean) @ basis
 
 
-def _interval(diffs: list[float], rng: random.Random) -> str:
-    boots = sorted(statistics.mean(rng.choice(diffs) for _ in diffs) for _ in range(2000))
-    return f"{statistics.mean(diffs):+.3f} ({boots[50]:+.3f}, {boots[1949]:+.3f})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--loss", default="softmax", help="the objective of the cached models to score")
@@ -204,7 +199,7 @@ def main() -> None:
         if name == baseline:
             paired = ["-", "-"]
         else:
-            paired = [_interval([rows[name][i] - rows[baseline][i] for rows in per_model], rng) for i in (0, 1)]
+            paired = [paired_interval([rows[name][i] - rows[baseline][i] for rows in per_model], rng) for i in (0, 1)]
         print(f"| {name} | {' | '.join(cells)} | {' | '.join(paired)} |")
 
 

@@ -47,6 +47,7 @@ from ray_jobs.training.engine import Precision, predict  # noqa: E402
 from ray_jobs.training.trainer import fit  # noqa: E402
 from tasks.ingest.config import FINGERPRINT_FIELD, IngestConfig  # noqa: E402
 from tasks.ingest.pipeline import ingest  # noqa: E402
+from summaries import mean_sd  # noqa: E402  (bench/, beside this script)
 
 SOURCE = REPO.parent / "shared" / "data" / "food101_mini10"
 # The code before this recipe, spelled out: crop and flip only, bilinear, no smoothing, no drop-path,
@@ -233,10 +234,6 @@ def score_last(results: Path, workspace: Path) -> None:
 
 
 # ---- report -----------------------------------------------------------------------------------------
-
-
-def mean_sd(values: list[float]) -> str:
-    return f"{values[0]:.3f}" if len(values) == 1 else f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def paired_difference(runs: list[dict], baseline: list[dict], draws: int = 2000) -> tuple[float, float, float]:
