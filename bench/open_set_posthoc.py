@@ -6,7 +6,9 @@ test photos (under --workspace). Here each cached model is scored again with the
 scores from the literature that the shipped set lacks, each with its published default and nothing
 tuned, fit on the train photos only: ReAct (features clipped at their 90th train percentile, then
 energy), GEN (gamma 0.1, every class), a per-class Gaussian (QDA, Ledoit-Wolf covariances) on
-L2-normalised features. A last row is not a detector: an RBF SVM trained by 5-fold cross-validation
+L2-normalised features, fDBD (distance to the decision boundaries over distance to the train mean) and
+NECO (the norm share in the train features' top principal directions, as many as classes, times the
+max logit). A last row is not a detector: an RBF SVM trained by 5-fold cross-validation
 on the test photos themselves, known against unknown, i.e. how far these features can separate them
 at all. When the cache holds the backbone's pooled features (the embedding's input; caches made
 since they were added), the shipped detectors are also fit on those, with the head composed through
@@ -68,6 +70,36 @@ def gen(gamma: float = 0.1) -> Score:
     return score
 
 
+def fdbd(train: Tensor, weight: Tensor, bias: Tensor) -> Score:
+    """fDBD (Liu & Qin 2024): mean distance from the features to the decision boundaries between the
+    predicted class and each other one, divided by the distance to the train features' mean."""
+    mean = train.double().mean(dim=0)
+
+    def score(features: Tensor, logits: Tensor) -> Tensor:
+        x, w, b = features.double(), weight.double(), bias.double()
+        predicted = (x @ w.T + b).argmax(dim=1)
+        gaps = (x @ w.T + b).gather(1, predicted[:, None]) - (x @ w.T + b)  # logit margins to every class
+        spans = (w[predicted][:, None, :] - w[None, :, :]).norm(dim=2)  # |w_pred - w_j|, zero for j = pred
+        others = spans > 0
+        distances = torch.where(others, gaps / spans.clamp(min=1e-12), torch.zeros_like(gaps))
+        return distances.sum(dim=1) / others.sum(dim=1) / (x - mean).norm(dim=1)
+    return score
+
+
+def neco(train: Tensor, weight: Tensor, bias: Tensor, dim: int | None = None) -> Score:
+    """NECO (Ammar et al. 2024): the share of a feature's norm inside the top principal directions of the
+    train features (`dim`: the number of classes, the span neural collapse predicts), times its max logit."""
+    dim = dim or len(weight)
+    mean, scale = train.double().mean(dim=0), train.double().std(dim=0).clamp(min=1e-12)
+    _, _, directions = torch.linalg.svd((train.double() - mean) / scale, full_matrices=False)
+    basis = directions[:dim].T
+
+    def score(features: Tensor, logits: Tensor) -> Tensor:
+        x = (features.double() - mean) / scale
+        return (x @ basis).norm(dim=1) / x.norm(dim=1) * logits.double().max(dim=1).values
+    return score
+
+
 def normalised_qda(data: FitData) -> Score:
     """A Gaussian per class (its own Ledoit-Wolf covariance) on unit-length features: max log-density."""
     unit = F.normalize(data.features, dim=1).double()
@@ -112,6 +144,8 @@ def model_rows(state: dict) -> dict[str, tuple[float, float]]:
         "ReAct p90 + energy": react(train_f, weight, bias),
         "GEN gamma 0.1": gen(),
         "QDA, L2-normalised": normalised_qda(data),
+        "fDBD": fdbd(train_f, weight, bias),
+        "NECO (classes' count of directions) x max logit": neco(train_f, weight, bias),
     }
     rows = {}
     for name, score in scores.items():
