@@ -292,7 +292,6 @@ def compare_runs(results: Path, loss: str, baseline: str, baseline_results: Path
     return "\n".join(lines)
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=("run", "report"))
