@@ -19,6 +19,8 @@ their top principal directions (`pooled_projection`), alone and summed with the 
 Per score, mean ± sd over models: AUROC (known = positive), FPR@95 (the share of unknown photos
 accepted when 95% of known ones are) and the share flagged there (1 - FPR@95), and the paired
 AUROC and FPR@95 differences against the shipped default with 95% bootstrap intervals over models.
+Then, per held-out dish, the share of its photos the shipped default flags at 95% known accepted and
+the known dishes its accepted photos are taken for (where the misses come from).
 
     python bench/open_set_posthoc.py [--loss softmax] [--arch efficientnet_lite0 --epochs 5 --checkpoint-choice best_val]
 """
@@ -27,19 +29,22 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import roc_curve
 from torch import Tensor
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from open_set import add_budget_arguments, budget_of, fpr_at_95  # noqa: E402  (bench/, beside this script: one definition for both)
+from open_set import SOURCE, add_budget_arguments, budget_of, fpr_at_95  # noqa: E402  (bench/, beside this script: one definition for both)
 from summaries import mean_sd, paired_interval  # noqa: E402
 from ray_jobs.inference.detectors import (  # noqa: E402
     Energy, FitData, NormalisedMahalanobis, ledoit_wolf_precision,
@@ -129,12 +134,18 @@ def svm_ceiling(known: Tensor, unknown: Tensor) -> tuple[Tensor, Tensor]:
     return values[:len(known)], values[len(known):]
 
 
-def model_rows(state: dict) -> dict[str, tuple[float, float]]:
-    """(AUROC, FPR@95) per score for one cached model."""
+def shipped_calibration(state: dict) -> OpenSetCalibration:
+    """Every shipped detector fit on one cached model as `train-food evaluate` fits them."""
+    train_f, train_l, train_y = state["train"]
+    weight, bias = state["head"]
+    return fit_open_set(FitData(train_f, train_l, train_y, weight, bias), *state["val"], accept_share=0.95)
+
+
+def model_rows(state: dict, shipped: OpenSetCalibration) -> dict[str, tuple[float, float]]:
+    """(AUROC, FPR@95) per score for one cached model (`shipped`: its `shipped_calibration`)."""
     train_f, train_l, train_y = state["train"]
     weight, bias = state["head"]
     data = FitData(train_f, train_l, train_y, weight, bias)
-    shipped = fit_open_set(data, *state["val"], accept_share=0.95)
     known_f, known_l, _ = state["test_known"]
     unknown_f, unknown_l = state["test_unknown"]
     scores: dict[str, Score] = {
@@ -156,6 +167,28 @@ def model_rows(state: dict) -> dict[str, tuple[float, float]]:
     if "pooled" in state:
         rows |= pooled_rows(state, shipped)
     return rows
+
+
+def by_dish(state: dict, shipped: OpenSetCalibration, source: Path) -> dict[str, tuple[float, Counter]]:
+    """Per held-out dish: the share of its photos the shipped default flags at the threshold that accepts
+    95% of known test photos, and the known dishes its accepted photos are taken for (`source`: the
+    ImageFolder the cache was made from, whose test folders give each dish's count of photos)."""
+    known = shipped.judge(state["test_known"][0], state["test_known"][1], DEFAULT).score.double()
+    unknown_f, unknown_l = state["test_unknown"]
+    unknown = shipped.judge(unknown_f, unknown_l, DEFAULT).score.double()
+    fpr, tpr, thresholds = roc_curve([1] * len(known) + [0] * len(unknown), torch.cat([known, unknown]).numpy())
+    threshold = thresholds[(tpr >= 0.95).argmax()]  # the point `fpr_at_95` reads
+    counts = [sum(1 for _ in (source / "test" / name).iterdir()) for name in state["unknown_classes"]]
+    if sum(counts) != len(unknown):  # the cache lists each dish's photos in turn, as many as its folder holds
+        raise SystemExit(f"{source / 'test'} holds {sum(counts)} photos of {state['unknown_classes']}, "
+                         f"the cache {len(unknown)}: not the photos it was made from")
+    predicted, start, dishes = unknown_l.argmax(dim=1), 0, {}
+    for name, count in zip(state["unknown_classes"], counts, strict=True):
+        accepted = unknown[start:start + count] >= threshold
+        taken_for = Counter(state["classes"][i] for i in predicted[start:start + count][accepted].tolist())
+        dishes[name] = (1 - float(accepted.double().mean()), taken_for)
+        start += count
+    return dishes
 
 
 def pooled_rows(state: dict, shipped_default: OpenSetCalibration) -> dict[str, tuple[float, float]]:
@@ -214,13 +247,16 @@ def main() -> None:
     parser.add_argument("--loss", default="softmax", help="the objective of the cached models to score")
     add_budget_arguments(parser)
     parser.add_argument("--workspace", default=str(REPO / "workspace" / "bench-open-set"))
+    parser.add_argument("--source", default=str(SOURCE), help="the ImageFolder the cached models were made from")
     args = parser.parse_args()
     torch.set_num_threads(1)
     workspace = Path(args.workspace) / budget_of(args)
     caches = sorted(workspace.glob(f"{args.loss}-split*-seed*.pt"))
     if not caches:
         raise SystemExit(f"no cached models for --loss {args.loss} under {workspace}: run bench/open_set.py run")
-    per_model = [model_rows(torch.load(path)) for path in caches]
+    states = [torch.load(path) for path in caches]
+    calibrations = [shipped_calibration(state) for state in states]
+    per_model = [model_rows(state, shipped) for state, shipped in zip(states, calibrations, strict=True)]
     baseline = f"{DEFAULT} (shipped default)"
     rng = random.Random(0)
     print(f"{len(caches)} cached models ({args.loss}, {workspace.name}), {len(per_model[0])} scores\n")
@@ -235,6 +271,17 @@ def main() -> None:
         else:
             paired = [paired_interval([rows[name][i] - rows[baseline][i] for rows in per_model], rng) for i in (0, 1)]
         print(f"| {name} | {' | '.join(cells)} | {' | '.join(paired)} |")
+
+    print(f"\nPer held-out dish, {DEFAULT} at 95% known accepted (one figure per model that holds it out):\n\n"
+          "| held-out dish | models | flagged | its accepted photos taken for (all its models) |\n|---|---|---|---|")
+    dishes: dict[str, list[tuple[float, Counter]]] = {}
+    for state, shipped in zip(states, calibrations, strict=True):
+        for name, result in by_dish(state, shipped, Path(args.source)).items():
+            dishes.setdefault(name, []).append(result)
+    for name, results in sorted(dishes.items(), key=lambda item: -statistics.mean(r[0] for r in item[1])):
+        shares = ", ".join(f"{100 * share:.0f}%" for share, _ in results)
+        taken = sum((counter for _, counter in results), Counter()).most_common(3)
+        print(f"| {name} | {len(results)} | {shares} | {', '.join(f'{dish} {n}' for dish, n in taken)} |")
 
 
 if __name__ == "__main__":

@@ -126,7 +126,8 @@ def test_the_open_set_report_reads_the_shipped_budget_and_keeps_older_ones_apart
 
 def test_the_open_set_posthoc_bench_scores_a_cached_model_of_the_shipped_budget(tmp_path: Path) -> None:
     """bench/open_set_posthoc.py reads the cache `bench/open_set.py run` writes (the shipped budget's folder,
-    with pooled features) and its default row ranks a far-away cluster as unknown."""
+    with pooled features), its default row ranks a far-away cluster as unknown, and its per-dish table
+    flags every photo of that dish."""
     import torch
 
     from ray_jobs.config import ModelConfig, OptimConfig, RunConfig
@@ -150,14 +151,20 @@ def test_the_open_set_posthoc_bench_scores_a_cached_model_of_the_shipped_budget(
     (train_p, train), (val_p, val), (known_p, known) = part(40, range(3)), part(20, range(3)), part(20, range(3))
     unknown_p, unknown = part(20, range(3, 4))
     state = {"train": train, "val": val, "test_known": known, "test_unknown": unknown[:2], "head": (head_w, head_b),
+             "classes": ["a", "b", "c"], "unknown_classes": ["far_dish"],
              "pooled": {"train": train_p, "val": val_p, "test_known": known_p, "test_unknown": unknown_p}}
     shipped = (f"{ModelConfig.model_fields['arch'].default}-{OptimConfig.model_fields['epochs'].default}ep-"
                f"{RunConfig.model_fields['checkpoint_choice'].default}")
     (tmp_path / shipped).mkdir()
     torch.save(state, tmp_path / shipped / "softmax-split0-seed0.pt")
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "open_set_posthoc.py"), "--workspace", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    source = tmp_path / "source"  # the ImageFolder the cache was made from: the far dish's 20 test photos
+    (source / "test" / "far_dish").mkdir(parents=True)
+    for index in range(20):
+        (source / "test" / "far_dish" / f"{index}.jpg").touch()
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "open_set_posthoc.py"), "--workspace", str(tmp_path),
+                           "--source", str(source)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"1 cached models (softmax, {shipped})" in done.stdout, done.stdout
     assert f"| {DETECTOR_RANKING[0]} (shipped default) | 1.000 | 0.000 | 1.000 | - | - |" in done.stdout, done.stdout
     assert "on pooled features, centred, PCA 256" in done.stdout
+    assert "| far_dish | 1 | 100% |  |" in done.stdout, done.stdout  # every photo of the held-out dish flagged
