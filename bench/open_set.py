@@ -22,6 +22,7 @@ ones flagged; the paired AUROC difference against MSP with a 95% bootstrap inter
     python bench/open_set.py run [--splits 5] [--seeds 0 1] [--loss center]
     python bench/open_set.py report [--loss center] [--against softmax] [--against-budget efficientnet_lite0-5ep-best_val]
     python bench/open_set.py report --arch efficientnet_lite0 --epochs 5 --checkpoint-choice best_val
+    python bench/open_set.py run --draw pairs    # each dish held out once (its own folder, `...-pairs`)
 """
 
 from __future__ import annotations
@@ -75,23 +76,40 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the checkpoint whose features the detectors see (default: the one a run hands on)")
     parser.add_argument("--label-smoothing", type=float, default=LossConfig().label_smoothing,
                         help="of the cross-entropy (a training-time option for rejection)")
+    parser.add_argument("--draw", choices=DRAWS, default="sampled",
+                        help="how splits pick their held-out dishes: sampled (seeded, per split; the committed "
+                             "figures) or pairs (a seeded partition: each dish held out in exactly one split)")
 
 
 def budget_of(args: argparse.Namespace) -> str:
     """`budget_folder` of the options `add_budget_arguments` added."""
-    return budget_folder(args.arch, args.epochs, args.checkpoint_choice, args.label_smoothing)
+    return budget_folder(args.arch, args.epochs, args.checkpoint_choice, args.label_smoothing, args.draw)
 
 
-def budget_folder(arch: str, epochs: int, checkpoint_choice: str, label_smoothing: float | None = None) -> str:
+def budget_folder(arch: str, epochs: int, checkpoint_choice: str, label_smoothing: float | None = None,
+                  draw: str = "sampled") -> str:
     """The results and cache subfolder of one training budget, e.g. `efficientnet_lite2-10ep-last` (with
-    `-ls0.0` appended when the label smoothing is not LossConfig's)."""
+    `-ls0.0` appended when the label smoothing is not LossConfig's, `-pairs` for the partition draw)."""
     smoothing = "" if label_smoothing in (None, LossConfig().label_smoothing) else f"-ls{label_smoothing}"
-    return f"{arch}-{epochs}ep-{checkpoint_choice}{smoothing}"
+    return f"{arch}-{epochs}ep-{checkpoint_choice}{smoothing}{'' if draw == 'sampled' else '-' + draw}"
 
 
-def held_out(classes: list[str], split: int, seed: int = 0, count: int = 2) -> list[str]:
-    """The `count` classes split `split` treats as unknown (seeded, so reruns hold out the same ones)."""
-    return sorted(random.Random(f"{seed}:{split}").sample(classes, count))
+DRAWS = ("sampled", "pairs")
+
+
+def held_out(classes: list[str], split: int, draw: str = "sampled", count: int = 2) -> list[str]:
+    """The `count` classes split `split` treats as unknown, seeded so reruns hold out the same ones.
+    `sampled` draws each split on its own, so a dish may be held out in several splits and another in
+    none; `pairs` cuts one seeded shuffle of the classes into consecutive groups, each dish held out in
+    exactly one split (as many splits as there are groups)."""
+    if draw == "sampled":
+        return sorted(random.Random(f"0:{split}").sample(classes, count))
+    order = sorted(classes)
+    random.Random("pairs").shuffle(order)
+    if (split + 1) * count > len(order):
+        raise SystemExit(f"--draw pairs has {len(order) // count} splits of {count} of {len(order)} dishes, "
+                         f"not a split {split}")
+    return sorted(order[split * count:(split + 1) * count])
 
 
 def known_source(known: list[str], out: Path, limit: int | None) -> Path:
@@ -147,7 +165,7 @@ def _files(loaded: CheckpointModel, paths: list[Path]) -> tuple[torch.Tensor, to
 def cache_features(split: int, seed: int, args: argparse.Namespace, out: Path) -> None:
     """Train one model on the known classes of `split`; store what the detectors fit on and score."""
     classes = sorted(p.name for p in (SOURCE / "train").iterdir())
-    unknown = held_out(classes, split)
+    unknown = held_out(classes, split, args.draw)
     known = [name for name in classes if name not in unknown]
     with tempfile.TemporaryDirectory(prefix="bench-open-set-") as tmp:
         source = known_source(known, Path(tmp) / "src", args.limit_per_class)
@@ -265,20 +283,23 @@ def report(results: Path, loss: str) -> str:
 
 
 def compare_runs(results: Path, loss: str, baseline: str, baseline_results: Path | None = None) -> str:
-    """Per detector, AUROC of `loss`'s models minus `baseline`'s on the same split and seed: a training-time
-    option (another loss), or another budget's models (`baseline_results`, another budget folder)."""
-    def load(folder: Path, name: str) -> dict[tuple[int, int], dict]:
-        return {(m["split"], m["seed"]): m for m in (json.loads(p.read_text())
-                                                     for p in sorted(folder.glob(f"{name}-split*-seed*.json")))}
+    """Per detector, AUROC of `loss`'s models minus `baseline`'s with the same held-out dishes and seed: a
+    training-time option (another loss), or another budget's models (`baseline_results`, another budget
+    folder; a model of another draw pairs with the one that held out the same dishes)."""
+    def load(folder: Path, name: str) -> dict[tuple[tuple[str, ...], int], dict]:
+        return {(tuple(m["unknown_classes"]), m["seed"]): m
+                for m in (json.loads(p.read_text()) for p in sorted(folder.glob(f"{name}-split*-seed*.json")))}
 
     baseline_results = baseline_results or results
     ours, theirs = load(results, loss), load(baseline_results, baseline)
-    pairs = sorted(set(ours) & set(theirs))
+    pairs = sorted(set(ours) & set(theirs), key=lambda key: (ours[key]["split"], ours[key]["seed"]))
     if not pairs:
-        return f"no (split, seed) run with both {loss} in {results.name} and {baseline} in {baseline_results.name}"
+        return (f"no run with the same held-out dishes and seed for both {loss} in {results.name} and {baseline} "
+                f"in {baseline_results.name}")
     rng = random.Random(0)
     names = (f"{loss}, {results.name}", f"{baseline}, {baseline_results.name}")
-    lines = [f"{names[0]} minus {names[1]}, {len(pairs)} paired models (splits x seeds {pairs}); closed-set top-1 "
+    splits = [(ours[key]["split"], ours[key]["seed"]) for key in pairs]
+    lines = [f"{names[0]} minus {names[1]}, {len(pairs)} paired models (splits x seeds {splits}); closed-set top-1 "
              f"{statistics.mean(ours[k]['top1'] - theirs[k]['top1'] for k in pairs):+.3f}", "",
              "| detector | AUROC difference (95% CI) | unknown flagged difference (val threshold) "
              "| flagged at 95% known difference |", "|---|---|---|---|"]

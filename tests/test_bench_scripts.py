@@ -102,7 +102,8 @@ def test_the_open_set_report_reads_the_shipped_budget_and_keeps_older_ones_apart
     def record(split: int, separated: bool) -> dict:
         unknown = [0.0, 0.1] if separated else [2.0, 3.0]
         detectors = {name: {"threshold": 0.5, "known": [1.0, 2.0, 3.0, 4.0], "unknown": unknown} for name in DETECTORS}
-        return {"split": split, "seed": 0, "top1": 0.9, "knn_k": 10, "train_minutes": 1.0, "detectors": detectors}
+        return {"split": split, "seed": 0, "unknown_classes": ["a", "b"], "top1": 0.9, "knn_k": 10,
+                "train_minutes": 1.0, "detectors": detectors}
 
     shipped = (f"{ModelConfig.model_fields['arch'].default}-{OptimConfig.model_fields['epochs'].default}ep-"
                f"{RunConfig.model_fields['checkpoint_choice'].default}")
@@ -168,3 +169,42 @@ def test_the_open_set_posthoc_bench_scores_a_cached_model_of_the_shipped_budget(
     assert f"| {DETECTOR_RANKING[0]} (shipped default) | 1.000 | 0.000 | 1.000 | - | - |" in done.stdout, done.stdout
     assert "on pooled features, centred, PCA 256" in done.stdout
     assert "| far_dish | 1 | 100% |  |" in done.stdout, done.stdout  # every photo of the held-out dish flagged
+
+
+def test_the_pairs_draw_holds_every_dish_out_once_and_keeps_its_own_folder(tmp_path: Path) -> None:
+    """`--draw pairs` partitions the dishes (the sampled draw repeats some and skips others), its records
+    live apart, and `--against-budget` pairs its models with the sampled ones that held out the same dishes."""
+    import json
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from open_set import held_out
+
+    dishes = [f"dish{i}" for i in range(10)]
+    pairs = [held_out(dishes, split, "pairs") for split in range(5)]
+    assert sorted(d for pair in pairs for d in pair) == dishes
+    assert [held_out(dishes, split, "pairs") for split in range(5)] == pairs  # seeded
+    sampled = [d for split in range(5) for d in held_out(dishes, split)]
+    assert len(set(sampled)) < 10  # what the partition is for
+
+    def record(split: int, unknown: list[str], separated: bool) -> dict:
+        from ray_jobs.inference.detector_names import DETECTORS
+
+        scores = [0.0, 0.1] if separated else [2.0, 3.0]
+        return {"split": split, "seed": 0, "unknown_classes": unknown, "top1": 0.9, "knn_k": 10, "train_minutes": 1.0,
+                "detectors": {name: {"threshold": 0.5, "known": [1.0, 2.0, 3.0, 4.0], "unknown": scores}
+                              for name in DETECTORS}}
+
+    budget = "lite-1ep-last"
+    (tmp_path / f"{budget}-pairs").mkdir()
+    (tmp_path / budget).mkdir()
+    (tmp_path / f"{budget}-pairs" / "softmax-split3-seed0.json").write_text(json.dumps(record(3, ["x", "y"], True)))
+    (tmp_path / budget / "softmax-split2-seed0.json").write_text(json.dumps(record(2, ["x", "y"], False)))
+    (tmp_path / budget / "softmax-split3-seed0.json").write_text(json.dumps(record(3, ["x", "z"], True)))
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "open_set.py"), "report", "--results", str(tmp_path),
+                           "--arch", "lite", "--epochs", "1", "--checkpoint-choice", "last", "--draw", "pairs",
+                           "--against-budget", budget], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "1 models (softmax, lite-1ep-last-pairs; splits [3]" in done.stdout, done.stdout
+    assert "1 paired models (splits x seeds [(3, 0)])" in done.stdout, done.stdout
+    # paired with split 2 (same dishes): +0.5; with split 3 (same number, other dishes) it would read +0.000
+    assert "| msp | +0.500 (+0.500, +0.500) | +1.000 | +1.000 |" in done.stdout, done.stdout
