@@ -67,6 +67,9 @@ SOURCE = REPO.parent / "shared" / "data" / "food101_mini10"
 CPU = torch.device("cpu")
 
 
+DRAWS = ("sampled", "pairs")  # how splits pick their held-out dishes: see `held_out`
+
+
 def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     """The four options that pick a training budget (and so its `budget_folder`), shared with
     bench/open_set_posthoc.py so both scripts read the same models by default."""
@@ -92,9 +95,6 @@ def budget_folder(arch: str, epochs: int, checkpoint_choice: str, label_smoothin
     `-ls0.0` appended when the label smoothing is not LossConfig's, `-pairs` for the partition draw)."""
     smoothing = "" if label_smoothing in (None, LossConfig().label_smoothing) else f"-ls{label_smoothing}"
     return f"{arch}-{epochs}ep-{checkpoint_choice}{smoothing}{'' if draw == 'sampled' else '-' + draw}"
-
-
-DRAWS = ("sampled", "pairs")
 
 
 def held_out(classes: list[str], split: int, draw: str = "sampled", count: int = 2) -> list[str]:
@@ -242,10 +242,17 @@ def score(state: dict) -> dict:
         "default": calibration.default, "detectors": per_detector}
 
 
+def point_at_95(known: torch.Tensor, unknown: torch.Tensor) -> tuple[float, float]:
+    """(share of unknown photos accepted, threshold) at the first ROC point that accepts 95% of known ones
+    (known = positive; a photo is accepted when its score >= the threshold)."""
+    fpr, tpr, thresholds = roc_curve([1] * len(known) + [0] * len(unknown), torch.cat([known, unknown]).numpy())
+    point = (tpr >= 0.95).argmax()
+    return float(fpr[point]), float(thresholds[point])
+
+
 def fpr_at_95(known: torch.Tensor, unknown: torch.Tensor) -> float:
     """Share of unknown photos accepted by the threshold that accepts 95% of known ones (known = positive)."""
-    fpr, tpr, _ = roc_curve([1] * len(known) + [0] * len(unknown), torch.cat([known, unknown]).numpy())
-    return float(fpr[(tpr >= 0.95).argmax()])
+    return point_at_95(known, unknown)[0]
 
 
 def metrics(entry: dict) -> dict[str, float]:

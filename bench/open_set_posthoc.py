@@ -38,13 +38,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_curve
 from torch import Tensor
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from open_set import SOURCE, add_budget_arguments, budget_of, fpr_at_95  # noqa: E402  (bench/, beside this script: one definition for both)
+from open_set import SOURCE, add_budget_arguments, budget_of, fpr_at_95, point_at_95  # noqa: E402  (bench/, beside this script: one definition for both)
 from summaries import mean_sd, paired_interval  # noqa: E402
 from ray_jobs.inference.detectors import (  # noqa: E402
     Energy, FitData, NormalisedMahalanobis, ledoit_wolf_precision,
@@ -82,8 +81,9 @@ def fdbd(train: Tensor, weight: Tensor, bias: Tensor) -> Score:
 
     def score(features: Tensor, logits: Tensor) -> Tensor:
         x, w, b = features.double(), weight.double(), bias.double()
-        predicted = (x @ w.T + b).argmax(dim=1)
-        gaps = (x @ w.T + b).gather(1, predicted[:, None]) - (x @ w.T + b)  # logit margins to every class
+        recomputed = x @ w.T + b  # the head's logits in double precision
+        predicted = recomputed.argmax(dim=1)
+        gaps = recomputed.gather(1, predicted[:, None]) - recomputed  # logit margins to every class
         spans = (w[predicted][:, None, :] - w[None, :, :]).norm(dim=2)  # |w_pred - w_j|, zero for j = pred
         others = spans > 0
         distances = torch.where(others, gaps / spans.clamp(min=1e-12), torch.zeros_like(gaps))
@@ -176,8 +176,7 @@ def by_dish(state: dict, shipped: OpenSetCalibration, source: Path) -> dict[str,
     known = shipped.judge(state["test_known"][0], state["test_known"][1], DEFAULT).score.double()
     unknown_f, unknown_l = state["test_unknown"]
     unknown = shipped.judge(unknown_f, unknown_l, DEFAULT).score.double()
-    fpr, tpr, thresholds = roc_curve([1] * len(known) + [0] * len(unknown), torch.cat([known, unknown]).numpy())
-    threshold = thresholds[(tpr >= 0.95).argmax()]  # the point `fpr_at_95` reads
+    _, threshold = point_at_95(known, unknown)  # the point `fpr_at_95` reads
     counts = [sum(1 for _ in (source / "test" / name).iterdir()) for name in state["unknown_classes"]]
     if sum(counts) != len(unknown):  # the cache lists each dish's photos in turn, as many as its folder holds
         raise SystemExit(f"{source / 'test'} holds {sum(counts)} photos of {state['unknown_classes']}, "

@@ -92,24 +92,35 @@ def test_the_recipe_report_scores_the_shipped_default_at_its_checkpoint_choice(t
     assert "0.500: +50.0 points" in done.stdout, done.stdout
 
 
+def _shipped_budget() -> str:
+    """The budget folder the shipped configs name, spelled out here (not `open_set.budget_folder`) so a bench
+    that stopped following them fails."""
+    from ray_jobs.config import ModelConfig, OptimConfig, RunConfig
+
+    return (f"{ModelConfig.model_fields['arch'].default}-{OptimConfig.model_fields['epochs'].default}ep-"
+            f"{RunConfig.model_fields['checkpoint_choice'].default}")
+
+
+def _open_set_record(split: int, unknown_classes: list[str], separated: bool) -> dict:
+    """A `bench/open_set.py run` record: every detector scores 4 known photos 1-4 and 2 unknown ones either
+    below all of them (AUROC 1) or amid them (AUROC 0.5)."""
+    from ray_jobs.inference.detector_names import DETECTORS
+
+    unknown = [0.0, 0.1] if separated else [2.0, 3.0]
+    detectors = {name: {"threshold": 0.5, "known": [1.0, 2.0, 3.0, 4.0], "unknown": unknown} for name in DETECTORS}
+    return {"split": split, "seed": 0, "unknown_classes": unknown_classes, "top1": 0.9, "knn_k": 10,
+            "train_minutes": 1.0, "detectors": detectors}
+
+
 def test_the_open_set_report_reads_the_shipped_budget_and_keeps_older_ones_apart(tmp_path: Path) -> None:
     """The Lite0 5-epoch best-val models must not land in the table of the shipped default (Lite2, 10, last)."""
     import json
 
-    from ray_jobs.config import ModelConfig, OptimConfig, RunConfig
-    from ray_jobs.inference.detector_names import DETECTORS
-
-    def record(split: int, separated: bool) -> dict:
-        unknown = [0.0, 0.1] if separated else [2.0, 3.0]
-        detectors = {name: {"threshold": 0.5, "known": [1.0, 2.0, 3.0, 4.0], "unknown": unknown} for name in DETECTORS}
-        return {"split": split, "seed": 0, "unknown_classes": ["a", "b"], "top1": 0.9, "knn_k": 10,
-                "train_minutes": 1.0, "detectors": detectors}
-
-    shipped = (f"{ModelConfig.model_fields['arch'].default}-{OptimConfig.model_fields['epochs'].default}ep-"
-               f"{RunConfig.model_fields['checkpoint_choice'].default}")
+    shipped = _shipped_budget()
     for folder, separated in ((shipped, True), ("efficientnet_lite0-5ep-best_val", False)):
         (tmp_path / folder).mkdir()
-        (tmp_path / folder / "softmax-split0-seed0.json").write_text(json.dumps(record(0, separated)))
+        record = _open_set_record(0, ["a", "b"], separated)
+        (tmp_path / folder / "softmax-split0-seed0.json").write_text(json.dumps(record))
 
     def report(*options: str) -> str:
         done = subprocess.run([sys.executable, str(REPO / "bench" / "open_set.py"), "report", "--results", str(tmp_path),
@@ -131,7 +142,6 @@ def test_the_open_set_posthoc_bench_scores_a_cached_model_of_the_shipped_budget(
     flags every photo of that dish."""
     import torch
 
-    from ray_jobs.config import ModelConfig, OptimConfig, RunConfig
     from ray_jobs.inference.open_set import DETECTOR_RANKING
 
     gen = torch.Generator().manual_seed(0)
@@ -154,8 +164,7 @@ def test_the_open_set_posthoc_bench_scores_a_cached_model_of_the_shipped_budget(
     state = {"train": train, "val": val, "test_known": known, "test_unknown": unknown[:2], "head": (head_w, head_b),
              "classes": ["a", "b", "c"], "unknown_classes": ["far_dish"],
              "pooled": {"train": train_p, "val": val_p, "test_known": known_p, "test_unknown": unknown_p}}
-    shipped = (f"{ModelConfig.model_fields['arch'].default}-{OptimConfig.model_fields['epochs'].default}ep-"
-               f"{RunConfig.model_fields['checkpoint_choice'].default}")
+    shipped = _shipped_budget()
     (tmp_path / shipped).mkdir()
     torch.save(state, tmp_path / shipped / "softmax-split0-seed0.pt")
     source = tmp_path / "source"  # the ImageFolder the cache was made from: the far dish's 20 test photos
@@ -186,20 +195,13 @@ def test_the_pairs_draw_holds_every_dish_out_once_and_keeps_its_own_folder(tmp_p
     sampled = [d for split in range(5) for d in held_out(dishes, split)]
     assert len(set(sampled)) < 10  # what the partition is for
 
-    def record(split: int, unknown: list[str], separated: bool) -> dict:
-        from ray_jobs.inference.detector_names import DETECTORS
-
-        scores = [0.0, 0.1] if separated else [2.0, 3.0]
-        return {"split": split, "seed": 0, "unknown_classes": unknown, "top1": 0.9, "knn_k": 10, "train_minutes": 1.0,
-                "detectors": {name: {"threshold": 0.5, "known": [1.0, 2.0, 3.0, 4.0], "unknown": scores}
-                              for name in DETECTORS}}
-
     budget = "lite-1ep-last"
     (tmp_path / f"{budget}-pairs").mkdir()
     (tmp_path / budget).mkdir()
-    (tmp_path / f"{budget}-pairs" / "softmax-split3-seed0.json").write_text(json.dumps(record(3, ["x", "y"], True)))
-    (tmp_path / budget / "softmax-split2-seed0.json").write_text(json.dumps(record(2, ["x", "y"], False)))
-    (tmp_path / budget / "softmax-split3-seed0.json").write_text(json.dumps(record(3, ["x", "z"], True)))
+    for folder, split, unknown, separated in ((f"{budget}-pairs", 3, ["x", "y"], True), (budget, 2, ["x", "y"], False),
+                                              (budget, 3, ["x", "z"], True)):
+        record = _open_set_record(split, unknown, separated)
+        (tmp_path / folder / f"softmax-split{split}-seed0.json").write_text(json.dumps(record))
     done = subprocess.run([sys.executable, str(REPO / "bench" / "open_set.py"), "report", "--results", str(tmp_path),
                            "--arch", "lite", "--epochs", "1", "--checkpoint-choice", "last", "--draw", "pairs",
                            "--against-budget", budget], cwd=REPO, capture_output=True, text=True, timeout=300)
