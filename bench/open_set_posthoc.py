@@ -134,18 +134,20 @@ def svm_ceiling(known: Tensor, unknown: Tensor) -> tuple[Tensor, Tensor]:
     return values[:len(known)], values[len(known):]
 
 
+def fit_data(state: dict) -> FitData:
+    """One cached model's eval-mode train features, logits, labels and head: what every detector fits on."""
+    return FitData(*state["train"], *state["head"])
+
+
 def shipped_calibration(state: dict) -> OpenSetCalibration:
     """Every shipped detector fit on one cached model as `train-food evaluate` fits them."""
-    train_f, train_l, train_y = state["train"]
-    weight, bias = state["head"]
-    return fit_open_set(FitData(train_f, train_l, train_y, weight, bias), *state["val"], accept_share=0.95)
+    return fit_open_set(fit_data(state), *state["val"], accept_share=0.95)
 
 
 def model_rows(state: dict, shipped: OpenSetCalibration) -> dict[str, tuple[float, float]]:
     """(AUROC, FPR@95) per score for one cached model (`shipped`: its `shipped_calibration`)."""
-    train_f, train_l, train_y = state["train"]
-    weight, bias = state["head"]
-    data = FitData(train_f, train_l, train_y, weight, bias)
+    data = fit_data(state)
+    train_f, weight, bias = data.features, data.head_weight, data.head_bias
     known_f, known_l, _ = state["test_known"]
     unknown_f, unknown_l = state["test_unknown"]
     scores: dict[str, Score] = {
