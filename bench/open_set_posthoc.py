@@ -233,6 +233,70 @@ def pooled_rows(state: dict, shipped_default: OpenSetCalibration) -> dict[str, t
     return rows
 
 
+def seed_ensembles(states: list[dict], calibrations: list[OpenSetCalibration]) -> dict[int, dict[str, tuple]]:
+    """Per split with two cached seeds: (AUROC, FPR@95) of the two models as one, the mean of their
+    single-model figures, and the split's held-out dishes. Two ways to join them: the shipped default's
+    scores averaged (each z-scored on its model's val photos, so neither scale dominates), and the
+    default refit on both models' embeddings side by side (their train photos are the same, in order)."""
+    by_split: dict[int, list[tuple[dict, OpenSetCalibration]]] = {}
+    for state, shipped in zip(states, calibrations, strict=True):
+        by_split.setdefault(state["split"], []).append((state, shipped))
+    rows = {}
+    for split, members in sorted(by_split.items()):
+        if len(members) != 2:
+            continue
+        (first, _), (second, _) = members
+        if not torch.equal(first["train"][2], second["train"][2]):
+            raise SystemExit(f"split {split}: the two seeds' caches hold different train photos")
+        parts = [standardised_default(state, shipped) for state, shipped in members]
+        single = [figures(part("test_known"), part("test_unknown")) for part in parts]
+        averaged = [sum(part(test) for part in parts) / 2 for test in ("test_known", "test_unknown")]
+        side_by_side = {part: torch.cat([first[part][0], second[part][0]], dim=1)
+                        for part in ("train", "test_known", "test_unknown")}
+        joined = NormalisedMahalanobis().fit(FitData(side_by_side["train"], *first["train"][1:]))
+        rows[split] = {
+            "one model (mean of the two)": tuple(statistics.mean(pair[i] for pair in single) for i in (0, 1)),
+            f"{DEFAULT} scores averaged": figures(*averaged),
+            f"{DEFAULT} on both embeddings side by side": figures(
+                *(joined.score(side_by_side[test], None) for test in ("test_known", "test_unknown"))),
+            "held out": first["unknown_classes"],
+        }
+    return rows
+
+
+def standardised_default(state: dict, shipped: OpenSetCalibration) -> Callable[[str], Tensor]:
+    """The shipped default's scores of a cached part ("test_known", ...), z-scored by the model's val photos."""
+    val = shipped.judge(*state["val"][:2], DEFAULT).score
+    return lambda part: (shipped.judge(*state[part][:2], DEFAULT).score - val.mean()) / val.std()
+
+
+def figures(known: Tensor, unknown: Tensor) -> tuple[float, float]:
+    """(AUROC, FPR@95) of known and unknown photos' scores."""
+    return auroc(known.double(), unknown.double()), fpr_at_95(known.double(), unknown.double())
+
+
+def print_ensembles(ensembles: dict[int, dict[str, tuple]], rng: random.Random) -> None:
+    """The table of `seed_ensembles`: per way of joining, mean ± sd over splits and the paired difference
+    against one model (the mean of the split's two)."""
+    single = "one model (mean of the two)"
+    print(f"\nTwo seeds of one split as one model ({len(ensembles)} splits; the paired difference is against the "
+          "mean of its two models):\n\n| models | AUROC | FPR@95 | flagged at 95% known | AUROC - one model (95% CI) "
+          "| flagged - one model (95% CI) | flagged per split |\n|---|---|---|---|---|---|---|")
+    for name in (single, f"{DEFAULT} scores averaged", f"{DEFAULT} on both embeddings side by side"):
+        aurocs = [rows[name][0] for rows in ensembles.values()]
+        flagged = [1 - rows[name][1] for rows in ensembles.values()]
+        fprs = [rows[name][1] for rows in ensembles.values()]
+        paired = ["-", "-"]
+        if name != single:
+            paired = [paired_interval([rows[name][0] - rows[single][0] for rows in ensembles.values()], rng),
+                      paired_interval([rows[single][1] - rows[name][1] for rows in ensembles.values()], rng)]
+        cells = [mean_sd(aurocs), mean_sd(fprs), mean_sd(flagged), *paired,
+                 ", ".join(f"{100 * share:.0f}%" for share in flagged)]
+        print(f"| {name} | {' | '.join(cells)} |")
+    print("\nheld out per split: " + "; ".join(f"{split}: {' + '.join(rows['held out'])}"
+                                              for split, rows in ensembles.items()))
+
+
 def pooled_projection(train: Tensor, dim: int) -> Callable[[Tensor], Tensor]:
     """Centre on the train mean and keep the top `dim` principal directions of the train photos: raw pooled
     features are all positive, so their direction is mostly the shared mean's, and Ledoit-Wolf on 1,280
@@ -272,6 +336,10 @@ def main() -> None:
         else:
             paired = [paired_interval([rows[name][i] - rows[baseline][i] for rows in per_model], rng) for i in (0, 1)]
         print(f"| {name} | {' | '.join(cells)} | {' | '.join(paired)} |")
+
+    ensembles = seed_ensembles(states, calibrations)
+    if ensembles:
+        print_ensembles(ensembles, rng)
 
     print(f"\nPer held-out dish, {DEFAULT} at 95% known accepted (one figure per model that holds it out):\n\n"
           "| held-out dish | models | flagged | its accepted photos taken for (all its models) |\n|---|---|---|---|")

@@ -138,8 +138,8 @@ def test_the_open_set_report_reads_the_shipped_budget_and_keeps_older_ones_apart
 
 def test_the_open_set_posthoc_bench_scores_a_cached_model_of_the_shipped_budget(tmp_path: Path) -> None:
     """bench/open_set_posthoc.py reads the cache `bench/open_set.py run` writes (the shipped budget's folder,
-    with pooled features), its default row ranks a far-away cluster as unknown, and its per-dish table
-    flags every photo of that dish."""
+    with pooled features), its default row ranks a far-away cluster as unknown, its per-dish table flags
+    every photo of that dish, and the split's two seeds joined as one model do too."""
     import torch
 
     from ray_jobs.inference.open_set import DETECTOR_RANKING
@@ -161,12 +161,16 @@ def test_the_open_set_posthoc_bench_scores_a_cached_model_of_the_shipped_budget(
 
     (train_p, train), (val_p, val), (known_p, known) = part(40, range(3)), part(20, range(3)), part(20, range(3))
     unknown_p, unknown = part(20, range(3, 4))
-    state = {"train": train, "val": val, "test_known": known, "test_unknown": unknown[:2], "head": (head_w, head_b),
-             "classes": ["a", "b", "c"], "unknown_classes": ["far_dish"],
+    state = {"split": 0, "train": train, "val": val, "test_known": known, "test_unknown": unknown[:2],
+             "head": (head_w, head_b), "classes": ["a", "b", "c"], "unknown_classes": ["far_dish"],
              "pooled": {"train": train_p, "val": val_p, "test_known": known_p, "test_unknown": unknown_p}}
     shipped = _shipped_budget()
     (tmp_path / shipped).mkdir()
     torch.save(state, tmp_path / shipped / "softmax-split0-seed0.pt")
+    # a second seed of the split (its embedding scaled: another model of the same photos), for the ensemble rows
+    second = state | {part: (2 * state[part][0], *state[part][1:])
+                      for part in ("train", "val", "test_known", "test_unknown")}
+    torch.save(second, tmp_path / shipped / "softmax-split0-seed1.pt")
     source = tmp_path / "source"  # the ImageFolder the cache was made from: the far dish's 20 test photos
     (source / "test" / "far_dish").mkdir(parents=True)
     for index in range(20):
@@ -174,10 +178,16 @@ def test_the_open_set_posthoc_bench_scores_a_cached_model_of_the_shipped_budget(
     done = subprocess.run([sys.executable, str(REPO / "bench" / "open_set_posthoc.py"), "--workspace", str(tmp_path),
                            "--source", str(source)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"1 cached models (softmax, {shipped})" in done.stdout, done.stdout
-    assert f"| {DETECTOR_RANKING[0]} (shipped default) | 1.000 | 0.000 | 1.000 | - | - |" in done.stdout, done.stdout
+    assert f"2 cached models (softmax, {shipped})" in done.stdout, done.stdout
+    default_row = f"| {DETECTOR_RANKING[0]} (shipped default) | 1.000 ± 0.000 | 0.000 ± 0.000 | 1.000 ± 0.000 | - | - |"
+    assert default_row in done.stdout, done.stdout
     assert "on pooled features, centred, PCA 256" in done.stdout
-    assert "| far_dish | 1 | 100% |  |" in done.stdout, done.stdout  # every photo of the held-out dish flagged
+    assert "| far_dish | 2 | 100%, 100% |  |" in done.stdout, done.stdout  # every photo of the held-out dish flagged
+    assert "Two seeds of one split as one model (1 splits;" in done.stdout, done.stdout
+    for joined in ("scores averaged", "on both embeddings side by side"):
+        row = (f"| {DETECTOR_RANKING[0]} {joined} | 1.000 | 0.000 | 1.000 | +0.000 (+0.000, +0.000) "
+               "| +0.000 (+0.000, +0.000) | 100% |")
+        assert row in done.stdout, done.stdout
 
 
 def test_the_pairs_draw_holds_every_dish_out_once_and_keeps_its_own_folder(tmp_path: Path) -> None:
