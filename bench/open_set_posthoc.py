@@ -19,7 +19,8 @@ their top principal directions (`pooled_projection`), alone and summed with the 
 Per score, mean ± sd over models: AUROC (known = positive), FPR@95 (the share of unknown photos
 accepted when 95% of known ones are) and the share flagged there (1 - FPR@95), and the paired
 AUROC and FPR@95 differences against the shipped default with 95% bootstrap intervals over models.
-Then, per held-out dish, the share of its photos the shipped default flags at 95% known accepted and
+Then the two seeds of each split joined as one model (an ensemble: what twice the training and serving
+would buy; `seed_ensembles`), paired with one model. Then, per held-out dish, the share of its photos the shipped default flags at 95% known accepted and
 the known dishes its accepted photos are taken for (where the misses come from).
 
     python bench/open_set_posthoc.py [--loss softmax] [--arch efficientnet_lite0 --epochs 5 --checkpoint-choice best_val]
