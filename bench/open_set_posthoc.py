@@ -20,8 +20,9 @@ Per score, mean ± sd over models: AUROC (known = positive), FPR@95 (the share o
 accepted when 95% of known ones are) and the share flagged there (1 - FPR@95), and the paired
 AUROC and FPR@95 differences against the shipped default with 95% bootstrap intervals over models.
 Then the two seeds of each split joined as one model (an ensemble: what twice the training and serving
-would buy; `seed_ensembles`), paired with one model. Then, per held-out dish, the share of its photos the shipped default flags at 95% known accepted and
-the known dishes its accepted photos are taken for (where the misses come from).
+would buy; `seed_ensembles`), paired with one model. Then, per held-out dish, the share of its photos
+the shipped default flags at 95% known accepted and the known dishes its accepted photos are taken
+for (where the misses come from).
 
     python bench/open_set_posthoc.py [--loss softmax] [--arch efficientnet_lite0 --epochs 5 --checkpoint-choice best_val]
 """
@@ -145,6 +146,11 @@ def shipped_calibration(state: dict) -> OpenSetCalibration:
     return fit_open_set(fit_data(state), *state["val"], accept_share=0.95)
 
 
+def figures(known: Tensor, unknown: Tensor) -> tuple[float, float]:
+    """(AUROC, FPR@95) of known and unknown photos' scores."""
+    return auroc(known.double(), unknown.double()), fpr_at_95(known.double(), unknown.double())
+
+
 def model_rows(state: dict, shipped: OpenSetCalibration) -> dict[str, tuple[float, float]]:
     """(AUROC, FPR@95) per score for one cached model (`shipped`: its `shipped_calibration`)."""
     data = fit_data(state)
@@ -164,9 +170,9 @@ def model_rows(state: dict, shipped: OpenSetCalibration) -> dict[str, tuple[floa
     rows = {}
     for name, score in scores.items():
         known, unknown = score(known_f, known_l).double(), score(unknown_f, unknown_l).double()
-        rows[name] = (auroc(known, unknown), fpr_at_95(known, unknown))
+        rows[name] = figures(known, unknown)
     known, unknown = svm_ceiling(known_f, unknown_f)
-    rows["ceiling: SVM trained on the test photos"] = (auroc(known, unknown), fpr_at_95(known, unknown))
+    rows["ceiling: SVM trained on the test photos"] = figures(known, unknown)
     if "pooled" in state:
         rows |= pooled_rows(state, shipped)
     return rows
@@ -212,13 +218,13 @@ def pooled_rows(state: dict, shipped_default: OpenSetCalibration) -> dict[str, t
     for name in ("mahalanobis_normalised", "center_distance", "knn", "vim", "rmd"):
         known = shipped.judge(pooled["test_known"], known_l, name).score
         unknown = shipped.judge(pooled["test_unknown"], unknown_l, name).score
-        rows[f"{name} on pooled features"] = (auroc(known, unknown), fpr_at_95(known, unknown))
+        rows[f"{name} on pooled features"] = figures(known, unknown)
     project = pooled_projection(pooled["train"], POOLED_PCA_DIM)
     reduced = NormalisedMahalanobis().fit(replace(data, features=project(pooled["train"])))
     name = f"mahalanobis_normalised on pooled features, centred, PCA {POOLED_PCA_DIM}"
     known = reduced.score(project(pooled["test_known"]), known_l)
     unknown = reduced.score(project(pooled["test_unknown"]), unknown_l)
-    rows[name] = (auroc(known, unknown), fpr_at_95(known, unknown))
+    rows[name] = figures(known, unknown)
     # the shipped default (on the embedding) plus that, each z-scored by its val photos' scores
     parts = [(lambda split: shipped_default.judge(state[split][0], state[split][1], DEFAULT).score),
              (lambda split: reduced.score(project(pooled[split]), None))]
@@ -227,10 +233,9 @@ def pooled_rows(state: dict, shipped_default: OpenSetCalibration) -> dict[str, t
         return sum((part(split) - part("val").mean()) / part("val").std() for part in parts)
 
     known, unknown = fused("test_known"), fused("test_unknown")
-    rows[f"{DEFAULT} + the pooled PCA {POOLED_PCA_DIM} one, z-scored on val"] = (auroc(known, unknown),
-                                                                                 fpr_at_95(known, unknown))
+    rows[f"{DEFAULT} + the pooled PCA {POOLED_PCA_DIM} one, z-scored on val"] = figures(known, unknown)
     known, unknown = svm_ceiling(pooled["test_known"], pooled["test_unknown"])
-    rows["ceiling: SVM on pooled features"] = (auroc(known, unknown), fpr_at_95(known, unknown))
+    rows["ceiling: SVM on pooled features"] = figures(known, unknown)
     return rows
 
 
@@ -271,11 +276,6 @@ def standardised_default(state: dict, shipped: OpenSetCalibration) -> Callable[[
     return lambda part: (shipped.judge(*state[part][:2], DEFAULT).score - val.mean()) / val.std()
 
 
-def figures(known: Tensor, unknown: Tensor) -> tuple[float, float]:
-    """(AUROC, FPR@95) of known and unknown photos' scores."""
-    return auroc(known.double(), unknown.double()), fpr_at_95(known.double(), unknown.double())
-
-
 def print_ensembles(ensembles: dict[int, dict[str, tuple]], rng: random.Random) -> None:
     """The table of `seed_ensembles`: per way of joining, mean ± sd over splits and the paired difference
     against one model (the mean of the split's two)."""
@@ -285,8 +285,8 @@ def print_ensembles(ensembles: dict[int, dict[str, tuple]], rng: random.Random) 
           "| flagged - one model (95% CI) | flagged per split |\n|---|---|---|---|---|---|---|")
     for name in (single, f"{DEFAULT} scores averaged", f"{DEFAULT} on both embeddings side by side"):
         aurocs = [rows[name][0] for rows in ensembles.values()]
-        flagged = [1 - rows[name][1] for rows in ensembles.values()]
         fprs = [rows[name][1] for rows in ensembles.values()]
+        flagged = [1 - fpr for fpr in fprs]
         paired = ["-", "-"]
         if name != single:
             paired = [paired_interval([rows[name][0] - rows[single][0] for rows in ensembles.values()], rng),
