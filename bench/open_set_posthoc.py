@@ -226,13 +226,9 @@ def pooled_rows(state: dict, shipped_default: OpenSetCalibration) -> dict[str, t
     unknown = reduced.score(project(pooled["test_unknown"]), unknown_l)
     rows[name] = figures(known, unknown)
     # the shipped default (on the embedding) plus that, each z-scored by its val photos' scores
-    parts = [(lambda split: shipped_default.judge(state[split][0], state[split][1], DEFAULT).score),
-             (lambda split: reduced.score(project(pooled[split]), None))]
-
-    def fused(split: str) -> Tensor:
-        return sum((part(split) - part("val").mean()) / part("val").std() for part in parts)
-
-    known, unknown = fused("test_known"), fused("test_unknown")
+    parts = [standardised_default(state, shipped_default),
+             z_scored_on_val(lambda part: reduced.score(project(pooled[part]), None))]
+    known, unknown = (sum(score(test) for score in parts) for test in ("test_known", "test_unknown"))
     rows[f"{DEFAULT} + the pooled PCA {POOLED_PCA_DIM} one, z-scored on val"] = figures(known, unknown)
     known, unknown = svm_ceiling(pooled["test_known"], pooled["test_unknown"])
     rows["ceiling: SVM on pooled features"] = figures(known, unknown)
@@ -255,14 +251,14 @@ def seed_ensembles(states: list[dict], calibrations: list[OpenSetCalibration]) -
         if not torch.equal(first["train"][2], second["train"][2]):
             raise SystemExit(f"split {split}: the two seeds' caches hold different train photos")
         parts = [standardised_default(state, shipped) for state, shipped in members]
-        single = [figures(part("test_known"), part("test_unknown")) for part in parts]
-        averaged = [sum(part(test) for part in parts) / 2 for test in ("test_known", "test_unknown")]
+        known, unknown = ([part(test) for part in parts] for test in ("test_known", "test_unknown"))
+        single = [figures(*scores) for scores in zip(known, unknown, strict=True)]
         side_by_side = {part: torch.cat([first[part][0], second[part][0]], dim=1)
                         for part in ("train", "test_known", "test_unknown")}
         joined = NormalisedMahalanobis().fit(FitData(side_by_side["train"], *first["train"][1:]))
         rows[split] = {
             "one model (mean of the two)": tuple(statistics.mean(pair[i] for pair in single) for i in (0, 1)),
-            f"{DEFAULT} scores averaged": figures(*averaged),
+            f"{DEFAULT} scores averaged": figures(sum(known) / 2, sum(unknown) / 2),
             f"{DEFAULT} on both embeddings side by side": figures(
                 *(joined.score(side_by_side[test], None) for test in ("test_known", "test_unknown"))),
             "held out": first["unknown_classes"],
@@ -270,10 +266,17 @@ def seed_ensembles(states: list[dict], calibrations: list[OpenSetCalibration]) -
     return rows
 
 
+def z_scored_on_val(score: Callable[[str], Tensor]) -> Callable[[str], Tensor]:
+    """`score` of a cached part ("test_known", ...) z-scored by its val photos' scores (scored once), so
+    scores of different scales can be summed or averaged."""
+    val = score("val")
+    mean, sd = val.mean(), val.std()
+    return lambda part: (score(part) - mean) / sd
+
+
 def standardised_default(state: dict, shipped: OpenSetCalibration) -> Callable[[str], Tensor]:
-    """The shipped default's scores of a cached part ("test_known", ...), z-scored by the model's val photos."""
-    val = shipped.judge(*state["val"][:2], DEFAULT).score
-    return lambda part: (shipped.judge(*state[part][:2], DEFAULT).score - val.mean()) / val.std()
+    """The shipped default's scores of a cached part of one model, z-scored on its val photos."""
+    return z_scored_on_val(lambda part: shipped.judge(*state[part][:2], DEFAULT).score)
 
 
 def print_ensembles(ensembles: dict[int, dict[str, tuple]], rng: random.Random) -> None:
