@@ -169,8 +169,7 @@ def model_rows(state: dict, shipped: OpenSetCalibration) -> dict[str, tuple[floa
     }
     rows = {}
     for name, score in scores.items():
-        known, unknown = score(known_f, known_l).double(), score(unknown_f, unknown_l).double()
-        rows[name] = figures(known, unknown)
+        rows[name] = figures(score(known_f, known_l), score(unknown_f, unknown_l))
     known, unknown = svm_ceiling(known_f, unknown_f)
     rows["ceiling: SVM trained on the test photos"] = figures(known, unknown)
     if "pooled" in state:
